@@ -1,0 +1,94 @@
+"""The ``asft`` command line: ``asft export | eval | fetch-demo``."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import sys
+import time
+
+from asft_jax.errors import AsftError
+
+
+def _export(args: argparse.Namespace) -> None:
+    from asft_jax.export import export_model
+
+    start = time.perf_counter()
+    files = export_model(args.model, args.output, dtype=args.dtype)
+    print(f"wrote {len(files)} files to {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from asft_jax.data.pretokenized import read_pairs
+    from asft_jax.evaluate import score_pairs, summarize
+    from asft_jax.model import Llama
+    from asft_jax.sources import resolve
+
+    src = resolve(args.model)
+    max_length = args.max_length or src.config.max_position_embeddings
+    skipped: collections.Counter = collections.Counter()
+    pairs = list(read_pairs(args.data, src.config.vocab_size, max_length, args.strict, skipped))
+    start = time.perf_counter()
+    params = src.load_params()
+    print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    model = Llama(src.config, dtype=jnp.dtype(args.dtype))
+    results = []
+    out = open(args.output, "w") if args.output else None
+    try:
+        for r in score_pairs(model, params, pairs, args.batch_size, total=len(pairs)):
+            results.append(r)
+            if out:
+                out.write(json.dumps(r) + "\n")
+    finally:
+        if out:
+            out.close()
+    print(json.dumps(summarize(results, skipped)))
+
+
+def _fetch_demo(args: argparse.Namespace) -> None:
+    from asft_jax.demo import demo_gguf, demo_hf_folder
+
+    print(demo_hf_folder() if args.hf else demo_gguf())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = "HF model folder, Hub id or .gguf file"
+
+    p = sub.add_parser("export", help="write a transformers-loadable HF folder")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", required=True, help="pre-tokenized pairs (.jsonl or .jsonl.gz)")
+    p.add_argument("--output", help="per-pair results (.jsonl)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("fetch-demo", help="download SmolLM2-135M-Instruct into the cache; print its path")
+    p.add_argument("--hf", action="store_true", help="also convert it to an HF folder and print that path")
+    p.set_defaults(run=_fetch_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asft_jax").setLevel(logging.INFO)
+    try:
+        args.run(args)
+    except AsftError as e:
+        print(f"asft: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Preference data: reading records and turning them into token ids."""

@@ -1,0 +1,196 @@
+"""Reading llama.cpp GGUF files: config and tensors, dequantised with NumPy.
+
+The ``gguf`` package parses the container (metadata and memory-mapped raw tensors); the block
+formats below are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does,
+except that llama.cpp's converter permutes the rows of the q and k projections from HF's
+half-split rotary layout to interleaved pairs; ``unpermute_qk`` undoes that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_dtypes
+import numpy as np
+
+from asft_jax.errors import AsftError
+from asft_jax.model import LlamaConfig
+
+QK = 32  # elements per quantisation block for Q8_0, Q4_0 and Q4_1
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Packed 4-bit values: byte j holds element j (low nibble) and element j + 16 (high)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)
+
+
+def _q8_0(b: np.ndarray) -> np.ndarray:  # [scale f16][32 x int8]
+    return _f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _q4_0(b: np.ndarray) -> np.ndarray:  # [scale f16][16 bytes of nibbles], value = d * (q - 8)
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]) - 8.0)
+
+
+def _q4_1(b: np.ndarray) -> np.ndarray:  # [scale f16][min f16][16 bytes of nibbles], value = d * q + m
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]) + _f16(b[:, 2:4])
+
+
+# type name -> (bytes per block, elements per block, block decoder)
+_BLOCK_FORMATS = {"Q8_0": (34, QK, _q8_0), "Q4_0": (18, QK, _q4_0), "Q4_1": (20, QK, _q4_1)}
+_PLAIN = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+SUPPORTED = (*_PLAIN, *_BLOCK_FORMATS)
+
+
+def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw GGUF tensor bytes -> float32 array of NumPy ``shape``."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if type_name in _PLAIN:
+        return raw.view(_PLAIN[type_name]).astype(np.float32).reshape(shape)
+    block_bytes, block_elems, decode = _BLOCK_FORMATS[type_name]
+    return decode(raw.reshape(-1, block_bytes)).reshape(shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's rotary permutation of q/k rows (weights ``[heads*hd, in]`` or biases)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's permutation (HF half-split -> interleaved rotary pairs); for writing test files."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None if unknown)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GGUF_NAMES and parts[0] in ("token_embd", "output_norm", "output"):
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _llama3_factors(cfg: LlamaConfig) -> np.ndarray:
+    base = LlamaConfig(**{**cfg.__dict__, "rope_scaling": None}).rope_inv_freq()
+    return np.asarray(base) / np.asarray(cfg.rope_inv_freq())
+
+
+class GGUFModel:
+    """A GGUF file as HF-named float32 tensors plus the ``LlamaConfig`` from its metadata."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader  # imported here: only GGUF sources need it
+
+        self.path = self.where = path
+        if not os.path.isfile(path):
+            raise AsftError(f"{path}: file not found")
+        try:
+            self._reader = GGUFReader(path, "r")
+        except Exception as e:  # the reader raises ValueError/struct.error/... on a damaged file
+            raise AsftError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._fields = self._reader.fields
+        arch = self.field("general.architecture")
+        if arch != "llama":
+            raise AsftError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+        self._tensors = {}
+        rope_freqs = None
+        for t in self._reader.tensors:
+            if t.tensor_type.name not in SUPPORTED:
+                raise AsftError(
+                    f"{path}: tensor {t.name!r} is quantised as {t.tensor_type.name}, which asft-jax "
+                    f"cannot read (supported: {', '.join(SUPPORTED)})"
+                )
+            if t.name == "rope_freqs.weight":
+                rope_freqs = t
+                continue
+            name = hf_name(t.name)
+            if name is None:
+                raise AsftError(f"{path}: tensor {t.name!r} is not part of a Llama model")
+            self._tensors[name] = t
+        self.config = self._config()
+        if rope_freqs is not None:
+            self._check_rope_freqs(rope_freqs)
+
+    def field(self, key: str, default=None):
+        f = self._fields.get(key)
+        return default if f is None else f.contents()
+
+    def _config(self) -> LlamaConfig:
+        heads = self.field("llama.attention.head_count")
+        hidden = self.field("llama.embedding_length")
+        if heads is None or hidden is None:
+            raise AsftError(f"{self.path}: metadata lacks llama.attention.head_count or llama.embedding_length")
+        scaling = self.field("llama.rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise AsftError(f"{self.path}: rope scaling {scaling!r} is not supported")
+        tokens = self._fields.get("tokenizer.ggml.tokens")
+        vocab = self.field("llama.vocab_size") or (len(tokens.data) if tokens else None)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=self.field("llama.feed_forward_length"),
+            num_hidden_layers=self.field("llama.block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=self.field("llama.attention.head_count_kv", heads),
+            head_dim=self.field("llama.attention.key_length", hidden // heads),
+            # stored as float32: keep its shortest decimal (1e-05, not 9.9999997e-06)
+            rms_norm_eps=float(str(np.float32(self.field("llama.attention.layer_norm_rms_epsilon", 1e-5)))),
+            rope_theta=float(self.field("llama.rope.freq_base", 10000.0)),
+            max_position_embeddings=self.field("llama.context_length", 2048),
+            tie_word_embeddings="lm_head.weight" not in self._tensors,
+            attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            mlp_bias="model.layers.0.mlp.gate_proj.bias" in self._tensors,
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+            pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+        )
+
+    def _check_rope_freqs(self, t) -> None:
+        """Llama 3.1 GGUFs store llama3 rope scaling as per-frequency factors: accept them when
+        Llama 3.1's published parameters reproduce them, since the file does not carry those."""
+        factors = dequantize(t.data, t.tensor_type.name, (int(t.n_elements),))
+        llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        candidate = LlamaConfig(**{**self.config.__dict__, "rope_scaling": llama31})
+        if factors.shape == (self.config.head_dim // 2,) and np.allclose(factors, _llama3_factors(candidate), rtol=1e-4):
+            self.config = candidate
+        else:
+            raise AsftError(f"{self.path}: rope_freqs.weight does not match Llama 3.1 rope scaling; cannot recover it")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if math.prod(shape) != int(t.n_elements):
+            raise AsftError(f"{self.path}: tensor {t.name!r} has inconsistent dimensions {list(t.shape)}")
+        w = dequantize(t.data, t.tensor_type.name, shape)
+        if ".q_proj." in name:
+            w = unpermute_qk(w, self.config.num_attention_heads)
+        elif ".k_proj." in name:
+            w = unpermute_qk(w, self.config.num_key_value_heads)
+        return w

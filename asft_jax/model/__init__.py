@@ -1,0 +1,6 @@
+"""The Llama model and its configuration."""
+
+from asft_jax.model.config import LlamaConfig
+from asft_jax.model.llama import Llama, init_params, lm_head_kernel, param_logical_axes
+
+__all__ = ["Llama", "LlamaConfig", "init_params", "lm_head_kernel", "param_logical_axes"]

@@ -1,0 +1,228 @@
+"""A Flax (linen) Llama decoder that computes what transformers' ``LlamaForCausalLM`` computes.
+
+Layers are stacked with ``nn.scan`` (one compiled layer body, whatever the depth), every parameter
+carries logical axis names for the sharding rules, and attention understands packed rows:
+``segment_ids`` ``[batch, length]`` give each token its sequence (0 marks padding), positions
+restart at every new segment, and tokens attend only within their own segment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asft_jax.model.config import LlamaConfig
+
+Array = jax.Array
+DType = Any
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _logical(init, *names: str):
+    return nn.with_logical_partitioning(init, names)
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Position of each token within its segment, ``[batch, length]`` int32, restarting at 0 where
+    the segment id changes (so left padding and packed rows get the positions of unpadded rows)."""
+    idx = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - last_start
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """Causal, same-segment, non-padding mask, ``[batch, 1, 1, length, length]`` bool
+    (broadcast over kv heads and the query heads of a group)."""
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    valid = (segment_ids != 0)[:, None, :]
+    return (causal & same & valid)[:, None, None]
+
+
+def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Applies RoPE in the half-split layout used by Hugging Face checkpoints.
+
+    x: ``[batch, length, heads, head_dim]``; positions: ``[batch, length]``.
+    """
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _logical(nn.initializers.ones, "embed"), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _dense(features, axis, names, bias, name, m, init_std=0.02):
+    bias_names = names[len(np.atleast_1d(axis)) :]
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=bias,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        kernel_init=_logical(nn.initializers.normal(init_std), *names),
+        bias_init=_logical(nn.initializers.zeros_init(), *bias_names),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+        c = self.config
+        h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        bias = c.attention_bias
+        q = _dense((h, d), -1, ("embed", "heads", "head_dim"), bias, "q", self)(x)
+        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "k", self)(x)
+        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "v", self)(x)
+        inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
+        q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
+        kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, k, h // k, d)  # query heads grouped under their kv head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, kk, preferred_element_type=jnp.float32) / np.sqrt(d)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        gate = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "gate", self)(x)
+        up = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "up", self)(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(c.hidden_size, -1, ("mlp", "embed"), c.mlp_bias, "down", self)(hidden)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array) -> tuple[Array, None]:
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        h = x + Attention(c, dt, pdt, name="attn")(RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x), positions, mask)
+        out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
+        return nn.with_logical_constraint(out, ("batch", "length", "embed")), None
+
+
+class Llama(nn.Module):
+    """Llama causal LM.
+
+    ``__call__(tokens, segment_ids=None, positions=None)`` maps int tokens ``[batch, length]`` to
+    logits ``[batch, length, vocab]`` in ``dtype``; with ``return_hidden=True`` it stops before the
+    LM head and returns the final normed hidden states ``[batch, length, hidden]`` instead
+    (see ``head`` and ``lm_head_kernel``).
+    """
+
+    config: LlamaConfig
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    remat_policy: str = "none"
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=_logical(nn.initializers.normal(0.02), "vocab", "embed"),
+        )
+        layer = DecoderLayer
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+        if self.remat_policy != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.dtype, self.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)
+
+    def __call__(
+        self,
+        tokens: Array,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        return_hidden: bool = False,
+    ) -> Array:
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, jnp.int32)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
+        x, _ = self.layers(x, positions, attention_mask(segment_ids))
+        x = self.norm(x)
+        return x if return_hidden else self.head(x)
+
+    def head(self, hidden: Array) -> Array:
+        """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""
+        logits = self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
+    """The output projection ``[hidden, vocab]`` (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def init_params(model: Llama, rng: Array, batch: int = 1, length: int = 8) -> dict:
+    """Random parameters (HF's init: normal(0.02) weights, unit norms, zero biases), unboxed."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return nn.unbox(model.init(rng, tokens))["params"]
+
+
+def param_logical_axes(model: Llama) -> dict:
+    """The logical axis names of every parameter, as a tree of ``PartitionSpec`` of names."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    return nn.get_partition_spec(abstract)["params"]
