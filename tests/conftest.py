@@ -1,0 +1,92 @@
+"""Test setup: 8 CPU devices, tiny random Hugging Face Llamas, the real SmolLM2, the shared data."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh
+jax.config.update("jax_platforms", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
+
+
+def make_hf_llama(folder: str, seed: int = 0, **overrides):
+    """A random transformers LlamaForCausalLM saved to ``folder``; returns the torch model.
+
+    Weights get std 0.2 (not HF's 0.02) and random norm scales, so that mistakes in any
+    parameter change the logits visibly.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = copy.deepcopy({**TINY, **overrides})  # transformers edits rope dicts in place
+    config = LlamaConfig(**kwargs)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture
+def hf_llama(tmp_path):
+    """Factory: ``hf_llama(**config_overrides) -> (folder, torch_model)``."""
+    counter = iter(range(100))
+
+    def make(**overrides):
+        folder = str(tmp_path / f"hf{next(counter)}")
+        return folder, make_hf_llama(folder, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> str:
+    """The shared real-data folder (``$ASFT_DATA`` overrides ``../shared/data``)."""
+    path = os.environ.get("ASFT_DATA") or os.path.join(REPO, "..", "shared", "data")
+    if not os.path.isdir(path):
+        pytest.skip(f"shared data not found at {path} (set ASFT_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real SmolLM2-135M-Instruct GGUF, fetched into the cache on first use."""
+    from asft_jax.demo import demo_gguf
+
+    return demo_gguf()
+
+
+def padded_batch(seqs: list[list[int]], left: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Pads ``seqs`` to one length, each on the left or right side: (tokens, mask) int arrays."""
+    length = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), length), np.int64)
+    mask = np.zeros_like(tokens)
+    for row, (s, is_left) in enumerate(zip(seqs, left)):
+        sl = slice(length - len(s), length) if is_left else slice(0, len(s))
+        tokens[row, sl] = s
+        mask[row, sl] = 1
+    return tokens, mask

@@ -1,0 +1,137 @@
+"""The Flax Llama against transformers' PyTorch LlamaForCausalLM, and its own invariants."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, padded_batch
+
+from asft_jax.model import Llama, LlamaConfig, init_params, param_logical_axes
+from asft_jax.sources import resolve
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+CASES = {
+    "gqa_untied": {},
+    "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    "llama3_rope": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 256},
+    "bias": {"attention_bias": True, "mlp_bias": True},
+    "head_dim_override": {"head_dim": 32, "num_key_value_heads": 1},
+}
+
+
+def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # Positions count real tokens only, as ours do (a left-padded row starts at position 0).
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        )
+    return out.logits.float().numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers_with_left_and_right_padding(hf_llama, case):
+    folder, torch_model = hf_llama(**CASES[case])
+    src = resolve(folder)
+    params = src.load_params()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (40, 23, 31, 40)]
+    tokens, mask = padded_batch(seqs, left=[False, True, False, True])
+
+    ours = np.asarray(Llama(src.config).apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    ref = hf_logits(torch_model, tokens, mask)
+
+    real = mask.astype(bool)
+    assert np.abs(ours - ref)[real].max() <= 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1))[real].all()
+
+
+def test_padding_does_not_change_logits(hf_llama):
+    folder, _ = hf_llama()
+    src = resolve(folder)
+    model, params = Llama(src.config), src.load_params()
+    seq = list(range(3, 30))
+    alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
+    tokens, mask = padded_batch([seq, seq + [5] * 9], left=[True, False])
+    tokens, mask = padded_batch([seq, list(range(40))], left=[True, False])
+    padded = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[0, -len(seq) :]
+    np.testing.assert_allclose(padded, alone, atol=2e-5)
+
+
+def test_packed_segments_equal_separate_sequences(hf_llama):
+    folder, _ = hf_llama(rope_scaling=LLAMA3_ROPE)
+    src = resolve(folder)
+    model, params = Llama(src.config), src.load_params()
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.integers(0, TINY["vocab_size"], n).tolist() for n in (11, 17, 6))
+    packed = jnp.asarray([a + b + c + [0] * 6])
+    segments = jnp.asarray([[1] * 11 + [2] * 17 + [3] * 6 + [0] * 6])
+    out = model.apply({"params": params}, packed, segments)[0]
+    for seq, start in ((a, 0), (b, 11), (c, 28)):
+        alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
+        np.testing.assert_allclose(out[start : start + len(seq)], alone, atol=2e-5)
+
+
+def test_remat_policies_agree():
+    config = LlamaConfig(**{k: v for k, v in TINY.items()})
+    tokens = jnp.arange(24).reshape(2, 12) % TINY["vocab_size"]
+    params = init_params(Llama(config), jax.random.key(0))
+
+    def loss_and_grad(policy):
+        model = Llama(config, remat_policy=policy)
+        return jax.value_and_grad(lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).std())(params)
+
+    base_loss, base_grad = loss_and_grad("none")
+    for policy in ("full", "dots", "dots_no_batch"):
+        loss, grad = loss_and_grad(policy)
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+        for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad)):
+            np.testing.assert_allclose(g, h, atol=1e-6)
+
+
+def test_unknown_remat_policy_is_rejected():
+    config = LlamaConfig(**TINY)
+    with pytest.raises(ValueError, match="remat_policy"):
+        init_params(Llama(config, remat_policy="sometimes"), jax.random.key(0))
+
+
+def test_compute_and_param_dtypes_are_separate():
+    config = LlamaConfig(**TINY)
+    model = Llama(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    params = init_params(model, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    assert model.apply({"params": params}, jnp.ones((1, 4), jnp.int32)).dtype == jnp.bfloat16
+    hidden = model.apply({"params": params}, jnp.ones((1, 4), jnp.int32), return_hidden=True)
+    assert hidden.shape == (1, 4, TINY["hidden_size"]) and hidden.dtype == jnp.bfloat16
+
+
+def test_every_parameter_has_logical_axes():
+    config = LlamaConfig(**{**TINY, "attention_bias": True, "mlp_bias": True})
+    model = Llama(config)
+    axes = param_logical_axes(model)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    known = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
+    for (path, spec), shape in zip(jax.tree_util.tree_leaves_with_path(axes), jax.tree.leaves(shapes)):
+        assert len(spec) == len(shape.shape), path
+        assert set(spec) <= known, path
+        assert (spec[0] == "layers") == (jax.tree_util.keystr(path).startswith("['layers']")), path
+
+
+def test_compiled_size_does_not_grow_with_depth():
+    """Scanned layers: the program for 12 layers is the program for 2, plus nothing per layer."""
+
+    def hlo_size(layers: int) -> int:
+        config = LlamaConfig(**{**TINY, "num_hidden_layers": layers})
+        model = Llama(config)
+        params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+        tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        return len(jax.jit(model.apply).lower({"params": params}, tokens).as_text())
+
+    small, large = hlo_size(2), hlo_size(12)
+    assert large < 1.05 * small
