@@ -49,6 +49,19 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(summarize(results, skipped)))
 
 
+def _data_tokenize(args: argparse.Namespace) -> None:
+    from asft_jax.data.tokenize import encode_file
+    from asft_jax.sources import resolve
+
+    tokenizer = resolve(args.model).tokenizer()
+    n = 0
+    with open(args.output, "w") as out:
+        for rec in encode_file(tokenizer, args.data, args.limit):
+            out.write(json.dumps(rec) + "\n")
+            n += 1
+    print(f"wrote {n} pre-tokenized pairs to {args.output}", file=sys.stderr)
+
+
 def _fetch_demo(args: argparse.Namespace) -> None:
     from asft_jax.demo import demo_gguf, demo_hf_folder
 
@@ -75,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("tokenize", help="standard-format pairs (.jsonl) -> pre-tokenized pairs")
+    p.add_argument("--model", required=True, help=model_help + " (its tokenizer and chat template are used)")
+    p.add_argument("--data", required=True, help='.jsonl of {"prompt", "chosen", "rejected"} strings')
+    p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
+    p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
+    p.set_defaults(run=_data_tokenize)
 
     p = sub.add_parser("fetch-demo", help="download SmolLM2-135M-Instruct into the cache; print its path")
     p.add_argument("--hf", action="store_true", help="also convert it to an HF folder and print that path")

@@ -1,0 +1,94 @@
+"""``asft eval`` on pre-tokenized pairs: sums against transformers, skipped records, strict mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from asft_jax.cli import main
+
+
+def torch_response_logps(model, prompt: list[int], response: list[int]) -> float:
+    """Sum of log pi(response | prompt) computed with transformers (float32)."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float()[0], dim=-1)
+    return float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(response)))
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, capsys):
+    folder, torch_model = hf_llama()
+    rng = np.random.default_rng(0)
+
+    def ids(n):
+        return rng.integers(0, 128, n).tolist()
+
+    good = [{"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r)} for p, c, r in ((5, 9, 3), (12, 1, 20), (30, 60, 7), (2, 4, 4), (9, 9, 9))]
+    bad = [
+        "{not json",
+        {"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [2]},
+        {"prompt_input_ids": [1], "chosen_input_ids": [2]},
+        {"prompt_input_ids": [1], "chosen_input_ids": [500], "rejected_input_ids": [2]},
+        {"prompt_input_ids": [1], "chosen_input_ids": ["a"], "rejected_input_ids": [2]},
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", good[:2] + bad + good[2:])
+    out = tmp_path / "scores.jsonl"
+    code, summary, _ = run_eval(capsys, "--model", folder, "--data", data, "--output", str(out), "--batch-size", "2")
+
+    assert code == 0
+    assert summary["pairs_scored"] == 5
+    assert summary["pairs_skipped"] == {
+        "unparsable_json": 1,
+        "empty_response": 1,
+        "missing_rejected_input_ids": 1,
+        "token_id_out_of_range_chosen_input_ids": 1,
+        "non_integer_chosen_input_ids": 1,
+    }
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 7, 8, 9]
+    chosen_means, rejected_means = [], []
+    for row, pair in zip(rows, good):
+        for side in ("chosen", "rejected"):
+            expected = torch_response_logps(torch_model, pair["prompt_input_ids"], pair[f"{side}_input_ids"])
+            assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3
+            assert row[f"{side}_tokens"] == len(pair[f"{side}_input_ids"])
+        chosen_means.append(row["chosen_logps_sum"] / row["chosen_tokens"])
+        rejected_means.append(row["rejected_logps_sum"] / row["rejected_tokens"])
+    margins = np.array(chosen_means) - np.array(rejected_means)
+    assert summary["rewards/accuracies"] == pytest.approx(np.mean(margins > 0))
+    assert summary["rewards/margins"] == pytest.approx(np.mean(margins))
+    assert summary["logps/chosen"] == pytest.approx(np.mean(chosen_means))
+
+
+def test_strict_mode_stops_at_first_bad_record(hf_llama, tmp_path, capsys):
+    folder, _ = hf_llama()
+    pair = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4]}
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair, pair, {**pair, "rejected_input_ids": []}, pair])
+    code, summary, err = run_eval(capsys, "--model", folder, "--data", data, "--strict")
+    assert code == 1 and summary is None
+    assert err.strip().splitlines()[-1] == f"asft: error: {data}:3: empty response"
+
+
+def test_too_long_pairs_are_skipped(hf_llama, tmp_path, capsys):
+    folder, _ = hf_llama()
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt_input_ids": [1] * 10, "chosen_input_ids": [3] * 5, "rejected_input_ids": [4] * 2}])
+    code, summary, _ = run_eval(capsys, "--model", folder, "--data", data, "--max-length", "12")
+    assert code == 0 and summary["pairs_scored"] == 0 and summary["pairs_skipped"] == {"longer_than_max_length": 1}
+    assert summary["rewards/accuracies"] is None

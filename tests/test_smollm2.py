@@ -1,0 +1,105 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI) against transformers on real prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import padded_batch
+from test_evaluate import run_eval, torch_response_logps
+
+from asft_jax.export import export_model
+from asft_jax.model import Llama
+from asft_jax.sources import resolve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    src = resolve(smollm2_gguf)
+    return src, src.load_params()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    """transformers' own GGUF loader (accelerate + gguf), float32."""
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(smollm2_gguf)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_batch(ours, shared_data):
+    """8 MT-Bench first turns through the chat template, right and left padded."""
+    src, _ = ours
+    tok = src.tokenizer()
+    with open(os.path.join(shared_data, "mt_bench", "question.jsonl")) as f:
+        questions = [json.loads(line)["turns"][0] for line in f][:8]
+    seqs = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)["input_ids"]) for q in questions]
+    return padded_batch(seqs, left=[i % 2 == 1 for i in range(len(seqs))])
+
+
+def our_logits(src, params, tokens, mask) -> np.ndarray:
+    model = Llama(src.config)
+    return np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
+
+
+def torch_logits(model, tokens, mask) -> np.ndarray:
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits.numpy()
+
+
+def test_config_read_from_gguf(ours):
+    c = ours[0].config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (30, 9, 3, 49152)
+    assert c.tie_word_embeddings and c.rope_theta == 1e5 and c.rms_norm_eps == 1e-5
+
+
+def test_logits_match_transformers_gguf_loader(ours, reference, prompt_batch):
+    tokens, mask = prompt_batch
+    mine = our_logits(*ours, tokens, mask)
+    ref = torch_logits(reference, tokens, mask)
+    real = mask.astype(bool)
+    assert np.abs(mine - ref)[real].max() <= 1e-3
+    assert (mine.argmax(-1) == ref.argmax(-1))[real].all()
+
+
+def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt_batch, smollm2_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "smollm2-hf")
+    export_model(smollm2_gguf, out)
+    exported, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    for name, value in reference.state_dict().items():  # the same dequantised weights, bit for bit
+        assert torch.equal(exported.state_dict()[name], value), name
+    tokens, mask = prompt_batch
+    mine = our_logits(*ours, tokens, mask)
+    assert np.abs(mine - torch_logits(exported.eval(), tokens, mask))[mask.astype(bool)].max() <= 1e-3
+    tok, original = AutoTokenizer.from_pretrained(out), ours[0].tokenizer()
+    text = "Hello, world! 12345 <|im_start|>user"
+    assert tok(text)["input_ids"] == original(text)["input_ids"]
+    assert tok.chat_template == original.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared_data, tmp_path, capsys):
+    from asft_jax.cli import main
+
+    pairs = str(tmp_path / "uf.jsonl")
+    assert main(["data", "tokenize", "--model", smollm2_gguf, "--data", os.path.join(shared_data, "ultrafeedback", "eval.jsonl"), "--limit", "100", "--output", pairs]) == 0
+    scores = tmp_path / "scores.jsonl"
+    code, summary, _ = run_eval(capsys, "--model", smollm2_gguf, "--data", pairs, "--output", str(scores), "--max-length", "192", "--batch-size", "4")
+    assert code == 0 and summary["pairs_scored"] >= 8
+    records = [json.loads(line) for line in open(pairs)]
+    for row in map(json.loads, scores.read_text().splitlines()):
+        rec = records[row["index"]]
+        for side in ("chosen", "rejected"):
+            expected = torch_response_logps(reference, rec["prompt_input_ids"], rec[f"{side}_input_ids"])
+            assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3, (row["index"], side)
