@@ -6,6 +6,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import sys
 import time
 
@@ -37,15 +38,10 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     model = Llama(src.config, dtype=jnp.dtype(args.dtype))
     results = []
-    out = open(args.output, "w") if args.output else None
-    try:
+    with open(args.output or os.devnull, "w") as out:
         for r in score_pairs(model, params, pairs, args.batch_size, total=len(pairs)):
             results.append(r)
-            if out:
-                out.write(json.dumps(r) + "\n")
-    finally:
-        if out:
-            out.close()
+            out.write(json.dumps(r) + "\n")
     print(json.dumps(summarize(results, skipped)))
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
-import glob
 import os
 
 from asft_jax.hf import export_params

@@ -52,7 +52,7 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if type_name in _PLAIN:
         return raw.view(_PLAIN[type_name]).astype(np.float32).reshape(shape)
-    block_bytes, block_elems, decode = _BLOCK_FORMATS[type_name]
+    block_bytes, _, decode = _BLOCK_FORMATS[type_name]
     return decode(raw.reshape(-1, block_bytes)).reshape(shape)
 
 
@@ -110,7 +110,7 @@ class GGUFModel:
             raise AsftError(f"{path}: file not found")
         try:
             self._reader = GGUFReader(path, "r")
-        except Exception as e:  # the reader raises ValueError/struct.error/... on a damaged file
+        except Exception as e:  # noqa: BLE001 (the reader raises ValueError/struct.error/... on a damaged file)
             raise AsftError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self._fields = self._reader.fields
         arch = self.field("general.architecture")

@@ -53,7 +53,7 @@ def _download(repo_id: str) -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
-    except Exception as e:  # network, auth, missing repo: all reported the same way
+    except Exception as e:  # noqa: BLE001 (network, auth, missing repo: reported alike)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AsftError(f"{repo_id}: not a local path, and downloading it from the Hub failed ({first})") from None
 

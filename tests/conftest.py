@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import jax
@@ -10,22 +11,22 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh
 jax.config.update("jax_platforms", "cpu")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 
 
 def make_hf_llama(folder: str, seed: int = 0, **overrides):
@@ -78,6 +79,11 @@ def smollm2_gguf() -> str:
     from asft_jax.demo import demo_gguf
 
     return demo_gguf()
+
+
+def read_json(path) -> object:
+    with open(path) as f:
+        return json.load(f)
 
 
 def padded_batch(seqs: list[list[int]], left: list[bool]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,7 @@ def torch_response_logps(model, prompt: list[int], response: list[int]) -> float
 
 def write_jsonl(path, records) -> str:
     with open(path, "w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
     return str(path)
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, read_json
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf_writer import llama_cpp_permute, write_gguf
 
@@ -47,7 +45,7 @@ def test_tiny_gguf_matches_transformers_gguf_loader(hf_llama, tmp_path, qtype):
     from transformers import AutoModelForCausalLM
 
     folder, original = hf_llama()
-    cfg = json.load(open(f"{folder}/config.json"))
+    cfg = read_json(f"{folder}/config.json")
     cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
     state = {k: v.numpy() for k, v in original.state_dict().items()}
     write_gguf(str(tmp_path / "tiny.gguf"), state, cfg, qtype, tokens=TINY["vocab_size"])

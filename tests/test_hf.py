@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import read_json
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
@@ -32,7 +33,7 @@ CONFIG_FIELDS = (
 def load_tensors(folder: str) -> dict[str, np.ndarray]:
     """All tensors of an HF folder via the safetensors package (an independent reader)."""
     index = os.path.join(folder, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
     out = {}
     for f in files:
         out.update(load_file(os.path.join(folder, f)))
@@ -87,7 +88,7 @@ def test_bfloat16_export_rounds_once(hf_llama, tmp_path):
     folder, _ = hf_llama()
     out = str(tmp_path / "bf16")
     export_model(folder, out, dtype="bfloat16")
-    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    assert read_json(os.path.join(out, "config.json"))["dtype"] == "bfloat16"
     src, exported = load_tensors(folder), load_file(os.path.join(out, "model.safetensors"))
     for name, value in exported.items():
         assert value.dtype == np.dtype(ml_dtypes.bfloat16)
@@ -150,8 +151,9 @@ def test_folder_without_weights_is_reported(tmp_path):
 def test_shape_mismatch_names_the_tensor(hf_llama):
     folder, _ = hf_llama()
     cfg_path = os.path.join(folder, "config.json")
-    cfg = json.load(open(cfg_path))
-    json.dump({**cfg, "intermediate_size": 100}, open(cfg_path, "w"))
+    cfg = {**read_json(cfg_path), "intermediate_size": 100}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
     with pytest.raises(AsftError, match=r"mlp\.down_proj\.weight' has shape \[64, 96\], the config implies \[64, 100\]"):
         resolve(folder).load_params()
 

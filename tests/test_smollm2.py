@@ -97,7 +97,8 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
     scores = tmp_path / "scores.jsonl"
     code, summary, _ = run_eval(capsys, "--model", smollm2_gguf, "--data", pairs, "--output", str(scores), "--max-length", "192", "--batch-size", "4")
     assert code == 0 and summary["pairs_scored"] >= 8
-    records = [json.loads(line) for line in open(pairs)]
+    with open(pairs) as f:
+        records = [json.loads(line) for line in f]
     for row in map(json.loads, scores.read_text().splitlines()):
         rec = records[row["index"]]
         for side in ("chosen", "rejected"):
