@@ -37,7 +37,9 @@ class ModelSource:
 
         try:
             if self.kind == "gguf":
-                return AutoTokenizer.from_pretrained(os.path.dirname(self.path) or ".", gguf_file=os.path.basename(self.path))
+                from asft_jax.gguf_tokenizer import gguf_tokenizer
+
+                return gguf_tokenizer(self.tensors, self.path)
             return AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:
             raise AsftError(f"{self.path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None

@@ -104,3 +104,20 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
         for side in ("chosen", "rejected"):
             expected = torch_response_logps(reference, rec["prompt_input_ids"], rec[f"{side}_input_ids"])
             assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3, (row["index"], side)
+
+
+def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, shared_data):
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(smollm2_gguf)
+    reference, mine = AutoTokenizer.from_pretrained(folder, gguf_file=name), ours[0].tokenizer()
+    with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
+        texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in map(json.loads, f)][:60]
+    texts += ["  two spaces, tabs\tand\n\nnewlines", "digits 1234567 and émoji 🤖 中文", "<|im_start|>user\nHi<|im_end|>"]
+    for text in texts:
+        assert mine(text)["input_ids"] == reference(text)["input_ids"], text[:80]
+        assert mine.decode(mine(text)["input_ids"]) == text
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert mine.apply_chat_template(chat, add_generation_prompt=True) == reference.apply_chat_template(chat, add_generation_prompt=True)
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(mine, attr) == getattr(reference, attr), attr
