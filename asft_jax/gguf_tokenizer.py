@@ -8,7 +8,16 @@ token ids, the BOS/EOS flags and the chat template. Other tokenizer models (Sent
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+import os
+
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
 from asft_jax.errors import AsftError
 
@@ -23,8 +32,6 @@ def gguf_tokenizer(gguf, path: str):
     if kind is None:
         raise AsftError(f"{path}: the GGUF metadata holds no tokenizer")
     if kind != "gpt2":
-        import os
-
         return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
     tokens = gguf.field("tokenizer.ggml.tokens")
     types = gguf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
