@@ -116,7 +116,7 @@ def load_params(
         stacked = path.startswith("layers/")
         names = [template.format(i=i) for i in range(config.num_hidden_layers)] if stacked else [template]
         inner = leaf.shape[1:] if stacked else leaf.shape
-        out = np.empty(leaf.shape, dtype)
+        out = np.empty(leaf.shape, dtype) if stacked else None
         for i, name in enumerate(names):
             if name not in keys:
                 raise AsftError(f"{source.where}: tensor {name!r} is missing")

@@ -46,7 +46,7 @@ class ModelSource:
 
     def has_tokenizer(self) -> bool:
         if self.kind == "gguf":
-            return "tokenizer.ggml.tokens" in self.tensors._fields
+            return self.tensors.field("tokenizer.ggml.model") is not None
         return any(os.path.isfile(os.path.join(self.path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
