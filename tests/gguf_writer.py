@@ -35,8 +35,11 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{LAYER['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
-def write_gguf(path: str, state_dict: dict, cfg: dict, qtype: str = "F32", tokens: int | None = None) -> None:
-    """``state_dict``: HF names -> float32 arrays; ``cfg``: HF config dict; 2-D weights stored as ``qtype``."""
+def write_gguf(path: str, state_dict: dict, cfg: dict, qtype: str = "F32", tokens: int | None = None, rope_freqs=None) -> None:
+    """``state_dict``: HF names -> float32 arrays; ``cfg``: HF config dict; 2-D weights stored as ``qtype``.
+
+    ``rope_freqs``: per-frequency divisors, stored the way llama.cpp stores Llama 3.1 rope scaling.
+    """
     w = GGUFWriter(path, "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -51,6 +54,8 @@ def write_gguf(path: str, state_dict: dict, cfg: dict, qtype: str = "F32", token
     if tokens:
         w.add_tokenizer_model("gpt2")
         w.add_token_list([f"t{i}" for i in range(tokens)])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     for name, value in state_dict.items():
         value = np.asarray(value, np.float32)
         if ".q_proj." in name:

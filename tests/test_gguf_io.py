@@ -79,3 +79,40 @@ def test_damaged_gguf_is_reported(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(AsftError, match=r"bad\.gguf: not a readable GGUF file"):
         resolve(str(tmp_path / "bad.gguf"))
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama31_rope_freqs(hf_config) -> np.ndarray:
+    """What llama.cpp stores for Llama 3.1: default inverse frequencies / llama3-scaled ones."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+    theta = hf_config.rope_parameters["rope_theta"]
+    default = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    return default / scaled.numpy()
+
+
+def test_llama31_rope_freqs_become_llama3_scaling(hf_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, original = hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE), max_position_embeddings=16384)
+    cfg = {**read_json(f"{folder}/config.json"), "rope_theta": 500000.0}
+    state = {k: v.numpy() for k, v in original.state_dict().items()}
+    factors = llama31_rope_freqs(original.config)
+    assert factors.max() == pytest.approx(8.0) and factors.min() == pytest.approx(1.0)
+    write_gguf(str(tmp_path / "l31.gguf"), state, cfg, rope_freqs=factors)
+
+    src = resolve(str(tmp_path / "l31.gguf"))
+    assert src.config.rope_scaling == LLAMA31_ROPE
+    tokens = np.arange(40)[None] % TINY["vocab_size"]
+    ours = np.asarray(Llama(src.config).apply({"params": src.load_params()}, jnp.asarray(tokens)))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+
+    write_gguf(str(tmp_path / "odd.gguf"), state, cfg, rope_freqs=factors * 1.5)
+    with pytest.raises(AsftError, match=r"odd\.gguf: rope_freqs\.weight does not match Llama 3\.1 rope scaling"):
+        resolve(str(tmp_path / "odd.gguf"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,13 @@ def prompt_batch(ours, shared_data):
     return padded_batch(seqs, left=[i % 2 == 1 for i in range(len(seqs))])
 
 
+@pytest.fixture(scope="module")
+def exported(smollm2_gguf, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("smollm2") / "hf")
+    export_model(smollm2_gguf, out)
+    return out
+
+
 def our_logits(src, params, tokens, mask) -> np.ndarray:
     model = Llama(src.config)
     return np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
@@ -71,11 +80,10 @@ def test_logits_match_transformers_gguf_loader(ours, reference, prompt_batch):
     assert (mine.argmax(-1) == ref.argmax(-1))[real].all()
 
 
-def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt_batch, smollm2_gguf, tmp_path):
+def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt_batch, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = str(tmp_path / "smollm2-hf")
-    export_model(smollm2_gguf, out)
+    out = exported
     exported, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     for name, value in reference.state_dict().items():  # the same dequantised weights, bit for bit
@@ -121,3 +129,41 @@ def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, 
     assert mine.apply_chat_template(chat, add_generation_prompt=True) == reference.apply_chat_template(chat, add_generation_prompt=True)
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(mine, attr) == getattr(reference, attr), attr
+
+
+MEMORY_PROBE = """
+import sys, threading, time
+import jax
+from asft_jax.sources import resolve
+
+def anon():  # resident anonymous memory: excludes the memory-mapped weight files
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+src = resolve(sys.argv[1])
+jax.device_put(1.0).block_until_ready()
+base, peak, done = anon(), [0], threading.Event()
+
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+params = jax.block_until_ready(src.load_params())
+done.set()
+watcher.join()
+print(sum(x.nbytes for x in jax.tree.leaves(params)), peak[0] - base)
+"""
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_loading_never_holds_two_copies(exported, smollm2_gguf, kind):
+    """Peak host memory while loading stays well under two copies of the float32 model."""
+    source = exported if kind == "hf" else smollm2_gguf
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, source], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model_bytes, peak_growth = map(int, done.stdout.split())
+    assert model_bytes > 500 * 2**20
+    assert peak_growth < 1.6 * model_bytes, (model_bytes, peak_growth)
