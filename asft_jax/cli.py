@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a transformers-loadable HF folder")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default: the source's)")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair")

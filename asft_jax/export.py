@@ -21,13 +21,17 @@ def _generation_config(src: ModelSource) -> dict:
     return {k: v for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id), ("pad_token_id", c.pad_token_id)) if v is not None}
 
 
-def export_model(model: str, output: str, dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, params: dict | None = None) -> list[str]:
+def export_model(
+    model: str, output: str, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9, params: dict | None = None
+) -> list[str]:
     """Writes config, generation config, safetensors and tokenizer files of ``model`` to ``output``.
 
-    ``params`` replaces the source's weights (e.g. after training); the source still provides the
-    config and tokenizer. Returns the file names written.
+    ``dtype`` defaults to the dtype the source stores its weights in, so an untouched model
+    round-trips bit for bit. ``params`` replaces the source's weights (e.g. after training); the
+    source still provides the config and tokenizer. Returns the file names written.
     """
     src = resolve(model)
+    dtype = dtype or src.stored_dtype
     if params is None:
         params = src.load_params(place=lambda _, a: a)  # host NumPy: export never needs devices
     for stale in glob.glob(os.path.join(output, "model*.safetensors*")):

@@ -187,6 +187,9 @@ class SafetensorsFolder:
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
 
 def read_config(folder: str) -> LlamaConfig:
     path = os.path.join(folder, "config.json")

@@ -77,6 +77,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
     def get(self, name: str) -> np.ndarray:
         info = self._entries[name]
         begin, end = info["data_offsets"]

@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from asft_jax.errors import AsftError
-from asft_jax.hf import SafetensorsFolder, TensorSource, load_params, read_config
+from asft_jax.hf import (
+    EXPORT_DTYPES,
+    HF_NAMES,
+    SafetensorsFolder,
+    TensorSource,
+    load_params,
+    read_config,
+)
 from asft_jax.model import LlamaConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -30,6 +37,14 @@ class ModelSource:
 
     def load_params(self, param_dtype=jnp.float32, place: Callable[[str, np.ndarray], jax.Array] | None = None) -> dict:
         return load_params(self.config, self.tensors, param_dtype, place)
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype name the weights are stored in ("float32" for dequantised GGUF tensors)."""
+        if self.kind == "gguf":
+            return "float32"
+        stored = self.tensors.dtype(HF_NAMES["embed/embedding"])
+        return next((name for name, dt in EXPORT_DTYPES.items() if dt == stored), "float32")
 
     def tokenizer(self):
         """The model's own tokenizer as a transformers ``PreTrainedTokenizer``."""

@@ -29,7 +29,7 @@ TINY = {
 }
 
 
-def make_hf_llama(folder: str, seed: int = 0, **overrides):
+def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", **overrides):
     """A random transformers LlamaForCausalLM saved to ``folder``; returns the torch model.
 
     Weights get std 0.2 (not HF's 0.02) and random norm scales, so that mistakes in any
@@ -48,6 +48,7 @@ def make_hf_llama(folder: str, seed: int = 0, **overrides):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder)
     return model
 

@@ -84,6 +84,18 @@ def test_sharded_export_loads_in_transformers_and_back(hf_llama, tmp_path):
     assert {k: v.tobytes() for k, v in load_tensors(single).items()} == {k: v.tobytes() for k, v in load_tensors(folder).items()}
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_round_trips_in_its_dtype(hf_llama, tmp_path, dtype):
+    folder, _ = hf_llama(dtype=dtype)
+    out = str(tmp_path / "export")
+    export_model(folder, out)
+    before, after = load_tensors(folder), load_tensors(out)
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert value.dtype == before[name].dtype and value.tobytes() == before[name].tobytes(), name
+    assert read_json(os.path.join(out, "config.json"))["dtype"] == dtype
+
+
 def test_bfloat16_export_rounds_once(hf_llama, tmp_path):
     folder, _ = hf_llama()
     out = str(tmp_path / "bf16")
