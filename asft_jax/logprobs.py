@@ -1,8 +1,9 @@
 """Per-sequence log-probabilities of response tokens, without the full logits tensor.
 
-``sequence_logps`` runs the model to its final hidden states and then walks the sequence in
-chunks of ``chunk`` positions, computing float32 logits for one chunk at a time (recomputed in the
-backward pass), so memory holds ``[batch, chunk, vocab]`` logits instead of ``[batch, length, vocab]``.
+``token_logps`` walks the sequence in chunks of ``chunk`` positions and, inside each, the vocabulary
+in chunks of ``vocab_chunk`` columns of the LM head, keeping a running log-sum-exp. Both loops are
+rematerialised (``jax.checkpoint``), so the forward and the backward pass hold float32 logits for
+one ``[batch, chunk, vocab_chunk]`` block at a time, never ``[batch, length, vocab]``.
 """
 
 from __future__ import annotations
@@ -13,27 +14,51 @@ import jax.numpy as jnp
 from asft_jax.model import Llama, lm_head_kernel
 
 
-def token_logps(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int = 128) -> jax.Array:
+def _chunk_logps(h: jax.Array, targets: jax.Array, kernel: jax.Array, vocab_chunk: int) -> jax.Array:
+    """log-softmax picked at ``targets`` for one position chunk: h ``[b, c, e]`` -> ``[b, c]``."""
+    e, v = kernel.shape
+    n = -(-v // vocab_chunk)
+    w = jnp.pad(kernel, ((0, 0), (0, n * vocab_chunk - v))).reshape(e, n, vocab_chunk).swapaxes(0, 1)
+    starts = jnp.arange(n, dtype=jnp.int32) * vocab_chunk
+    cols = jnp.arange(vocab_chunk, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def step(carry, block):
+        top, total, picked = carry
+        w_block, start = block
+        logits = jnp.einsum("bce,ev->bcv", h, w_block, preferred_element_type=jnp.float32)
+        logits = jnp.where(start + cols < v, logits, -jnp.inf)  # padding columns of the last block
+        # the running maximum only keeps exp() in range; the result does not depend on it
+        new_top = jax.lax.stop_gradient(jnp.maximum(top, logits.max(-1)))
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
+        local = targets - start
+        inside = (local >= 0) & (local < vocab_chunk)
+        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1)[..., None], axis=-1)[..., 0]
+        return (new_top, total, picked + jnp.where(inside, hit, 0.0)), None
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    (top, total, picked), _ = jax.lax.scan(step, (zeros - jnp.inf, zeros, zeros), (w, starts))
+    return picked - (top + jnp.log(total))
+
+
+def token_logps(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int = 128, vocab_chunk: int = 16384
+) -> jax.Array:
     """log pi(target | context) for each position.
 
     hidden: ``[batch, length, embed]``; kernel: ``[embed, vocab]``; targets: ``[batch, length]`` int.
     Returns ``[batch, length]`` float32.
     """
     b, t, _ = hidden.shape
+    chunk = min(chunk, t)
     pad = -t % chunk
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     n = (t + pad) // chunk
     hs = hidden.reshape(b, n, chunk, -1).swapaxes(0, 1)
     ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        h, tgt = args
-        logits = jnp.einsum("bce,ev->bcv", h, kernel, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
+    vocab_chunk = min(vocab_chunk, kernel.shape[1])
+    one = jax.checkpoint(lambda args: _chunk_logps(args[0], args[1], kernel, vocab_chunk))
     out = jax.lax.map(one, (hs, ts))  # [n, batch, chunk]
     return out.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
@@ -45,6 +70,7 @@ def sequence_logps(
     segment_ids: jax.Array,
     response_mask: jax.Array,
     chunk: int = 128,
+    vocab_chunk: int = 16384,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of log-probs of response tokens and their count, per row.
 
@@ -54,6 +80,6 @@ def sequence_logps(
     """
     hidden = model.apply({"params": params}, tokens, segment_ids, return_hidden=True)
     kernel = lm_head_kernel(params, model.config).astype(hidden.dtype)
-    logps = token_logps(hidden[:, :-1], kernel, tokens[:, 1:], chunk)
+    logps = token_logps(hidden[:, :-1], kernel, tokens[:, 1:], chunk, vocab_chunk)
     mask = response_mask[:, 1:].astype(jnp.float32)
     return (logps * mask).sum(-1), response_mask[:, 1:].sum(-1).astype(jnp.int32)

@@ -1,4 +1,5 @@
-"""Chunked response log-probs against a direct log-softmax over full logits."""
+"""Chunked response log-probs: exact against a full log-softmax, and memory that does not scale with
+``length x vocab``."""
 
 from __future__ import annotations
 
@@ -12,16 +13,43 @@ from asft_jax.logprobs import sequence_logps, token_logps
 from asft_jax.model import Llama, LlamaConfig, init_params
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
-def test_token_logps_equal_full_log_softmax(chunk):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    hidden = jax.random.normal(k1, (3, 37, 16))
-    kernel = jax.random.normal(k2, (16, 50))
-    targets = jax.random.randint(k3, (3, 37), 0, 50)
+def naive_token_logps(hidden, kernel, targets):
+    logits = jnp.einsum("bte,ev->btv", hidden, kernel, preferred_element_type=jnp.float32)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+
+def float64_token_logps(hidden, kernel, targets) -> np.ndarray:
     logits = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    expected = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - logz
-    np.testing.assert_allclose(token_logps(hidden, kernel, targets, chunk), expected, rtol=1e-5, atol=1e-5)
+    top = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - logz
+
+
+def random_inputs(b=3, t=37, e=16, v=50, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return jax.random.normal(k1, (b, t, e)), jax.random.normal(k2, (e, v)) * 2, jax.random.randint(k3, (b, t), 0, v)
+
+
+@pytest.mark.parametrize(("chunk", "vocab_chunk"), [(1, 50), (7, 16), (16, 7), (64, 1000), (37, 25)])
+def test_token_logps_equal_full_log_softmax(chunk, vocab_chunk):
+    hidden, kernel, targets = random_inputs()
+    got = token_logps(hidden, kernel, targets, chunk, vocab_chunk)
+    expected = float64_token_logps(hidden, kernel, targets)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.sum(-1), expected.sum(-1), rtol=1e-5)
+
+
+def test_gradients_equal_full_log_softmax():
+    hidden, kernel, targets = random_inputs(seed=1)
+    weights = jax.random.uniform(jax.random.key(2), targets.shape)  # an arbitrary upstream gradient
+
+    def loss(fn):
+        return jax.grad(lambda h, w: (fn(h, w, targets) * weights).sum(), argnums=(0, 1))(hidden, kernel)
+
+    got = loss(lambda h, w, t: token_logps(h, w, t, chunk=8, vocab_chunk=16))
+    expected = loss(naive_token_logps)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -32,12 +60,49 @@ def test_sequence_logps_sum_response_tokens_only(tied):
     tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, TINY["vocab_size"])
     segments = jnp.asarray([[1] * 20, [1] * 14 + [0] * 6])
     response = jnp.asarray([[0] * 8 + [1] * 12, [0] * 5 + [1] * 9 + [0] * 6])
-    sums, counts = sequence_logps(model, params, tokens, segments, response, chunk=8)
 
+    def chunked(p):
+        return sequence_logps(model, p, tokens, segments, response, chunk=8, vocab_chunk=48)
+
+    def naive(p):
+        logits = model.apply({"params": p}, tokens, segments).astype(jnp.float32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
+        return (logp * response[:, 1:]).sum(-1)
+
+    sums, counts = chunked(params)
+    np.testing.assert_allclose(sums, naive(params), rtol=1e-5)
+    assert counts.tolist() == [12, 9]
     logits = np.asarray(model.apply({"params": params}, tokens, segments), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    for row, (start, end) in enumerate(((8, 20), (5, 14))):
-        # token t is predicted by position t - 1
-        expected = sum(logp[row, t - 1, int(tokens[row, t])] for t in range(start, end))
-        np.testing.assert_allclose(sums[row], expected, rtol=1e-5)
-        assert counts[row] == end - start
+    for row, (start, end) in enumerate(((8, 20), (5, 14))):  # token t is predicted at t - 1
+        np.testing.assert_allclose(sums[row], sum(logp[row, t - 1, int(tokens[row, t])] for t in range(start, end)), rtol=1e-5)
+
+    got = jax.grad(lambda p: chunked(p)[0].sum())(params)
+    expected = jax.grad(lambda p: naive(p).sum())(params)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def _peak_temp_bytes(fn, length: int, vocab: int, batch: int = 2, embed: int = 32) -> int:
+    """XLA's temporary-buffer size for the gradient of ``sum(fn(...))`` w.r.t. hidden and LM head."""
+    grad = jax.jit(jax.grad(lambda h, w, t: fn(h, w, t).sum(), argnums=(0, 1)))
+    lowered = grad.lower(
+        jax.ShapeDtypeStruct((batch, length, embed), jnp.float32),
+        jax.ShapeDtypeStruct((embed, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    )
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_does_not_grow_with_length_times_vocab():
+    """The part of the peak that grows with length x vocab (the interaction term of a 2 x 2 design)
+    is zero for the chunked computation, and at least the logits tensor for the naive one."""
+
+    def interaction(fn):
+        t, v = 256, 4096
+        m = {(a, b): _peak_temp_bytes(fn, a, b) for a in (t, 2 * t) for b in (v, 2 * v)}
+        return m[2 * t, 2 * v] - m[2 * t, v] - m[t, 2 * v] + m[t, v]
+
+    logits_bytes = 2 * 256 * 4096 * 4  # [batch, length, vocab] float32 at the base size
+    assert interaction(naive_token_logps) >= logits_bytes
+    assert interaction(lambda h, w, t: token_logps(h, w, t, chunk=64, vocab_chunk=1024)) <= 0.05 * logits_bytes
