@@ -1,4 +1,4 @@
-"""The ``asft`` command line: ``asft export | eval | fetch-demo``."""
+"""The ``asft`` command line: ``asft export | eval | data tokenize | data reference | fetch-demo``."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {len(files)} files to {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
-def _eval(args: argparse.Namespace) -> None:
+def _model_and_pairs(args: argparse.Namespace, dtype: str = "float32"):
+    """The model, its parameters, the valid pairs of ``args.data`` and the skipped-record counts."""
     import jax.numpy as jnp
 
     from asft_jax.data.pretokenized import read_pairs
-    from asft_jax.evaluate import score_pairs, summarize
     from asft_jax.model import Llama
     from asft_jax.sources import resolve
 
@@ -36,7 +36,13 @@ def _eval(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     params = src.load_params()
     print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    model = Llama(src.config, dtype=jnp.dtype(args.dtype))
+    return Llama(src.config, dtype=jnp.dtype(dtype)), params, pairs, skipped
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from asft_jax.evaluate import score_pairs, summarize
+
+    model, params, pairs, skipped = _model_and_pairs(args, args.dtype)
     results = []
     with open(args.output or os.devnull, "w") as out:
         for r in score_pairs(model, params, pairs, args.batch_size, total=len(pairs)):
@@ -58,6 +64,14 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     print(f"wrote {n} pre-tokenized pairs to {args.output}", file=sys.stderr)
 
 
+def _data_reference(args: argparse.Namespace) -> None:
+    from asft_jax.reference import attach_reference_logps, write_pairs
+
+    model, params, pairs, skipped = _model_and_pairs(args)
+    n = write_pairs(args.output, attach_reference_logps(model, params, pairs, args.batch_size))
+    print(f"wrote {n} pairs with reference log-probs to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
+
+
 def _fetch_demo(args: argparse.Namespace) -> None:
     from asft_jax.demo import demo_gguf, demo_hf_folder
 
@@ -75,14 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default: the source's)")
     p.set_defaults(run=_export)
 
+    def pair_args(p: argparse.ArgumentParser, output_help: str, output_required: bool) -> None:
+        p.add_argument("--model", required=True, help=model_help)
+        p.add_argument("--data", required=True, help="pre-tokenized pairs (.jsonl or .jsonl.gz)")
+        p.add_argument("--output", required=output_required, help=output_help)
+        p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+        p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
+        p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+
     p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair")
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--data", required=True, help="pre-tokenized pairs (.jsonl or .jsonl.gz)")
-    p.add_argument("--output", help="per-pair results (.jsonl)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
+    pair_args(p, "per-pair results (.jsonl)", False)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("data", help="data tools")
@@ -93,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
     p.set_defaults(run=_data_tokenize)
+
+    p = data.add_parser("reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)")
+    pair_args(p, "pre-tokenized .jsonl with ref_chosen_logps / ref_rejected_logps", True)
+    p.set_defaults(run=_data_reference)
 
     p = sub.add_parser("fetch-demo", help="download SmolLM2-135M-Instruct into the cache; print its path")
     p.add_argument("--hf", action="store_true", help="also convert it to an HF folder and print that path")

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from reference_losses import reference
 
-from asft_jax.losses import LOSSES, NEEDS_REFERENCE, SequenceLogps, log1mexp, preference_loss
+from asft_jax.losses import (
+    LOSSES,
+    NEEDS_REFERENCE,
+    SequenceLogps,
+    log1mexp,
+    preference_loss,
+)
 
 HPARAMS = {
     "asft": [{}, {"lam": 0.2, "beta": 0.3}, {"lam": 0.5, "beta": 2.0}],

@@ -167,3 +167,44 @@ def test_loading_never_holds_two_copies(exported, smollm2_gguf, kind):
     model_bytes, peak_growth = map(int, done.stdout.split())
     assert model_bytes > 500 * 2**20
     assert peak_growth < 1.6 * model_bytes, (model_bytes, peak_growth)
+
+
+def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, shared_data):
+    """Our whole stack (JAX forward, vocabulary-chunked log-probs, ASFT) against transformers'
+    log-probs fed to the float64 reference formulas."""
+    import jax
+
+    from asft_jax.data.pretokenized import TokenizedPair
+    from asft_jax.data.tokenize import encode_pair
+    from asft_jax.evaluate import pack_rows
+    from asft_jax.logprobs import sequence_logps
+    from asft_jax.losses import SequenceLogps, preference_loss
+
+    src, params = ours
+    tok = src.tokenizer()
+    pairs = []
+    with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
+        for index, rec in enumerate(map(json.loads, f)):
+            ids = encode_pair(tok, rec["prompt"], rec["chosen"], rec["rejected"])
+            pair = TokenizedPair(index, ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"])
+            if len(pair) <= 160:
+                pairs.append(pair)
+            if len(pairs) == 4:
+                break
+    rows = {k: jax.numpy.asarray(v) for k, v in pack_rows(pairs, len(pairs)).items()}
+    model = Llama(src.config)
+    sums, counts = jax.jit(lambda p, r: sequence_logps(model, p, r["tokens"], r["segment_ids"], r["response_mask"], chunk=64, vocab_chunk=8192))(params, rows)
+    n = len(pairs)
+    loss, metrics = preference_loss("asft", SequenceLogps(sums[:n], counts[:n]), SequenceLogps(sums[n:], counts[n:]), lam=1.0, beta=1.0)
+
+    from reference_losses import reference as reference_formulas
+
+    sw = [torch_response_logps(reference, p.prompt, p.chosen) for p in pairs]
+    sl = [torch_response_logps(reference, p.prompt, p.rejected) for p in pairs]
+    nw, nl = [len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]
+    ref_loss, _, _, ref_metrics = reference_formulas("asft", sw, nw, sl, nl, lam=1.0, beta=1.0)
+    np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=1e-4)
+    for key, value in ref_metrics.items():
+        if key != "rewards/accuracies":
+            assert float(metrics[key]) == pytest.approx(value, rel=1e-4), key
+    assert float(metrics["rewards/accuracies"]) == ref_metrics["rewards/accuracies"]

@@ -1,6 +1,8 @@
 """Pre-tokenized preference pairs: ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``.
 
 The chosen/rejected ids are the response tokens only; they are used as given (no template, no BOS).
+Optional ``ref_chosen_logps`` / ``ref_rejected_logps`` carry the reference model's summed response
+log-probs for DPO-family objectives (see ``asft_jax.reference``).
 Bad records are skipped and counted by reason, or stop the read in strict mode with ``file:line``.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from asft_jax.errors import AsftError
 
 FIELDS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,14 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    ref_chosen: float | None = None  # reference model's summed log-prob of the chosen response
+    ref_rejected: float | None = None
+
+    def to_record(self) -> dict:
+        rec = {"prompt_input_ids": self.prompt, "chosen_input_ids": self.chosen, "rejected_input_ids": self.rejected}
+        if self.ref_chosen is not None:
+            rec.update(ref_chosen_logps=self.ref_chosen, ref_rejected_logps=self.ref_rejected)
+        return rec
 
     def __len__(self) -> int:
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
@@ -39,6 +50,9 @@ def _problem(rec: object, vocab_size: int) -> str | None:
             return f"non_integer_{f}"
         if any(i < 0 or i >= vocab_size for i in ids):
             return f"token_id_out_of_range_{f}"
+    refs = [rec.get(f) for f in REF_FIELDS]
+    if any(r is not None for r in refs) and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r <= 0 for r in refs):
+        return "bad_reference_logps"
     if not rec["prompt_input_ids"]:
         return "empty_prompt"
     if not rec["chosen_input_ids"] or not rec["rejected_input_ids"]:
@@ -76,4 +90,10 @@ def read_pairs(
                     raise AsftError(f"{path}:{index + 1}: {reason.replace('_', ' ')}")
                 skipped[reason] += 1
                 continue
-            yield TokenizedPair(index, rec["prompt_input_ids"], rec["chosen_input_ids"], rec["rejected_input_ids"])
+            yield TokenizedPair(
+                index,
+                rec["prompt_input_ids"],
+                rec["chosen_input_ids"],
+                rec["rejected_input_ids"],
+                *(None if rec.get(f) is None else float(rec[f]) for f in REF_FIELDS),
+            )

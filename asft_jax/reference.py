@@ -1,0 +1,37 @@
+"""Reference log-probs for DPO-family objectives, computed once with the frozen starting model.
+
+DPO, IPO and hinge compare the policy with a reference model. Rather than keeping a second model in
+memory during training (TRL issue 3168), one pass over the data with the starting parameters
+attaches the reference's summed response log-probs to every pair; training then reads them from
+the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+
+from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.evaluate import score_pairs
+from asft_jax.model import Llama
+
+
+def attach_reference_logps(
+    model: Llama, params: dict, pairs: Iterable[TokenizedPair], batch_size: int = 8, total: int | None = None
+) -> Iterator[TokenizedPair]:
+    """Yields each pair with ``ref_chosen`` / ``ref_rejected`` set to ``params``' summed
+    response log-probs (float32 forward, the same computation as training's)."""
+    pairs = list(pairs)
+    for pair, score in zip(pairs, score_pairs(model, params, pairs, batch_size, total=total or len(pairs)), strict=True):
+        yield dataclasses.replace(pair, ref_chosen=score["chosen_logps_sum"], ref_rejected=score["rejected_logps_sum"])
+
+
+def write_pairs(path: str, pairs: Iterable[TokenizedPair]) -> int:
+    """Writes pre-tokenized records (with their reference log-probs when set); returns the count."""
+    n = 0
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p.to_record()) + "\n")
+            n += 1
+    return n
