@@ -52,16 +52,27 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
-    from asft_jax.data.tokenize import encode_file
+    from asft_jax.data.pipeline import detect_source_format, encode_record
+    from asft_jax.data.records import BadRecord, RecordSource
+    from asft_jax.data.tokenize import Encoder
     from asft_jax.sources import resolve
 
-    tokenizer = resolve(args.model).tokenizer()
+    source = RecordSource(args.data)
+    fmt = args.format or detect_source_format(source)
+    encoder = Encoder(resolve(args.model).tokenizer(), args.max_length, args.max_prompt_length)
+    skipped: collections.Counter = collections.Counter()
     n = 0
     with open(args.output, "w") as out:
-        for rec in encode_file(tokenizer, args.data, args.limit):
-            out.write(json.dumps(rec) + "\n")
+        for i in range(min(len(source), args.limit or len(source))):
+            item = encode_record(source, fmt, encoder, i)
+            if isinstance(item, BadRecord):
+                if args.strict:
+                    raise AsftError(f"{source.location(i)}: {item.reason.replace('_', ' ')}")
+                skipped[item.reason] += 1
+                continue
+            out.write(json.dumps(item.to_record()) + "\n")
             n += 1
-    print(f"wrote {n} pre-tokenized pairs to {args.output}", file=sys.stderr)
+    print(f"wrote {n} pre-tokenized pairs ({fmt}) to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
 def _data_reference(args: argparse.Namespace) -> None:
@@ -104,11 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data = p.add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("tokenize", help="standard-format pairs (.jsonl) -> pre-tokenized pairs")
+    p = data.add_parser("tokenize", help="preference records (any format) -> pre-tokenized pairs")
     p.add_argument("--model", required=True, help=model_help + " (its tokenizer and chat template are used)")
-    p.add_argument("--data", required=True, help='.jsonl of {"prompt", "chosen", "rejected"} strings')
+    p.add_argument("--data", required=True, help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
     p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
+    p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
+    p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens at most")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens at most, kept from the end (default: half of --max-length)")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.set_defaults(run=_data_tokenize)
 
     p = data.add_parser("reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)")

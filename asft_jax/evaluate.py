@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from asft_jax.data.batching import pack_rows
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.logprobs import sequence_logps
 from asft_jax.model import Llama
@@ -20,24 +21,6 @@ from asft_jax.model import Llama
 def bucket_length(n: int, minimum: int = 32) -> int:
     """Padded row length: the next power of two (few shapes -> few compilations)."""
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
-
-
-def pack_rows(pairs: list[TokenizedPair], batch_size: int) -> dict[str, np.ndarray]:
-    """Rows ``[2 * batch_size, bucket]``: prompt+chosen for each pair, then prompt+rejected.
-
-    Right-padded; missing pairs of a short last batch are all-padding rows.
-    """
-    length = bucket_length(max(len(p) for p in pairs))
-    tokens = np.zeros((2 * batch_size, length), np.int32)
-    segments = np.zeros_like(tokens)
-    response = np.zeros_like(tokens)
-    for j, p in enumerate(pairs):
-        for row, resp in ((j, p.chosen), (batch_size + j, p.rejected)):
-            ids = p.prompt + resp
-            tokens[row, : len(ids)] = ids
-            segments[row, : len(ids)] = 1
-            response[row, len(p.prompt) : len(ids)] = 1
-    return {"tokens": tokens, "segment_ids": segments, "response_mask": response}
 
 
 def _batches(pairs: Iterable[TokenizedPair], batch_size: int) -> Iterator[list[TokenizedPair]]:
@@ -60,7 +43,7 @@ def score_pairs(
     start, seen_tokens = time.perf_counter(), 0
     with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True) as bar:
         for batch in _batches(pairs, batch_size):
-            rows = pack_rows(batch, batch_size)
+            rows = pack_rows(batch, batch_size, bucket_length(max(map(len, batch))))
             sums, counts = jax.device_get(fn(params, {k: jnp.asarray(v) for k, v in rows.items()}))
             for j, p in enumerate(batch):
                 yield {

@@ -12,8 +12,8 @@ import pytest
 from test_evaluate import torch_response_logps, write_jsonl
 
 from asft_jax.cli import main
+from asft_jax.data.batching import pack_rows
 from asft_jax.data.pretokenized import read_pairs
-from asft_jax.evaluate import pack_rows
 from asft_jax.logprobs import sequence_logps
 from asft_jax.losses import SequenceLogps, preference_loss
 from asft_jax.model import Llama
@@ -49,7 +49,7 @@ def test_dpo_starts_at_log_2_with_reference_equal_to_policy(hf_llama, pairs_file
     pairs = list(read_pairs(out, 128, 1024))
     src = resolve(folder)
     model, params = Llama(src.config), src.load_params()
-    rows = {k: jnp.asarray(v) for k, v in pack_rows(pairs, len(pairs)).items()}
+    rows = {k: jnp.asarray(v) for k, v in pack_rows(pairs, len(pairs), max(map(len, pairs))).items()}
     sums, counts = sequence_logps(model, params, rows["tokens"], rows["segment_ids"], rows["response_mask"])
     n = len(pairs)
     chosen, rejected = SequenceLogps(sums[:n], counts[:n]), SequenceLogps(sums[n:], counts[n:])

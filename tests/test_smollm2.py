@@ -174,24 +174,23 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
     log-probs fed to the float64 reference formulas."""
     import jax
 
-    from asft_jax.data.pretokenized import TokenizedPair
-    from asft_jax.data.tokenize import encode_pair
-    from asft_jax.evaluate import pack_rows
+    from asft_jax.data.batching import pack_rows
+    from asft_jax.data.formats import Pair
+    from asft_jax.data.tokenize import Encoder
     from asft_jax.logprobs import sequence_logps
     from asft_jax.losses import SequenceLogps, preference_loss
 
     src, params = ours
-    tok = src.tokenizer()
+    encoder = Encoder(src.tokenizer(), max_length=4096)
     pairs = []
     with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
         for index, rec in enumerate(map(json.loads, f)):
-            ids = encode_pair(tok, rec["prompt"], rec["chosen"], rec["rejected"])
-            pair = TokenizedPair(index, ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"])
+            pair = encoder.encode(Pair(rec["prompt"], rec["chosen"], rec["rejected"]), "standard", index)
             if len(pair) <= 160:
                 pairs.append(pair)
             if len(pairs) == 4:
                 break
-    rows = {k: jax.numpy.asarray(v) for k, v in pack_rows(pairs, len(pairs)).items()}
+    rows = {k: jax.numpy.asarray(v) for k, v in pack_rows(pairs, len(pairs), max(map(len, pairs))).items()}
     model = Llama(src.config)
     sums, counts = jax.jit(lambda p, r: sequence_logps(model, p, r["tokens"], r["segment_ids"], r["response_mask"], chunk=64, vocab_chunk=8192))(params, rows)
     n = len(pairs)

@@ -1,41 +1,73 @@
-"""Standard-format pairs ``{"prompt", "chosen", "rejected"}`` (strings) -> token ids.
+"""Normalised pairs -> token ids, the way the model was trained to see them.
 
-A first, minimal encoder used by ``asft data tokenize`` and the demo: the prompt goes through
-the model's chat template as one user turn with the generation prompt added, and each response
-is closed by the template's end-of-turn token (the tokenizer's EOS). The data pipeline extends
-this to every record format.
+- conversational records, and standard records when the tokenizer has a chat template: the template
+  is applied once to the prompt with the generation prompt added; each response's tokens are what the
+  template adds when applied to the whole conversation, so prompt + response equals the template of the
+  whole conversation (checked per record) and the response ends with the template's end-of-turn token.
+- HH transcripts, and standard records without a template: raw text, the tokenizer's own special
+  tokens on the prompt (BOS where it adds one), EOS closing each response.
+- pre-tokenized records: as given.
+Truncation: the prompt keeps its last ``max_prompt_length`` tokens, each response its first
+``max_length - len(prompt)``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import dataclasses
+from typing import Any
 
-from asft_jax.errors import AsftError
-
-
-def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
-    """Returns the pre-tokenized record: ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``."""
-    if tokenizer.chat_template:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
-    else:
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def response(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False) + eos
-
-    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": response(chosen), "rejected_input_ids": response(rejected)}
+from asft_jax.data.formats import Pair
+from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.records import BadRecord
 
 
-def encode_file(tokenizer, path: str, limit: int | None = None) -> Iterator[dict[str, list[int]]]:
-    """Encodes the standard-format records of a ``.jsonl`` file, stopping after ``limit``."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if limit is not None and n >= limit:
-                return
-            rec = json.loads(line)
-            if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise AsftError(f"{path}:{n + 1}: expected string fields prompt, chosen and rejected")
-            yield encode_pair(tokenizer, rec["prompt"], rec["chosen"], rec["rejected"])
+def _ids(out: Any) -> list[int]:
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    tokenizer: Any
+    max_length: int
+    max_prompt_length: int | None = None  # default: half of max_length
+
+    def __post_init__(self) -> None:
+        if self.prompt_limit >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.prompt_limit}) must be below max_length ({self.max_length})")
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
+    def _templated(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
+        tok = self.tokenizer
+        prompt_ids = _ids(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        outs = []
+        for response in responses:
+            full = _ids(tok.apply_chat_template(prompt + response, tokenize=True))
+            if full[: len(prompt_ids)] != prompt_ids:
+                raise BadRecord("template_prefix_mismatch")
+            outs.append(full[len(prompt_ids) :])
+        return prompt_ids, outs
+
+    def _raw(self, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]]]:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return tok.encode(prompt, add_special_tokens=True), [tok.encode(r, add_special_tokens=False) + eos for r in responses]
+
+    def encode(self, pair: Pair, fmt: str, index: int = -1) -> TokenizedPair:
+        """Token ids of one normalised pair (``fmt`` as detected), truncated to the limits."""
+        if fmt == "pretokenized":
+            prompt, (chosen, rejected) = pair.prompt, (pair.chosen, pair.rejected)
+        elif fmt == "conversational":
+            prompt, (chosen, rejected) = self._templated(pair.prompt, [pair.chosen, pair.rejected])
+        elif fmt == "standard" and self.tokenizer.chat_template:
+            user = [{"role": "user", "content": pair.prompt}]
+            prompt, (chosen, rejected) = self._templated(user, [[{"role": "assistant", "content": r}] for r in (pair.chosen, pair.rejected)])
+        else:
+            prompt, (chosen, rejected) = self._raw(pair.prompt, [pair.chosen, pair.rejected])
+        if not chosen or not rejected:
+            raise BadRecord("empty_response")
+        prompt = prompt[-self.prompt_limit :]
+        room = self.max_length - len(prompt)
+        return TokenizedPair(index, prompt, chosen[:room], rejected[:room])

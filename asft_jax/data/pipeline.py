@@ -1,0 +1,128 @@
+"""The grain input pipeline: preference records -> per-host, fixed-shape batches of token ids.
+
+``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
+as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
+process_count`` pairs per host, padded to the smallest bucket length that fits. Bad records are
+skipped and counted by reason (``strict`` stops at the first). ``get_state``/``set_state`` capture
+the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
+Records a host drops are its own: hosts stay disjoint, and their union equals the single-host batch
+whenever no record is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+
+from asft_jax.data.batching import bucket_for, bucket_lengths, pack_rows
+from asft_jax.data.formats import FORMATS, detect_format, normalize
+from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.tokenize import Encoder
+from asft_jax.errors import AsftError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str  # a file, or a Hub dataset id (``org/name`` or ``org/name:split``)
+    split: str = "train"
+    format: str | None = None  # None: detected from the records
+    max_length: int = 1024
+    max_prompt_length: int | None = None  # None: max_length // 2
+    batch_size: int = 8  # pairs per step, over all hosts
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1  # None: repeat forever
+    strict: bool = False
+    num_threads: int = 4
+
+
+def detect_source_format(source: RecordSource, probe: int = 100) -> str:
+    """The format of the first parsable, recognisable record among the first ``probe``."""
+    for i in range(min(probe, len(source))):
+        try:
+            fmt = detect_format(source[i])
+        except BadRecord:
+            continue
+        if fmt is not None:
+            return fmt
+    raise AsftError(f"{source.name}: no record in the first {probe} matches a known format ({', '.join(FORMATS)})")
+
+
+def encode_record(source: RecordSource, fmt: str, encoder: Encoder, i: int) -> TokenizedPair | BadRecord:
+    """Record ``i`` as token ids, or the ``BadRecord`` that says why it cannot be used."""
+    try:
+        return encoder.encode(normalize(source[i], fmt), fmt, index=i)
+    except BadRecord as bad:
+        bad.index = i
+        return bad
+
+
+class PairBatches:
+    """Iterator of host-local batches (see ``asft_jax.data.batching.pack_rows`` for the arrays)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, process_index: int = 0, process_count: int = 1):
+        if cfg.batch_size % process_count:
+            raise AsftError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} hosts")
+        self.cfg = cfg
+        self.source = RecordSource(cfg.path, cfg.split)
+        self.format = cfg.format or detect_source_format(self.source)
+        if self.format not in FORMATS:
+            raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+        self.local_batch = cfg.batch_size // process_count
+        self.buckets = bucket_lengths(cfg.max_length)
+        self.skipped: collections.Counter = collections.Counter()
+        self._first: dict[str, str] = {}
+
+        ds = grain.MapDataset.range(len(self.source))
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)
+        ds = ds.repeat(cfg.num_epochs)
+        ds = ds[process_index::process_count]
+        ds = ds.map(lambda i: encode_record(self.source, self.format, self.encoder, int(i) % len(self.source)))
+        read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
+        self._items = iter(ds.to_iter_dataset(read))
+
+    def _skip(self, bad: BadRecord, index: int) -> None:
+        where = self.source.location(index)
+        if self.cfg.strict:
+            raise AsftError(f"{where}: {bad.reason.replace('_', ' ')}")
+        if bad.reason not in self._first:
+            self._first[bad.reason] = where
+            log.warning("skipping records: %s (first at %s); counting the rest", bad.reason, where)
+        self.skipped[bad.reason] += 1
+
+    def __iter__(self) -> PairBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        pairs: list[TokenizedPair] = []
+        while len(pairs) < self.local_batch:
+            item = next(self._items)  # StopIteration ends the data; a partial batch is dropped
+            if isinstance(item, BadRecord):
+                self._skip(item, item.index)
+            else:
+                pairs.append(item)
+        length = bucket_for(max(map(len, pairs)), self.buckets)
+        return pack_rows(pairs, self.local_batch, length)
+
+    def get_state(self) -> dict:
+        return {"items": self._items.get_state(), "skipped": dict(self.skipped), "first": dict(self._first)}
+
+    def set_state(self, state: dict) -> None:
+        self._items.set_state(state["items"])
+        self.skipped = collections.Counter(state["skipped"])
+        self._first = dict(state["first"])
+
+    def summary(self) -> str:
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return f"{self.source.name} ({self.format}): skipped {total} records" + (f" ({reasons})" if reasons else "")
