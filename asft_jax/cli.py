@@ -75,6 +75,45 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     print(f"wrote {n} pre-tokenized pairs ({fmt}) to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
+def _data_inspect(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from asft_jax.data.pipeline import detect_source_format, encode_record
+    from asft_jax.data.records import BadRecord, RecordSource
+    from asft_jax.data.tokenize import Encoder
+    from asft_jax.sources import resolve
+
+    source = RecordSource(args.data)
+    fmt = args.format or detect_source_format(source)
+    tokenizer = resolve(args.model).tokenizer()
+    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length)
+    untruncated = Encoder(tokenizer, 1 << 30)
+    skipped: collections.Counter = collections.Counter()
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "pair (prompt + longer response)": []}
+    truncated, example = 0, None
+    for i in range(min(len(source), args.limit or len(source))):
+        item = encode_record(source, fmt, untruncated, i)
+        if isinstance(item, BadRecord):
+            skipped[item.reason] += 1
+            continue
+        for key, n in zip(lengths, (len(item.prompt), len(item.chosen), len(item.rejected), len(item))):
+            lengths[key].append(n)
+        fitted = encode_record(source, fmt, encoder, i)
+        truncated += fitted != item
+        example = example or fitted
+    print(f"{source.name}: format {fmt}, {len(source)} records, {len(lengths['prompt'])} usable, skipped {dict(skipped)}")
+    print(f"truncated to max_length {args.max_length} / max_prompt_length {encoder.prompt_limit}: {truncated} pairs")
+    for key, values in lengths.items():
+        if values:
+            p = np.percentile(values, [50, 90, 99, 100]).astype(int)
+            print(f"  {key:32s} tokens: p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
+    if example is not None:
+        print(f"example (record {source.location(example.index)}): [PROMPT]...[/PROMPT] is masked, [CHOSEN] and [REJECTED] are trained")
+        print(f"[PROMPT]{tokenizer.decode(example.prompt)}[/PROMPT]")
+        print(f"[CHOSEN]{tokenizer.decode(example.chosen)}[/CHOSEN]")
+        print(f"[REJECTED]{tokenizer.decode(example.rejected)}[/REJECTED]")
+
+
 def _data_reference(args: argparse.Namespace) -> None:
     from asft_jax.reference import attach_reference_logps, write_pairs
 
@@ -125,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.set_defaults(run=_data_tokenize)
+
+    p = data.add_parser("inspect", help="what the model will be trained on: format, counts, lengths, skips, an example")
+    p.add_argument("data", help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
+    p.add_argument("--model", required=True, help=model_help + " (its tokenizer is used)")
+    p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="look at the first N records only")
+    p.set_defaults(run=_data_inspect)
 
     p = data.add_parser("reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)")
     pair_args(p, "pre-tokenized .jsonl with ref_chosen_logps / ref_rejected_logps", True)

@@ -109,3 +109,13 @@ def test_bad_lines_are_counted_or_stop_strict_mode(tokenizer, tmp_path):
 def test_batch_must_split_over_hosts(tokenizer, uf_train):
     with pytest.raises(AsftError, match="batch_size 6 is not divisible by the 4 hosts"):
         PairBatches(DataConfig(uf_train, batch_size=6), tokenizer, process_index=0, process_count=4)
+
+
+def test_inspect_shows_format_counts_and_a_marked_example(smollm2_gguf, shared_data, capsys):
+    from asft_jax.cli import main
+
+    path = os.path.join(shared_data, "hh-rlhf", "harmless-base", "test.jsonl.gz")
+    assert main(["data", "inspect", path, "--model", smollm2_gguf, "--limit", "300", "--max-length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: format hh, 2312 records" in out and "p50" in out
+    assert "[PROMPT]" in out and "Human:" in out and "Assistant:[/PROMPT]" in out and "<|im_end|>[/CHOSEN]" in out
