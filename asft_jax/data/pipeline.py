@@ -68,7 +68,11 @@ def encode_record(source: RecordSource, fmt: str, encoder: Encoder, i: int) -> T
 class PairBatches:
     """Iterator of host-local batches (see ``asft_jax.data.batching.pack_rows`` for the arrays)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, process_index: int = 0, process_count: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer: Any, process_index: int | None = None, process_count: int | None = None):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
         if cfg.batch_size % process_count:
             raise AsftError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} hosts")
         self.cfg = cfg

@@ -8,7 +8,7 @@
   tokens on the prompt (BOS where it adds one), EOS closing each response.
 - pre-tokenized records: as given.
 Truncation: the prompt keeps its last ``max_prompt_length`` tokens, each response its first
-``max_length - len(prompt)``.
+``max_length - len(prompt)``; a pair whose responses become identical is dropped.
 """
 
 from __future__ import annotations
@@ -70,4 +70,7 @@ class Encoder:
             raise BadRecord("empty_response")
         prompt = prompt[-self.prompt_limit :]
         room = self.max_length - len(prompt)
-        return TokenizedPair(index, prompt, chosen[:room], rejected[:room])
+        chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:  # the responses differ only past the length limit: no signal left
+            raise BadRecord("identical_after_truncation")
+        return TokenizedPair(index, prompt, chosen, rejected)

@@ -93,6 +93,17 @@ def test_two_hosts_are_disjoint_and_together_the_single_host_batch(tokenizer, tm
         assert a | b == rows(single[k])
 
 
+def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(12)]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = list(PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1))
+    assert len(batches) == 8
+    prompts = [tokenizer.decode(t[(s == 1) & (m == 0)]) for b in batches for t, s, m in zip(b["tokens"][:3], b["segment_ids"][:3], b["response_mask"][:3])]
+    first, second = prompts[:12], prompts[12:]
+    assert sorted(first) == sorted(second) and len(set(first)) == 12 and first != second
+
+
 def test_bad_lines_are_counted_or_stop_strict_mode(tokenizer, tmp_path):
     good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
     lines = [good, "{broken", {"prompt": "x", "chosen": "a"}, {**good, "chosen": ""}, {**good, "rejected": 3}, {**good, "chosen": "5"}, good, good, good]

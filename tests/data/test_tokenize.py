@@ -9,6 +9,7 @@ import pytest
 
 from asft_jax.data.batching import pack_rows
 from asft_jax.data.formats import Pair, normalize
+from asft_jax.data.records import BadRecord
 from asft_jax.data.tokenize import Encoder
 from asft_jax.sources import resolve
 
@@ -69,13 +70,31 @@ def test_truncation_respects_both_limits(tokenizer, uf_records, max_length, max_
     enc = Encoder(tokenizer, max_length, max_prompt_length)
     full = Encoder(tokenizer, 100_000)
     limit = max_prompt_length or max_length // 2
+    kept = 0
     for i, rec in enumerate(uf_records):
-        got, whole = enc.encode(normalize(rec, "standard"), "standard", i), full.encode(normalize(rec, "standard"), "standard", i)
+        whole = full.encode(normalize(rec, "standard"), "standard", i)
+        try:
+            got = enc.encode(normalize(rec, "standard"), "standard", i)
+        except BadRecord as bad:  # dropped only when the cut makes the responses equal
+            assert bad.reason == "identical_after_truncation"
+            room = max_length - min(len(whole.prompt), limit)
+            assert whole.chosen[:room] == whole.rejected[:room]
+            continue
+        kept += 1
         assert len(got.prompt) <= limit and len(got) <= max_length
         assert got.prompt == whole.prompt[-limit:]  # the prompt keeps its end
         assert got.chosen == whole.chosen[: max_length - len(got.prompt)]  # responses keep their start
+    assert kept >= len(uf_records) // 2
 
 
 def test_prompt_limit_must_leave_room():
     with pytest.raises(ValueError, match="must be below max_length"):
         Encoder(None, max_length=64, max_prompt_length=64)
+
+
+def test_responses_equal_after_truncation_are_dropped(tokenizer):
+    enc = Encoder(tokenizer, max_length=24, max_prompt_length=8)
+    shared = " one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen" * 3
+    with pytest.raises(BadRecord, match="identical_after_truncation"):
+        enc.encode(Pair("Count:", shared + " yes", shared + " no"), "hh")
+    assert enc.encode(Pair("Count:", " yes" + shared, " no" + shared), "hh").chosen != []
