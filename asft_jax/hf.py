@@ -129,7 +129,9 @@ def load_params(
             else:
                 out = value.astype(dtype)
             used.add(name)
-        params[path] = place(path, out)
+        # wait for the transfer: under asynchronous dispatch the host buffers of several
+        # parameters could otherwise be alive at once
+        params[path] = jax.block_until_ready(place(path, out))
         del out
     if config.tie_word_embeddings:
         used.add(HF_NAMES["lm_head/kernel"])  # some tied checkpoints store the copy anyway

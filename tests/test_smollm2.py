@@ -160,13 +160,17 @@ print(sum(x.nbytes for x in jax.tree.leaves(params)), peak[0] - base)
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
 def test_loading_never_holds_two_copies(exported, smollm2_gguf, kind):
-    """Peak host memory while loading stays well under two copies of the float32 model."""
+    """Peak host memory while loading stays under two copies of the float32 model.
+
+    Measured alone: 1.24x (one model plus the leaf being converted). Once, with a second test
+    suite running beside it, 1.6x; two copies would be 2x or more.
+    """
     source = exported if kind == "hf" else smollm2_gguf
     done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, source], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     model_bytes, peak_growth = map(int, done.stdout.split())
     assert model_bytes > 500 * 2**20
-    assert peak_growth < 1.6 * model_bytes, (model_bytes, peak_growth)
+    assert peak_growth < 1.85 * model_bytes, (model_bytes, peak_growth)
 
 
 def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, shared_data):
