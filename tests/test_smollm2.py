@@ -189,6 +189,8 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
     pairs = []
     with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
         for index, rec in enumerate(map(json.loads, f)):
+            if rec["chosen"] == rec["rejected"]:
+                continue
             pair = encoder.encode(Pair(rec["prompt"], rec["chosen"], rec["rejected"]), "standard", index)
             if len(pair) <= 160:
                 pairs.append(pair)

@@ -91,7 +91,7 @@ class PairBatches:
             ds = ds.shuffle(seed=cfg.seed)
         ds = ds.repeat(cfg.num_epochs)
         ds = ds[process_index::process_count]
-        ds = ds.map(lambda i: encode_record(self.source, self.format, self.encoder, int(i) % len(self.source)))
+        ds = ds.map(lambda i: encode_record(self.source, self.format, self.encoder, int(i)))
         read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
         self._items = iter(ds.to_iter_dataset(read))
 
@@ -110,7 +110,11 @@ class PairBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         pairs: list[TokenizedPair] = []
         while len(pairs) < self.local_batch:
-            item = next(self._items)  # StopIteration ends the data; a partial batch is dropped
+            try:
+                item = next(self._items)
+            except StopIteration:  # the end of the data; a partial batch is dropped
+                log.info("%s", self.summary())
+                raise
             if isinstance(item, BadRecord):
                 self._skip(item, item.index)
             else:

@@ -39,12 +39,17 @@ class Encoder:
     def prompt_limit(self) -> int:
         return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
 
+    def _template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        try:
+            return _ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+        except Exception:  # noqa: BLE001 (templates raise their own errors, e.g. on role order)
+            raise BadRecord("chat_template_error") from None
+
     def _templated(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
-        tok = self.tokenizer
-        prompt_ids = _ids(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        prompt_ids = self._template(prompt, add_generation_prompt=True)
         outs = []
         for response in responses:
-            full = _ids(tok.apply_chat_template(prompt + response, tokenize=True))
+            full = self._template(prompt + response)
             if full[: len(prompt_ids)] != prompt_ids:
                 raise BadRecord("template_prefix_mismatch")
             outs.append(full[len(prompt_ids) :])

@@ -98,3 +98,14 @@ def test_responses_equal_after_truncation_are_dropped(tokenizer):
     with pytest.raises(BadRecord, match="identical_after_truncation"):
         enc.encode(Pair("Count:", shared + " yes", shared + " no"), "hh")
     assert enc.encode(Pair("Count:", " yes" + shared, " no" + shared), "hh").chosen != []
+
+
+def test_template_errors_become_bad_records():
+    class Strict:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise ValueError("roles must alternate")
+
+    with pytest.raises(BadRecord, match="chat_template_error"):
+        Encoder(Strict(), max_length=64).encode(Pair([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], [{"role": "assistant", "content": "c"}]), "conversational")
