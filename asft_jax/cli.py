@@ -59,7 +59,8 @@ def _data_tokenize(args: argparse.Namespace) -> None:
 
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
-    encoder = Encoder(resolve(args.model).tokenizer(), args.max_length, args.max_prompt_length)
+    src = resolve(args.model)
+    encoder = Encoder(src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size)
     skipped: collections.Counter = collections.Counter()
     n = 0
     with open(args.output, "w") as out:
@@ -85,9 +86,10 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
-    tokenizer = resolve(args.model).tokenizer()
-    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length)
-    untruncated = Encoder(tokenizer, 1 << 30)
+    src = resolve(args.model)
+    tokenizer = src.tokenizer()
+    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length, src.config.vocab_size)
+    untruncated = Encoder(tokenizer, 1 << 30, vocab_size=src.config.vocab_size)
     skipped: collections.Counter = collections.Counter()
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "pair (prompt + longer response)": []}
     truncated, example = 0, None

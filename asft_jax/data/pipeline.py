@@ -68,7 +68,14 @@ def encode_record(source: RecordSource, fmt: str, encoder: Encoder, i: int) -> T
 class PairBatches:
     """Iterator of host-local batches (see ``asft_jax.data.batching.pack_rows`` for the arrays)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Any,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        vocab_size: int | None = None,
+    ):
         if process_index is None or process_count is None:
             import jax
 
@@ -80,7 +87,7 @@ class PairBatches:
         self.format = cfg.format or detect_source_format(self.source)
         if self.format not in FORMATS:
             raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
-        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size)
         self.local_batch = cfg.batch_size // process_count
         self.buckets = bucket_lengths(cfg.max_length)
         self.skipped: collections.Counter = collections.Counter()

@@ -30,6 +30,7 @@ class Encoder:
     tokenizer: Any
     max_length: int
     max_prompt_length: int | None = None  # default: half of max_length
+    vocab_size: int | None = None  # ids at or above it are rejected (the model would clamp them silently)
 
     def __post_init__(self) -> None:
         if self.prompt_limit >= self.max_length:
@@ -73,6 +74,8 @@ class Encoder:
             prompt, (chosen, rejected) = self._raw(pair.prompt, [pair.chosen, pair.rejected])
         if not chosen or not rejected:
             raise BadRecord("empty_response")
+        if self.vocab_size is not None and max(prompt + chosen + rejected) >= self.vocab_size:
+            raise BadRecord("token_id_out_of_range")
         prompt = prompt[-self.prompt_limit :]
         room = self.max_length - len(prompt)
         chosen, rejected = chosen[:room], rejected[:room]

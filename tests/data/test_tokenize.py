@@ -109,3 +109,10 @@ def test_template_errors_become_bad_records():
 
     with pytest.raises(BadRecord, match="chat_template_error"):
         Encoder(Strict(), max_length=64).encode(Pair([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], [{"role": "assistant", "content": "c"}]), "conversational")
+
+
+def test_out_of_vocabulary_ids_are_bad_records():
+    enc = Encoder(None, max_length=64, vocab_size=100)
+    assert enc.encode(Pair([1, 2], [3], [99]), "pretokenized").rejected == [99]
+    with pytest.raises(BadRecord, match="token_id_out_of_range"):
+        enc.encode(Pair([1, 2], [3], [100]), "pretokenized")
