@@ -13,6 +13,15 @@ import time
 from asft_jax.errors import AsftError
 
 
+def _train(args: argparse.Namespace) -> None:
+    from asft_jax.config import load_config
+    from asft_jax.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    last = train(cfg)
+    print(json.dumps({"output_dir": cfg.output_dir, **last}))
+
+
 def _export(args: argparse.Namespace) -> None:
     from asft_jax.export import export_model
 
@@ -134,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "HF model folder, Hub id or .gguf file"
+
+    p = sub.add_parser("train", help="train with a YAML config; resumes from the run directory's latest checkpoint")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-6 objective.lam=0.5 mesh.fsdp=2")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("export", help="write a transformers-loadable HF folder")
     p.add_argument("--model", required=True, help=model_help)

@@ -1,0 +1,194 @@
+"""Training configuration: typed dataclasses, loaded from YAML with ``key=value`` overrides.
+
+Top-level keys follow TRL's names (``output_dir``, ``max_steps``, ``save_steps``, ``logging_steps``,
+``eval_steps``, ``seed``, ``learning_rate``); sections group the rest. Overrides use dotted paths
+(``objective.lam=0.5``, ``mesh.fsdp=2``) and YAML values. Everything is validated before anything
+is compiled, each problem reported in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from asft_jax.errors import AsftError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    source: str | None = None  # HF folder, Hub id or .gguf; None: random init from `init`
+    init: dict[str, Any] | None = None  # LlamaConfig fields for a randomly initialised model
+    tokenizer: str | None = None  # with `init`: a model source whose tokenizer reads text data
+    dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+
+@dataclasses.dataclass
+class DataConfigSection:
+    path: str = ""  # file or Hub dataset id
+    split: str = "train"
+    format: str | None = None
+    eval_path: str | None = None
+    eval_split: str = "test"
+    eval_pairs: int = 64  # pairs of the eval split scored at each evaluation
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    num_epochs: int | None = None  # None: repeat until max_steps
+    shuffle: bool = True
+    num_threads: int = 2
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    name: str = "asft"
+    lam: float | None = None  # each None: the objective's default
+    beta: float | None = None
+    gamma: float | None = None
+
+    def hparams(self) -> dict[str, float]:
+        return {k: v for k, v in (("lam", self.lam), ("beta", self.beta), ("gamma", self.gamma)) if v is not None}
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"  # or "cosine"
+    max_grad_norm: float = 2.0
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: the devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/asft"
+    max_steps: int = 100
+    save_steps: int = 50
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0: no evaluation during training
+    seed: int = 0
+    learning_rate: float = 1e-6
+    batch_size: int = 8  # preference pairs per optimizer step, over all hosts
+    micro_batches: int = 1  # gradient accumulation steps per optimizer step
+    max_to_keep: int = 3
+    export_dir: str | None = None  # write an HF folder at the end
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfigSection = dataclasses.field(default_factory=DataConfigSection)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Checks ``value`` against a field's annotation (resolving ``X | None``)."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise AsftError(f"config: {where} may not be null")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, dict) and isinstance(value, base):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise AsftError(f"config: {where} = {value!r} should be {names}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise AsftError(f"config: {prefix.rstrip('.') or 'the file'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise AsftError(f"config: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise AsftError(f"config: override {dotted!r}: {p!r} is not a section")
+    tree[leaf] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (or nothing) plus ``key=value`` overrides -> validated ``TrainConfig``."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise AsftError(f"{path}: config file not found")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise AsftError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AsftError(f"override {item!r}: expected key=value")
+        _set(raw, key.strip(), yaml.safe_load(value))
+    cfg = _build(TrainConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Problems that would otherwise surface deep inside a compile or a long run."""
+    from asft_jax.losses import LOSSES
+    from asft_jax.model.llama import REMAT_POLICIES
+
+    if cfg.objective.name not in LOSSES:
+        raise AsftError(f"config: objective.name {cfg.objective.name!r} is not one of {', '.join(LOSSES)}")
+    if (cfg.model.source is None) == (cfg.model.init is None):
+        raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
+    if cfg.model.remat_policy not in REMAT_POLICIES:
+        raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+    for name in ("dtype", "param_dtype"):
+        if getattr(cfg.model, name) not in ("float32", "bfloat16", "float16"):
+            raise AsftError(f"config: model.{name} {getattr(cfg.model, name)!r} is not float32, bfloat16 or float16")
+    if not cfg.data.path:
+        raise AsftError("config: data.path is required")
+    if cfg.optimizer.schedule not in ("linear", "cosine"):
+        raise AsftError(f"config: optimizer.schedule {cfg.optimizer.schedule!r} is not linear or cosine")
+    for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps"):
+        if getattr(cfg, name) < 1:
+            raise AsftError(f"config: {name} must be at least 1")
+    if cfg.batch_size % cfg.micro_batches:
+        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,85 @@
+"""The device mesh and the one table that maps logical axes to mesh axes.
+
+Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and optimizer
+state sharded), ``tensor`` (heads, MLP and vocabulary split across devices). Batches are split over
+``data`` and ``fsdp``. A parameter dimension that a mesh axis does not divide is replicated instead
+(e.g. SmolLM2's 3 kv heads on 2 tensor shards).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from asft_jax.errors import AsftError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# logical axis -> mesh axis (or None: replicated). The only place where sharding is decided.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH),
+    ("length", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, devices: int) -> tuple[int, int, int]:
+    """Resolves one ``-1`` axis to the devices left over; checks the product."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise AsftError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if devices % known:
+        raise AsftError(f"mesh {dict(zip(AXES, sizes))} does not fit {devices} devices")
+    sizes = [devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != devices:
+        raise AsftError(f"mesh {dict(zip(AXES, sizes))} uses {math.prod(sizes)} devices, {devices} are present")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes that do not divide their dimension."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def logical_shardings(logical_specs, shapes, mesh: Mesh):
+    """Tree of logical ``PartitionSpec`` + tree of shapes -> tree of ``NamedSharding``."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        mesh_specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (pair) axis split over ``data`` and ``fsdp``."""
+    return NamedSharding(mesh, PartitionSpec(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,278 @@
+"""``asft train``: the training loop, from a config to checkpoints, metrics and an exported model.
+
+One jitted ``train_step`` (see ``train_step.py``) over a ``data x fsdp x tensor`` mesh; host-local
+batches from the grain pipeline become global arrays with ``make_array_from_process_local_data``;
+the run directory holds the resolved config, ``metrics.jsonl`` and Orbax checkpoints, and a restart
+resumes from the newest restorable checkpoint with the exact data position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from tqdm import tqdm
+
+from asft_jax.checkpoint import Checkpointer
+from asft_jax.config import TrainConfig, to_dict
+from asft_jax.data.pipeline import (
+    DataConfig,
+    PairBatches,
+    detect_source_format,
+    encode_record,
+)
+from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.tokenize import Encoder
+from asft_jax.errors import AsftError
+from asft_jax.losses import NEEDS_REFERENCE
+from asft_jax.model import Llama, LlamaConfig, init_params, param_logical_axes
+from asft_jax.sharding import (
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    replicated,
+)
+from asft_jax.train_step import (
+    TrainState,
+    make_optimizer,
+    make_train_step,
+    micro_loss,
+    pair_major,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, built once from the config."""
+
+    cfg: TrainConfig
+    mesh: jax.sharding.Mesh
+    model: Llama
+    tokenizer: Any
+    state: TrainState
+    state_shardings: Any
+    step_fn: Any
+    eval_fn: Any
+
+
+def _model(cfg: TrainConfig):
+    """(LlamaConfig, source or None, tokenizer or None)."""
+    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    if cfg.model.source is not None:
+        from asft_jax.sources import resolve
+
+        src = resolve(cfg.model.source)
+        return Llama(src.config, dtype, param_dtype, cfg.model.remat_policy), src, src.tokenizer()
+    try:
+        config = LlamaConfig(**cfg.model.init)
+    except TypeError as e:
+        raise AsftError(f"config: model.init: {e}") from None
+    tokenizer = None
+    if cfg.model.tokenizer:
+        from asft_jax.sources import resolve
+
+        tokenizer = resolve(cfg.model.tokenizer).tokenizer()
+    return Llama(config, dtype, param_dtype, cfg.model.remat_policy), None, tokenizer
+
+
+def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any) -> str:
+    """For DPO-family objectives: the train data with the starting model's log-probs, cached."""
+    from asft_jax.reference import attach_reference_logps, write_pairs
+
+    path = os.path.join(cfg.output_dir, "reference_logps.jsonl")
+    if os.path.isfile(path):
+        return path
+    source = RecordSource(cfg.data.path, cfg.data.split)
+    fmt = cfg.data.format or detect_source_format(source)
+    encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, model.config.vocab_size)
+    pairs = [p for i in range(len(source)) if not isinstance(p := encode_record(source, fmt, encoder, i), BadRecord)]
+    log.info("computing reference log-probs for %d pairs once (cached in %s)", len(pairs), path)
+    write_pairs(path + ".partial", attach_reference_logps(model, params, pairs, batch_size=8))
+    os.replace(path + ".partial", path)
+    return path
+
+
+def _global_batch(rows: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    local = pair_major(rows)
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in local.items()}
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
+    if cfg.batch_size % split:
+        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
+    model, src, tokenizer = _model(cfg)
+    abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    param_shardings = logical_shardings(param_logical_axes(model), abstract_params, mesh)
+    tx, schedule = make_optimizer(
+        cfg.learning_rate, cfg.max_steps, **{f.name: getattr(cfg.optimizer, f.name) for f in dataclasses.fields(cfg.optimizer)}
+    )
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh))
+    state_shardings = TrainState(replicated(mesh), param_shardings, opt_shardings)
+
+    checkpointer = Checkpointer(cfg.output_dir, cfg.max_to_keep)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
+        state_shardings,
+    )
+    restored = checkpointer.restore_latest(abstract_state)
+    new_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=state_shardings)
+    if restored is not None:
+        step, state, data_state = restored
+        log.info("resuming from %s/%d", checkpointer.directory, step)
+    else:
+        data_state = None
+        if src is not None:
+            flat = {"/".join(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=lambda path, a: jax.device_put(a, flat[path]))
+        else:
+            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=param_shardings)()
+        state = new_state(params)
+
+    data_path, data_format = cfg.data.path, cfg.data.format
+    if cfg.objective.name in NEEDS_REFERENCE:
+        if restored is not None and not os.path.isfile(os.path.join(cfg.output_dir, "reference_logps.jsonl")):
+            raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its reference_logps.jsonl")
+        data_path, data_format = _reference_data(cfg, model, state.params, tokenizer), "pretokenized"
+    data_cfg = DataConfig(
+        data_path, cfg.data.split, data_format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
+        cfg.seed, cfg.data.shuffle, cfg.data.num_epochs, False, cfg.data.num_threads,
+    )
+    data = PairBatches(data_cfg, tokenizer, vocab_size=model.config.vocab_size)
+    if data_state is not None:
+        data.set_state(data_state)
+
+    hparams = cfg.objective.hparams()
+    batch_sh = batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(model, cfg.objective.name, hparams, tx, schedule, cfg.micro_batches),
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = None
+    if cfg.eval_steps and cfg.data.eval_path and cfg.objective.name not in NEEDS_REFERENCE:
+        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, b), in_shardings=(param_shardings, batch_sh))
+    return Run(cfg, mesh, model, tokenizer, state, state_shardings, step_fn, eval_fn), checkpointer, data
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split."""
+    cfg = run.cfg
+    eval_cfg = DataConfig(cfg.data.eval_path, cfg.data.eval_split, cfg.data.format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size, shuffle=False, num_epochs=1, num_threads=cfg.data.num_threads)
+    batches = PairBatches(eval_cfg, run.tokenizer, vocab_size=run.model.config.vocab_size)
+    totals: dict[str, float] = {}
+    pairs = 0
+    for rows in batches:
+        loss, metrics = run.eval_fn(run.state.params, _global_batch(rows, run.mesh))
+        for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k not in ("loss", "tokens")}}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        pairs += cfg.batch_size
+        if pairs >= cfg.data.eval_pairs:
+            break
+    return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Runs (or resumes) training to ``max_steps``; returns the last logged metrics.
+
+    ``on_step(step)`` is called after each optimizer step (tests use it to deliver a SIGTERM).
+    """
+    writer = jax.process_index() == 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if writer:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    run, checkpointer, data = setup(cfg)
+    start_step = int(run.state.step)
+    preemption = _Preemption()
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if writer else None  # noqa: SIM115
+    last: dict[str, float] = {}
+    last_saved = start_step if start_step else None
+    tokens_seen, clock = 0.0, time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer)
+    try:
+        for step in range(start_step, cfg.max_steps):
+            try:
+                rows = next(data)
+            except StopIteration:
+                log.info("data exhausted after %d steps", step)
+                break
+            run.state, metrics = run.step_fn(run.state, _global_batch(rows, run.mesh))
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise AsftError(f"step {done}: non-finite loss or metrics ({metrics['loss']}); last good checkpoint: {checkpointer.directory}/{last_saved}")
+                tokens_seen += metrics.pop("tokens")
+                metrics["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
+                if cfg.eval_steps and run.eval_fn is not None and done % cfg.eval_steps == 0:
+                    metrics.update(evaluate(run))
+                last = {"step": done, **metrics}
+                if metrics_file:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(done)
+            if done % cfg.save_steps == 0 or done == cfg.max_steps or preemption.requested:
+                checkpointer.save(done, run.state, data.get_state(), to_dict(cfg))
+                last_saved = done
+            if preemption.requested:
+                log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
+                break
+        checkpointer.wait()
+    finally:
+        bar.close()
+        preemption.restore()
+        if metrics_file:
+            metrics_file.close()
+        checkpointer.close()
+    if writer and cfg.export_dir and int(run.state.step) == cfg.max_steps:
+        _export(cfg, run)
+    return last
+
+
+def _export(cfg: TrainConfig, run: Run) -> None:
+    """The trained weights as an HF folder (with the source's tokenizer and generation config)."""
+    from asft_jax.export import export_model
+    from asft_jax.hf import export_params
+
+    params = jax.device_get(run.state.params)
+    if cfg.model.source is not None:
+        export_model(cfg.model.source, cfg.export_dir, params=params)
+    else:
+        export_params(params, run.model.config, cfg.export_dir)
+    log.info("exported the trained model to %s", cfg.export_dir)
