@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -44,6 +46,7 @@ class Checkpointer:
 
         ``abstract_state``: ``jax.ShapeDtypeStruct`` leaves carrying the target shardings.
         """
+        bad = []
         for step in reversed(self.steps()):
             try:
                 out = self.manager.restore(
@@ -52,11 +55,26 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
                 cause = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
                 log.warning("checkpoint %s/%d cannot be restored (%s); trying the one before", self.directory, step, cause)
+                bad.append(step)
                 continue
+            self._set_aside(bad)
             return step, out["state"], out["data"]
         if self.steps():
             raise AsftError(f"{self.directory}: no checkpoint could be restored (tried steps {self.steps()})")
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unrestorable steps to ``corrupt_checkpoints/`` (kept for inspection), so that the
+        resumed run can save those step numbers again."""
+        if not steps:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}-{int(time.time())}")
+            shutil.move(os.path.join(self.directory, str(step)), target)
+            log.warning("moved the unrestorable checkpoint %d to %s", step, target)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

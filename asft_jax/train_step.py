@@ -104,7 +104,7 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {k: v / pairs for k, v in metrics.items() if k != "tokens"}
-        out.update(loss=loss / pairs, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step), tokens=metrics["tokens"])
+        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), tokens=metrics["tokens"])
         return TrainState(state.step + 1, params, opt_state), out
 
     return train_step

@@ -1,0 +1,135 @@
+"""Training on 8 CPU devices: mesh shapes agree, accumulation is exact, SIGTERM + resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asft_jax.config import load_config
+from asft_jax.errors import AsftError
+from asft_jax.train import train
+
+TINY_INIT = "{vocab_size: 128, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    """Pre-tokenized random pairs (the tiny model's 128-token vocabulary)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(256):
+            rec = {k: rng.integers(1, 128, int(rng.integers(lo, hi))).tolist() for k, lo, hi in (("prompt_input_ids", 3, 20), ("chosen_input_ids", 2, 24), ("rejected_input_ids", 2, 24))}
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def config(out, pairs, *extra):
+    base = [f"output_dir={out}", f"data.path={pairs}", f"model.init={TINY_INIT}", "max_steps=6", "save_steps=100", "batch_size=8", "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0"]
+    return load_config(None, [*base, *extra])
+
+
+def curve(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
+def assert_curves_close(a, b, rtol):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-6), (x["step"], k)
+
+
+SINGLE_DEVICE = """
+import jax, sys
+jax.config.update("jax_num_cpu_devices", 1)
+from asft_jax.config import load_config
+from asft_jax.train import train
+train(load_config(None, sys.argv[1:]))
+"""
+
+
+def test_every_mesh_gives_the_single_device_loss_curve(pairs, tmp_path):
+    single = tmp_path / "single"
+    cfg = config(single, pairs, "mesh.data=1")
+    args = [f"{f}" for f in (f"output_dir={single}", f"data.path={pairs}", f"model.init={TINY_INIT}", "max_steps=6", "save_steps=100", "batch_size=8", "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0")]
+    done = subprocess.run([sys.executable, "-c", SINGLE_DEVICE, *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = curve(single)
+    assert cfg.max_steps == len(reference)
+    losses = [r["loss"] for r in reference]
+    assert losses[-1] < losses[0]  # it learns
+    for shape in ((8, 1, 1), (2, 2, 2), (1, 4, 2)):
+        out = tmp_path / "x".join(map(str, shape))
+        train(config(out, pairs, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"))
+        assert_curves_close(curve(out), reference, rtol=2e-4)
+
+
+def test_four_micro_batches_equal_one_big_batch(pairs, tmp_path):
+    train(config(tmp_path / "big", pairs, "mesh.tensor=4"))
+    train(config(tmp_path / "micro", pairs, "mesh.tensor=4", "micro_batches=4"))
+    assert_curves_close(curve(tmp_path / "micro"), curve(tmp_path / "big"), rtol=1e-4)
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, tmp_path):
+    train(config(tmp_path / "whole", pairs, "mesh.fsdp=2", "mesh.tensor=2"))
+
+    def preempt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = tmp_path / "stopped"
+    train(config(stopped, pairs, "mesh.fsdp=2", "mesh.tensor=2"), on_step=preempt)
+    assert [r["step"] for r in curve(stopped)] == [1, 2, 3]
+    assert sorted(os.listdir(stopped / "checkpoints")) == ["3"]
+    train(config(stopped, pairs, "mesh.fsdp=2", "mesh.tensor=2"))
+    assert curve(stopped) == curve(tmp_path / "whole")  # bitwise: same batches, same arithmetic
+
+
+def test_resume_onto_another_mesh(pairs, tmp_path):
+    train(config(tmp_path / "whole", pairs, "mesh.fsdp=2", "mesh.tensor=2"))
+    moved = tmp_path / "moved"
+    train(config(moved, pairs, "mesh.fsdp=2", "mesh.tensor=2", "max_steps=6"), on_step=lambda s: s == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    train(config(moved, pairs, "mesh.data=8"))
+    assert_curves_close(curve(moved), curve(tmp_path / "whole"), rtol=2e-4)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(pairs, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(config(out, pairs, "save_steps=2", "max_steps=4"))
+    latest = out / "checkpoints" / "4" / "state"
+    for root, _, files in os.walk(latest):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with caplog.at_level("WARNING"):
+        train(config(out, pairs, "save_steps=2", "max_steps=6"))
+    assert "checkpoint" in caplog.text and "/4 cannot be restored" in caplog.text
+    steps = [r["step"] for r in curve(out)]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
+
+
+def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
+    with pytest.raises(AsftError, match=r"batch_size 6 is not divisible by data x fsdp x micro_batches = 8"):
+        train(config(tmp_path / "a", pairs, "batch_size=6"))
+    with pytest.raises(AsftError, match=r"does not fit 8 devices"):
+        train(config(tmp_path / "b", pairs, "mesh.data=3"))
+    with pytest.raises(AsftError, match=r"objective.name 'dop' is not one of"):
+        config(tmp_path / "c", pairs, "objective.name=dop")
+    with pytest.raises(AsftError, match=r"unknown key 'optimizer.lr'"):
+        config(tmp_path / "d", pairs, "optimizer.lr=1")
+    with pytest.raises(AsftError, match=r"batch_size = 'x' should be int"):
+        config(tmp_path / "e", pairs, "batch_size=x")
+
+
+def test_non_finite_loss_stops_the_run_naming_the_checkpoint(pairs, tmp_path):
+    with pytest.raises(AsftError, match=r"step \d+: non-finite loss .*last good checkpoint: .*checkpoints/"):
+        train(config(tmp_path / "nan", pairs, "learning_rate=1e30", "optimizer.max_grad_norm=1e30", "max_steps=20", "save_steps=1"))
