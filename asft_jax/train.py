@@ -111,6 +111,55 @@ def _global_batch(rows: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in local.items()}
 
 
+def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
+    """``data.fallback`` replaces ``data.path`` (and the eval path, with the eval split) when the
+    local file is missing, e.g. a Hub id for users without the shared files."""
+    d = cfg.data
+    if d.fallback is None or os.path.exists(d.path):
+        return cfg
+    log.warning("%s not found; using %s", d.path, d.fallback)
+    eval_path = d.fallback if d.eval_path and not os.path.exists(d.eval_path) else d.eval_path
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, path=d.fallback, eval_path=eval_path))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` plus TensorBoard events (and W&B when configured); process 0 only."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.enabled = enabled
+        self.file = self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise AsftError("config: wandb_project is set but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.output_dir, config=to_dict(cfg), resume="allow")
+
+    def write(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
@@ -210,6 +259,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     ``on_step(step)`` is called after each optimizer step (tests use it to deliver a SIGTERM).
     """
     writer = jax.process_index() == 0
+    cfg = resolve_data_paths(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if writer:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -217,10 +267,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     run, checkpointer, data = setup(cfg)
     start_step = int(run.state.step)
     preemption = _Preemption()
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if writer else None  # noqa: SIM115
+    metrics_log = MetricsLog(cfg, writer)
     last: dict[str, float] = {}
     last_saved = start_step if start_step else None
     tokens_seen, clock = 0.0, time.perf_counter()
+    if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
+        metrics_log.write(last := {"step": 0, **evaluate(run)})
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer)
     try:
         for step in range(start_step, cfg.max_steps):
@@ -240,9 +292,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 if cfg.eval_steps and run.eval_fn is not None and done % cfg.eval_steps == 0:
                     metrics.update(evaluate(run))
                 last = {"step": done, **metrics}
-                if metrics_file:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
+                metrics_log.write(last)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
             bar.update(1)
             if on_step is not None:
@@ -257,8 +307,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     finally:
         bar.close()
         preemption.restore()
-        if metrics_file:
-            metrics_file.close()
+        metrics_log.close()
         checkpointer.close()
     if writer and cfg.export_dir and int(run.state.step) == cfg.max_steps:
         _export(cfg, run)
