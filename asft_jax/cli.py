@@ -19,6 +19,17 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     last = train(cfg)
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/loss" in r]
+    for r in evals:
+        print(
+            f"step {r['step']:>5}  eval: loss {r['eval/loss']:.4f}  logps/chosen {r['eval/logps/chosen']:+.4f}  "
+            f"logps/rejected {r['eval/logps/rejected']:+.4f}  rewards/accuracies {r['eval/rewards/accuracies']:.3f}",
+            file=sys.stderr,
+        )
+    print(f"run directory: {cfg.output_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)", file=sys.stderr)
+    if cfg.export_dir:
+        print(f"exported model (transformers.from_pretrained): {cfg.export_dir}", file=sys.stderr)
     print(json.dumps({"output_dir": cfg.output_dir, **last}))
 
 

@@ -133,3 +133,29 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
 def test_non_finite_loss_stops_the_run_naming_the_checkpoint(pairs, tmp_path):
     with pytest.raises(AsftError, match=r"step \d+: non-finite loss .*last good checkpoint: .*checkpoints/"):
         train(config(tmp_path / "nan", pairs, "learning_rate=1e30", "optimizer.max_grad_norm=1e30", "max_steps=20", "save_steps=1"))
+
+
+def test_dpo_computes_reference_log_probs_once_and_starts_at_log_2(pairs, tmp_path):
+    out = tmp_path / "dpo"
+    train(config(out, pairs, "objective.name=dpo", "objective.beta=0.1", "max_steps=2"))
+    reference = out / "reference_logps.jsonl"
+    with open(reference) as f:
+        first = json.loads(f.readline())
+    assert first["ref_chosen_logps"] < 0 and first["ref_rejected_logps"] < 0
+    rows = curve(out)
+    assert rows[0]["loss"] == pytest.approx(np.log(2), rel=1e-5)  # the policy is the reference at step 1
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    stamp = os.path.getmtime(reference)
+    train(config(out, pairs, "objective.name=dpo", "objective.beta=0.1", "max_steps=3"))
+    assert os.path.getmtime(reference) == stamp and [r["step"] for r in curve(out)] == [1, 2, 3]
+
+
+def test_evaluation_during_training(pairs, tmp_path):
+    out = tmp_path / "eval"
+    train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
+    rows = curve(out)
+    assert rows[0]["step"] == 0 and "eval/loss" in rows[0] and "loss" not in rows[0]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert {"eval/logps/chosen", "eval/rewards/accuracies", "eval/rewards/margins"} <= set(evals[-1])
+    assert os.listdir(out / "tensorboard")
