@@ -26,6 +26,8 @@ class Pair:
     prompt: Any
     chosen: Any
     rejected: Any
+    ref_chosen: float | None = None  # reference log-prob sums (pre-tokenized records only)
+    ref_rejected: float | None = None
 
 
 def detect_format(rec: dict) -> str | None:
@@ -91,7 +93,10 @@ def normalize(rec: dict, fmt: str) -> Pair:
             if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
                 raise BadRecord(f"non_integer_{k}")
             ids.append(v)
-        pair, empty = Pair(*ids), not ids[0]
+        refs = [rec.get(k) for k in ("ref_chosen_logps", "ref_rejected_logps")]
+        if any(r is not None for r in refs) and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r <= 0 for r in refs):
+            raise BadRecord("bad_reference_logps")
+        pair, empty = Pair(*ids, *(None if r is None else float(r) for r in refs)), not ids[0]
     else:
         raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
     if empty:

@@ -76,9 +76,11 @@ class Encoder:
             raise BadRecord("empty_response")
         if self.vocab_size is not None and max(prompt + chosen + rejected) >= self.vocab_size:
             raise BadRecord("token_id_out_of_range")
-        prompt = prompt[-self.prompt_limit :]
-        room = self.max_length - len(prompt)
-        chosen, rejected = chosen[:room], rejected[:room]
+        cut_prompt = prompt[-self.prompt_limit :]
+        room = self.max_length - len(cut_prompt)
+        if pair.ref_chosen is not None and (len(cut_prompt) < len(prompt) or max(len(chosen), len(rejected)) > room):
+            raise BadRecord("truncation_would_invalidate_reference_logps")
+        prompt, chosen, rejected = cut_prompt, chosen[:room], rejected[:room]
         if chosen == rejected:  # the responses differ only past the length limit: no signal left
             raise BadRecord("identical_after_truncation")
-        return TokenizedPair(index, prompt, chosen, rejected)
+        return TokenizedPair(index, prompt, chosen, rejected, pair.ref_chosen, pair.ref_rejected)
