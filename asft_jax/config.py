@@ -24,7 +24,7 @@ class ModelConfig:
     source: str | None = None  # HF folder, Hub id or .gguf; None: random init from `init`
     init: dict[str, Any] | None = None  # LlamaConfig fields for a randomly initialised model
     tokenizer: str | None = None  # with `init`: a model source whose tokenizer reads text data
-    dtype: str = "float32"  # compute dtype (bfloat16 on GPU/TPU)
+    dtype: str = "auto"  # compute dtype; auto: float32 on CPU (bf16 matmuls are slow there), else bfloat16
     param_dtype: str = "float32"
     remat_policy: str = "none"
 
@@ -178,9 +178,10 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
     if cfg.model.remat_policy not in REMAT_POLICIES:
         raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
-    for name in ("dtype", "param_dtype"):
-        if getattr(cfg.model, name) not in ("float32", "bfloat16", "float16"):
-            raise AsftError(f"config: model.{name} {getattr(cfg.model, name)!r} is not float32, bfloat16 or float16")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise AsftError(f"config: model.dtype {cfg.model.dtype!r} is not auto, float32, bfloat16 or float16")
+    if cfg.model.param_dtype not in ("float32", "bfloat16", "float16"):
+        raise AsftError(f"config: model.param_dtype {cfg.model.param_dtype!r} is not float32, bfloat16 or float16")
     if not cfg.data.path:
         raise AsftError("config: data.path is required")
     if cfg.optimizer.schedule not in ("linear", "cosine"):

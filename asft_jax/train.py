@@ -71,7 +71,10 @@ class Run:
 
 def _model(cfg: TrainConfig):
     """(LlamaConfig, source or None, tokenizer or None)."""
-    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(cfg.model.param_dtype)
     if cfg.model.source is not None:
         from asft_jax.sources import resolve
 

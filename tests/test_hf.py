@@ -41,7 +41,7 @@ def load_tensors(folder: str) -> dict[str, np.ndarray]:
 
 
 def reload(folder: str):
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
     assert not any(info.values()), info  # no missing / unexpected / mismatched weights
     return model.eval()
 
