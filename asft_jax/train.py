@@ -234,7 +234,7 @@ def evaluate(run: Run) -> dict[str, float]:
     pairs = 0
     for rows in batches:
         loss, metrics = run.eval_fn(run.state.params, _global_batch(rows, run.mesh))
-        for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k not in ("loss", "tokens")}}.items():
+        for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         pairs += cfg.batch_size
         if pairs >= cfg.data.eval_pairs:
@@ -285,12 +285,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 log.info("data exhausted after %d steps", step)
                 break
             run.state, metrics = run.step_fn(run.state, _global_batch(rows, run.mesh))
+            tokens_seen += float(rows["segment_ids"].sum()) * jax.process_count()  # hosts hold equal shares
             done = step + 1
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise AsftError(f"step {done}: non-finite loss or metrics ({metrics['loss']}); last good checkpoint: {checkpointer.directory}/{last_saved}")
-                tokens_seen += metrics.pop("tokens")
                 metrics["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
                 if cfg.eval_steps and run.eval_fn is not None and done % cfg.eval_steps == 0:
                     metrics.update(evaluate(run))

@@ -68,7 +68,7 @@ def pair_major(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
-    """Sum over the micro-batch's pairs of the per-pair loss, and summed metrics."""
+    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs."""
     pairs, _, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(2 * pairs, length) for k in ("tokens", "segment_ids", "response_mask")}
     sums, counts = sequence_logps(model, params, flat["tokens"], flat["segment_ids"], flat["response_mask"])
@@ -78,9 +78,7 @@ def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dic
     if objective in NEEDS_REFERENCE:
         refs = {"ref_chosen": SequenceLogps(mb["ref_chosen_logps"], counts[:, 0]), "ref_rejected": SequenceLogps(mb["ref_rejected_logps"], counts[:, 1])}
     loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
-    summed = {k: v * pairs for k, v in metrics.items()}
-    summed["tokens"] = flat["segment_ids"].sum().astype(jnp.float32)
-    return loss.sum(), summed
+    return loss.sum(), {k: v * pairs for k, v in metrics.items()}
 
 
 def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable, micro_batches: int):
@@ -103,8 +101,8 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         grads = jax.tree.map(lambda g: g / pairs, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {k: v / pairs for k, v in metrics.items() if k != "tokens"}
-        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), tokens=metrics["tokens"])
+        out = {k: v / pairs for k, v in metrics.items()}
+        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         return TrainState(state.step + 1, params, opt_state), out
 
     return train_step
