@@ -1,4 +1,4 @@
-"""The ``asft`` command line: ``asft export | eval | data tokenize | data reference | fetch-demo``."""
+"""The ``asft`` command line: ``train | export | eval | data {tokenize,inspect,reference} | fetch-demo``."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _fetch_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "HF model folder, Hub id or .gguf file"
+    model_help = "HF model folder, Hub id, .gguf file, or demo:smollm2"
 
     p = sub.add_parser("train", help="train with a YAML config; resumes from the run directory's latest checkpoint")
     p.add_argument("config", help="YAML config file")
