@@ -44,6 +44,7 @@ from asft_jax.sharding import (
     make_mesh,
     replicated,
 )
+from asft_jax.sources import resolve
 from asft_jax.train_step import (
     TrainState,
     make_optimizer,
@@ -64,31 +65,24 @@ class Run:
     model: Llama
     tokenizer: Any
     state: TrainState
-    state_shardings: Any
     step_fn: Any
     eval_fn: Any
 
 
 def _model(cfg: TrainConfig):
-    """(LlamaConfig, source or None, tokenizer or None)."""
+    """(model, its source or None for random init, tokenizer or None)."""
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(cfg.model.param_dtype)
     if cfg.model.source is not None:
-        from asft_jax.sources import resolve
-
         src = resolve(cfg.model.source)
         return Llama(src.config, dtype, param_dtype, cfg.model.remat_policy), src, src.tokenizer()
     try:
         config = LlamaConfig(**cfg.model.init)
     except TypeError as e:
         raise AsftError(f"config: model.init: {e}") from None
-    tokenizer = None
-    if cfg.model.tokenizer:
-        from asft_jax.sources import resolve
-
-        tokenizer = resolve(cfg.model.tokenizer).tokenizer()
+    tokenizer = resolve(cfg.model.tokenizer).tokenizer() if cfg.model.tokenizer else None
     return Llama(config, dtype, param_dtype, cfg.model.remat_policy), None, tokenizer
 
 
@@ -222,7 +216,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     eval_fn = None
     if cfg.eval_steps and cfg.data.eval_path and cfg.objective.name not in NEEDS_REFERENCE:
         eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, b), in_shardings=(param_shardings, batch_sh))
-    return Run(cfg, mesh, model, tokenizer, state, state_shardings, step_fn, eval_fn), checkpointer, data
+    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn), checkpointer, data
 
 
 def evaluate(run: Run) -> dict[str, float]:
