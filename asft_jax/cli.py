@@ -45,14 +45,19 @@ def _model_and_pairs(args: argparse.Namespace, dtype: str = "float32"):
     """The model, its parameters, the valid pairs of ``args.data`` and the skipped-record counts."""
     import jax.numpy as jnp
 
-    from asft_jax.data.pretokenized import read_pairs
+    from asft_jax.data.pipeline import detect_source_format
+    from asft_jax.data.records import RecordSource
+    from asft_jax.evaluate import read_eval_pairs
     from asft_jax.model import Llama
     from asft_jax.sources import resolve
 
     src = resolve(args.model)
+    source = RecordSource(args.data)
+    fmt = args.format or detect_source_format(source)
+    tokenizer = None if fmt == "pretokenized" else src.tokenizer()
     max_length = args.max_length or src.config.max_position_embeddings
     skipped: collections.Counter = collections.Counter()
-    pairs = list(read_pairs(args.data, src.config.vocab_size, max_length, args.strict, skipped))
+    pairs = read_eval_pairs(source, tokenizer, src.config.vocab_size, max_length, fmt, args.strict, skipped)
     start = time.perf_counter()
     params = src.load_params()
     print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -168,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def pair_args(p: argparse.ArgumentParser, output_help: str, output_required: bool) -> None:
         p.add_argument("--model", required=True, help=model_help)
-        p.add_argument("--data", required=True, help="pre-tokenized pairs (.jsonl or .jsonl.gz)")
+        p.add_argument("--data", required=True, help="preference pairs: a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
+        p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
         p.add_argument("--output", required=output_required, help=output_help)
         p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
         p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")

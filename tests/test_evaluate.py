@@ -57,7 +57,7 @@ def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, 
         "unparsable_json": 1,
         "empty_response": 1,
         "missing_rejected_input_ids": 1,
-        "token_id_out_of_range_chosen_input_ids": 1,
+        "token_id_out_of_range": 1,
         "non_integer_chosen_input_ids": 1,
     }
     rows = [json.loads(line) for line in out.read_text().splitlines()]

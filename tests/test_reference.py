@@ -13,7 +13,8 @@ from test_evaluate import torch_response_logps, write_jsonl
 
 from asft_jax.cli import main
 from asft_jax.data.batching import pack_rows
-from asft_jax.data.pretokenized import read_pairs
+from asft_jax.data.records import RecordSource
+from asft_jax.evaluate import read_eval_pairs
 from asft_jax.logprobs import sequence_logps
 from asft_jax.losses import SequenceLogps, preference_loss
 from asft_jax.model import Llama
@@ -46,7 +47,7 @@ def test_dpo_starts_at_log_2_with_reference_equal_to_policy(hf_llama, pairs_file
     data, _ = pairs_file
     out = str(tmp_path / "with_ref.jsonl")
     assert main(["data", "reference", "--model", folder, "--data", data, "--output", out]) == 0
-    pairs = list(read_pairs(out, 128, 1024))
+    pairs = read_eval_pairs(RecordSource(out), None, 128, 1024)
     src = resolve(folder)
     model, params = Llama(src.config), src.load_params()
     rows = {k: jnp.asarray(v) for k, v in pack_rows(pairs, len(pairs), max(map(len, pairs))).items()}
@@ -67,6 +68,6 @@ def test_bad_reference_values_are_skipped(tmp_path):
     pair = {"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}
     data = write_jsonl(tmp_path / "p.jsonl", [{**pair, "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.0}, {**pair, "ref_chosen_logps": "x", "ref_rejected_logps": -1.0}, {**pair, "ref_chosen_logps": -1.0}])
     skipped: collections.Counter = collections.Counter()
-    pairs = list(read_pairs(data, 10, 100, skipped=skipped))
+    pairs = read_eval_pairs(RecordSource(data), None, 10, 100, skipped=skipped)
     assert [(p.ref_chosen, p.ref_rejected) for p in pairs] == [(-1.5, -2.0)]
     assert skipped == {"bad_reference_logps": 2}

@@ -113,6 +113,18 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
             expected = torch_response_logps(reference, rec["prompt_input_ids"], rec[f"{side}_input_ids"])
             assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3, (row["index"], side)
 
+    # the same pairs scored straight from the text file (format detected, chat template applied)
+    standard = os.path.join(shared_data, "ultrafeedback", "eval.jsonl")
+    text_scores = tmp_path / "text_scores.jsonl"
+    code, text_summary, _ = run_eval(capsys, "--model", smollm2_gguf, "--data", standard, "--output", str(text_scores), "--max-length", "192", "--batch-size", "4")
+    from_ids = [json.loads(line) for line in scores.read_text().splitlines()]
+    from_text = [json.loads(line) for line in text_scores.read_text().splitlines() if json.loads(line)["index"] < 100]
+    assert code == 0 and len(from_text) == len(from_ids)
+    for a, b in zip(from_text, from_ids):
+        assert (a["chosen_tokens"], a["rejected_tokens"]) == (b["chosen_tokens"], b["rejected_tokens"])
+        assert a["chosen_logps_sum"] == pytest.approx(b["chosen_logps_sum"], abs=1e-4)
+    assert text_summary["pairs_skipped"]["identical_responses"] == 1
+
 
 def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, shared_data):
     from transformers import AutoTokenizer
