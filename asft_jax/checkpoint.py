@@ -41,6 +41,15 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def restore(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+        """(step, state, data_state) of one given step."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
+            raise AsftError(f"{self.directory}/{step}: cannot be restored ({str(e).splitlines()[0][:300]})") from None
+        return step, out["state"], out["data"]
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of the newest restorable checkpoint, or None if there is none.
 

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def _generation_config(src: ModelSource) -> dict:
+    if src.kind == "run" and src.base is not None:  # a training run keeps its starting model's settings
+        return _generation_config(src.base)
     if src.kind == "hf" and os.path.isfile(os.path.join(src.path, "generation_config.json")):
         with open(os.path.join(src.path, "generation_config.json")) as f:
             return json.load(f)

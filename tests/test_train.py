@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,3 +160,22 @@ def test_evaluation_during_training(pairs, tmp_path):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert {"eval/logps/chosen", "eval/rewards/accuracies", "eval/rewards/margins"} <= set(evals[-1])
     assert os.listdir(out / "tensorboard")
+
+
+def test_a_run_directory_is_a_model_source(pairs, tmp_path, capsys):
+    from asft_jax.cli import main
+    from asft_jax.sources import resolve
+
+    out = tmp_path / "run"
+    train(config(out, pairs, "save_steps=2", "max_steps=4", f"export_dir={tmp_path / 'hf'}"))
+    final = resolve(str(out)).load_params()
+    exported = resolve(str(tmp_path / "hf")).load_params()
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(exported), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    earlier = resolve(str(out / "checkpoints" / "2")).load_params()
+    assert not np.array_equal(np.asarray(earlier["norm"]["scale"]), np.asarray(final["norm"]["scale"]))
+    assert main(["eval", "--model", str(out), "--data", pairs, "--max-length", "64"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pairs_scored"] > 200
+    with pytest.raises(AsftError, match=r"checkpoints/3: no such file or directory"):
+        resolve(str(out / "checkpoints" / "3")).load_params()
