@@ -77,8 +77,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
-    from asft_jax.data.pipeline import detect_source_format, encode_record
-    from asft_jax.data.records import BadRecord, RecordSource
+    from asft_jax.data.pipeline import detect_source_format, encode_source
+    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.data.records import RecordSource
     from asft_jax.data.tokenize import Encoder
     from asft_jax.sources import resolve
 
@@ -87,17 +88,7 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     src = resolve(args.model)
     encoder = Encoder(src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size)
     skipped: collections.Counter = collections.Counter()
-    n = 0
-    with open(args.output, "w") as out:
-        for i in range(min(len(source), args.limit or len(source))):
-            item = encode_record(source, fmt, encoder, i)
-            if isinstance(item, BadRecord):
-                if args.strict:
-                    raise AsftError(f"{source.location(i)}: {item.reason.replace('_', ' ')}")
-                skipped[item.reason] += 1
-                continue
-            out.write(json.dumps(item.to_record()) + "\n")
-            n += 1
+    n = write_pairs(args.output, encode_source(source, fmt, encoder, strict=args.strict, skipped=skipped, limit=args.limit))
     print(f"wrote {n} pre-tokenized pairs ({fmt}) to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
@@ -123,9 +114,12 @@ def _data_inspect(args: argparse.Namespace) -> None:
         if isinstance(item, BadRecord):
             skipped[item.reason] += 1
             continue
+        fitted = encode_record(source, fmt, encoder, i)
+        if isinstance(fitted, BadRecord):  # e.g. responses identical once truncated
+            skipped[f"after truncation: {fitted.reason}"] += 1
+            continue
         for key, n in zip(lengths, (len(item.prompt), len(item.chosen), len(item.rejected), len(item))):
             lengths[key].append(n)
-        fitted = encode_record(source, fmt, encoder, i)
         truncated += fitted != item
         example = example or fitted
     print(f"{source.name}: format {fmt}, {len(source)} records, {len(lengths['prompt'])} usable, skipped {dict(skipped)}")
@@ -142,7 +136,8 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 
 def _data_reference(args: argparse.Namespace) -> None:
-    from asft_jax.reference import attach_reference_logps, write_pairs
+    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.reference import attach_reference_logps
 
     model, params, pairs, skipped = _model_and_pairs(args)
     n = write_pairs(args.output, attach_reference_logps(model, params, pairs, args.batch_size))

@@ -13,11 +13,10 @@ import numpy as np
 from tqdm import tqdm
 
 from asft_jax.data.batching import pack_rows
-from asft_jax.data.pipeline import detect_source_format, encode_record
+from asft_jax.data.pipeline import detect_source_format, encode_source
 from asft_jax.data.pretokenized import TokenizedPair
-from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
-from asft_jax.errors import AsftError
 from asft_jax.logprobs import sequence_logps
 from asft_jax.model import Llama
 
@@ -34,21 +33,9 @@ def read_eval_pairs(
     """The valid pairs of a data file or Hub dataset, in any record format, untruncated: a pair
     longer than ``max_length`` is skipped (``longer_than_max_length``), since cutting it would change
     what is scored. Bad records are counted in ``skipped``, or stop the read in strict mode."""
-    skipped = skipped if skipped is not None else collections.Counter()
-    fmt = fmt or detect_source_format(source)
     encoder = Encoder(tokenizer, max_length=1 << 40, vocab_size=vocab_size)
-    pairs = []
-    for i in range(len(source)):
-        item = encode_record(source, fmt, encoder, i)
-        if not isinstance(item, BadRecord) and len(item) > max_length:
-            item = BadRecord("longer_than_max_length")
-        if isinstance(item, BadRecord):
-            if strict:
-                raise AsftError(f"{source.location(i)}: {item.reason.replace('_', ' ')}")
-            skipped[item.reason] += 1
-            continue
-        pairs.append(item)
-    return pairs
+    fmt = fmt or detect_source_format(source)
+    return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length))
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:

@@ -9,7 +9,6 @@ the records.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Iterator
 
 from asft_jax.data.pretokenized import TokenizedPair
@@ -25,13 +24,3 @@ def attach_reference_logps(
     pairs = list(pairs)
     for pair, score in zip(pairs, score_pairs(model, params, pairs, batch_size, total=total or len(pairs)), strict=True):
         yield dataclasses.replace(pair, ref_chosen=score["chosen_logps_sum"], ref_rejected=score["rejected_logps_sum"])
-
-
-def write_pairs(path: str, pairs: Iterable[TokenizedPair]) -> int:
-    """Writes pre-tokenized records (with their reference log-probs when set); returns the count."""
-    n = 0
-    with open(path, "w") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_record()) + "\n")
-            n += 1
-    return n

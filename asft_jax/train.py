@@ -31,9 +31,9 @@ from asft_jax.data.pipeline import (
     DataConfig,
     PairBatches,
     detect_source_format,
-    encode_record,
+    encode_source,
 )
-from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 from asft_jax.losses import NEEDS_REFERENCE
@@ -88,7 +88,8 @@ def _model(cfg: TrainConfig):
 
 def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any) -> str:
     """For DPO-family objectives: the train data with the starting model's log-probs, cached."""
-    from asft_jax.reference import attach_reference_logps, write_pairs
+    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.reference import attach_reference_logps
 
     path = os.path.join(cfg.output_dir, "reference_logps.jsonl")
     if os.path.isfile(path):
@@ -96,7 +97,7 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any)
     source = RecordSource(cfg.data.path, cfg.data.split)
     fmt = cfg.data.format or detect_source_format(source)
     encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, model.config.vocab_size)
-    pairs = [p for i in range(len(source)) if not isinstance(p := encode_record(source, fmt, encoder, i), BadRecord)]
+    pairs = list(encode_source(source, fmt, encoder))
     log.info("computing reference log-probs for %d pairs once (cached in %s)", len(pairs), path)
     write_pairs(path + ".partial", attach_reference_logps(model, params, pairs, batch_size=8))
     os.replace(path + ".partial", path)

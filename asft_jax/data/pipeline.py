@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -65,6 +66,40 @@ def encode_record(source: RecordSource, fmt: str, encoder: Encoder, i: int) -> T
         return bad
 
 
+def bad_record_error(where: str, bad: BadRecord) -> AsftError:
+    """The strict-mode failure: ``file:line: reason``."""
+    return AsftError(f"{where}: {bad.reason.replace('_', ' ')}")
+
+
+def encode_source(
+    source: RecordSource,
+    fmt: str,
+    encoder: Encoder,
+    *,
+    strict: bool = False,
+    skipped: collections.Counter | None = None,
+    limit: int | None = None,
+    max_length: int | None = None,
+) -> Iterator[TokenizedPair]:
+    """The usable pairs among the first ``limit`` records, in file order (no shuffle, one host).
+
+    Bad records are counted in ``skipped`` or, in strict mode, stop the read. With ``max_length``,
+    longer pairs are skipped as ``longer_than_max_length`` (for scoring, where truncating would
+    change what is measured).
+    """
+    skipped = skipped if skipped is not None else collections.Counter()
+    for i in range(min(len(source), limit if limit is not None else len(source))):
+        item = encode_record(source, fmt, encoder, i)
+        if not isinstance(item, BadRecord) and max_length is not None and len(item) > max_length:
+            item = BadRecord("longer_than_max_length")
+        if isinstance(item, BadRecord):
+            if strict:
+                raise bad_record_error(source.location(i), item)
+            skipped[item.reason] += 1
+            continue
+        yield item
+
+
 class PairBatches:
     """Iterator of host-local batches (see ``asft_jax.data.batching.pack_rows`` for the arrays)."""
 
@@ -105,7 +140,7 @@ class PairBatches:
     def _skip(self, bad: BadRecord, index: int) -> None:
         where = self.source.location(index)
         if self.cfg.strict:
-            raise AsftError(f"{where}: {bad.reason.replace('_', ' ')}")
+            raise bad_record_error(where, bad)
         if bad.reason not in self._first:
             self._first[bad.reason] = where
             log.warning("skipping records: %s (first at %s); counting the rest", bad.reason, where)

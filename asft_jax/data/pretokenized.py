@@ -2,12 +2,15 @@
 
 Pre-tokenized records ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}`` (optionally with
 ``ref_chosen_logps`` / ``ref_rejected_logps``, the reference model's summed response log-probs) are read
-like every other format, through ``asft_jax.data.formats`` and ``asft_jax.data.tokenize``.
+like every other format, through ``asft_jax.data.formats`` and ``asft_jax.data.tokenize``; ``write_pairs``
+writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,3 +30,13 @@ class TokenizedPair:
 
     def __len__(self) -> int:
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+def write_pairs(path: str, pairs: Iterable[TokenizedPair]) -> int:
+    """Writes pre-tokenized records (with their reference log-probs when set); returns the count."""
+    n = 0
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p.to_record()) + "\n")
+            n += 1
+    return n
