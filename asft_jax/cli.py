@@ -1,4 +1,4 @@
-"""The ``asft`` command line: ``train | export | eval | data {tokenize,inspect,reference} | fetch-demo``."""
+"""The ``asft`` command line: ``train | export | eval | generate | report | data {tokenize,inspect,reference} | fetch-demo``."""
 
 from __future__ import annotations
 
@@ -41,39 +41,107 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {len(files)} files to {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
-def _model_and_pairs(args: argparse.Namespace, dtype: str = "float32"):
-    """The model, its parameters, the valid pairs of ``args.data`` and the skipped-record counts."""
+def _mesh(args: argparse.Namespace):
+    from asft_jax.sharding import make_mesh
+
+    return make_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor)
+
+
+def _load_model(src, dtype: str, mesh):
+    """The model in compute ``dtype`` and its parameters (float32), sharded over ``mesh`` as they load."""
     import jax.numpy as jnp
 
+    from asft_jax.model import Llama
+    from asft_jax.sharding import param_shardings, placer
+
+    model = Llama(src.config, dtype=jnp.dtype(dtype))
+    start = time.perf_counter()
+    params = src.load_params(place=placer(param_shardings(model, mesh)))
+    print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model, params
+
+
+def _read_pairs(args: argparse.Namespace, src):
+    """The valid pairs of ``args.data`` (untruncated), the skipped-record counts, and ``max_length``."""
     from asft_jax.data.pipeline import detect_source_format
     from asft_jax.data.records import RecordSource
     from asft_jax.evaluate import read_eval_pairs
-    from asft_jax.model import Llama
-    from asft_jax.sources import resolve
 
-    src = resolve(args.model)
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
     tokenizer = None if fmt == "pretokenized" else src.tokenizer()
     max_length = args.max_length or src.config.max_position_embeddings
     skipped: collections.Counter = collections.Counter()
     pairs = read_eval_pairs(source, tokenizer, src.config.vocab_size, max_length, fmt, args.strict, skipped)
-    start = time.perf_counter()
-    params = src.load_params()
-    print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return Llama(src.config, dtype=jnp.dtype(dtype)), params, pairs, skipped
+    return pairs, skipped, max_length
+
+
+def _sampling(args: argparse.Namespace):
+    from asft_jax.generate import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from asft_jax.evaluate import score_pairs, summarize
+    from asft_jax.evaluate import objective_summary, score_pairs, summarize
+    from asft_jax.sources import resolve
 
-    model, params, pairs, skipped = _model_and_pairs(args, args.dtype)
-    results = []
+    src = resolve(args.model)
+    pairs, skipped, max_length = _read_pairs(args, src)
+    mesh = _mesh(args)
+    model, params = _load_model(src, args.dtype, mesh)
+    results = list(score_pairs(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, total=len(pairs)))
+    summary = summarize(results, skipped)
+    if args.objective:
+        hparams = {k: v for k, v in (("beta", args.beta), ("lam", args.lam), ("gamma", args.gamma)) if v is not None}
+        summary.update(objective_summary(args.objective, pairs, results, **hparams))
+    if args.generate:
+        from asft_jax.evaluate import generation_summary
+        from asft_jax.generate import Generator, stop_token_ids
+
+        tokenizer = src.tokenizer()
+        chosen = pairs[: args.generate_pairs or len(pairs)]
+        generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), _sampling(args), args.batch_size)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in chosen])]
+        refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in chosen]
+        for r, generated, reference in zip(results, texts, refs):
+            r.update(generated=generated, reference=reference)
+        summary.update(generation_summary(texts, refs, _sampling(args)))
     with open(args.output or os.devnull, "w") as out:
-        for r in score_pairs(model, params, pairs, args.batch_size, total=len(pairs)):
-            results.append(r)
-            out.write(json.dumps(r) + "\n")
-    print(json.dumps(summarize(results, skipped)))
+        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    print(json.dumps(summary))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from asft_jax.generate import Generator, stop_token_ids
+    from asft_jax.prompts import answer, output_record, read_conversations
+    from asft_jax.sources import resolve
+
+    src = resolve(args.model)
+    tokenizer = src.tokenizer()
+    chat = bool(tokenizer.chat_template) and not args.no_chat_template
+    conversations = read_conversations(args.prompts, chat)
+    mesh = _mesh(args)
+    model, params = _load_model(src, args.dtype, mesh)
+    generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), _sampling(args), args.batch_size)
+    model_id = args.model_id or os.path.basename(os.path.normpath(src.path)).removesuffix(".gguf")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as out:  # chunk by chunk, so a crash keeps what was answered
+        for first in range(0, len(conversations), args.chunk):
+            chunk = conversations[first : first + args.chunk]
+            answers = answer(chunk, tokenizer, generator, chat)
+            out.writelines(json.dumps(output_record(c, a, model_id), ensure_ascii=False) + "\n" for c, a in zip(chunk, answers))
+            out.flush()
+    if generator.truncated:
+        print(f"{generator.truncated} prompts were cut from the left to fit the context", file=sys.stderr)
+    print(f"wrote {len(conversations)} answers ({model_id}) to {args.output}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from asft_jax.report import write_report
+
+    for path in write_report(args.runs, args.output):
+        print(path)
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
@@ -138,9 +206,13 @@ def _data_inspect(args: argparse.Namespace) -> None:
 def _data_reference(args: argparse.Namespace) -> None:
     from asft_jax.data.pretokenized import write_pairs
     from asft_jax.reference import attach_reference_logps
+    from asft_jax.sources import resolve
 
-    model, params, pairs, skipped = _model_and_pairs(args)
-    n = write_pairs(args.output, attach_reference_logps(model, params, pairs, args.batch_size))
+    src = resolve(args.model)
+    pairs, skipped, max_length = _read_pairs(args, src)
+    mesh = _mesh(args)
+    model, params = _load_model(src, "float32", mesh)
+    n = write_pairs(args.output, attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length))
     print(f"wrote {n} pairs with reference log-probs to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
@@ -174,11 +246,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
         p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
         p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+        mesh_args(p)
 
-    p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair")
+    def mesh_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fsdp", type=int, default=1, help="mesh: devices sharing each parameter (the rest split the batch)")
+        p.add_argument("--tensor", type=int, default=1, help="mesh: tensor-parallel devices")
+
+    def sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="stop after this many new tokens")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+        p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, prompts and batch size: same output)")
+
+    p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair (and BLEU/ROUGE with --generate)")
     pair_args(p, "per-pair results (.jsonl)", False)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--objective", choices=["asft", "sft", "orpo", "simpo", "dpo", "ipo", "hinge"], help="also report this objective's loss and metrics")
+    p.add_argument("--beta", type=float, help="objective hyperparameter (default: the objective's)")
+    p.add_argument("--lam", type=float, help="objective hyperparameter (default: the objective's)")
+    p.add_argument("--gamma", type=float, help="objective hyperparameter (default: the objective's)")
+    p.add_argument("--generate", action="store_true", help="also generate a response to each prompt; BLEU-4 and ROUGE-L against the chosen responses")
+    p.add_argument("--generate-pairs", type=int, default=None, help="with --generate: only the first N pairs (default: all)")
+    sampling_args(p, 256)
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("generate", help="answer prompts (prompt / messages / MT-Bench turns) with KV-cache decoding")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--prompts", required=True, help="a .jsonl (.json, .parquet) of records with `prompt`, `messages`, or MT-Bench `turns`")
+    p.add_argument("--output", required=True, help="answers (.jsonl); MT-Bench records in FastChat's model-answer format")
+    p.add_argument("--model-id", default=None, help="model_id in FastChat answers (default: the model's folder or file name)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--no-chat-template", action="store_true", help="feed string prompts verbatim and messages as an HH transcript")
+    p.add_argument("--chunk", type=int, default=256, help="records answered (all turns) and written at a time")
+    sampling_args(p, 512)
+    mesh_args(p)
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("report", help="plots of training metrics over steps (runs overlaid) and a table of final eval metrics")
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    p.add_argument("--output", default="report", help="folder for the PNGs and report.md")
+    p.set_defaults(run=_report)
 
     p = sub.add_parser("data", help="data tools")
     data = p.add_subparsers(dest="data_command", required=True)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import collections
-import math
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from asft_jax.data.batching import pack_rows
+from asft_jax.data.batching import bucket_for, bucket_lengths, pack_rows
 from asft_jax.data.pipeline import detect_source_format, encode_source
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
+from asft_jax.errors import AsftError
 from asft_jax.logprobs import sequence_logps
+from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
+from asft_jax.sharding import batch_sharding, make_mesh, param_shardings
 
 
 def read_eval_pairs(
@@ -38,11 +41,6 @@ def read_eval_pairs(
     return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length))
 
 
-def bucket_length(n: int, minimum: int = 32) -> int:
-    """Padded row length: the next power of two (few shapes -> few compilations)."""
-    return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
-
-
 def _batches(pairs: Iterable[TokenizedPair], batch_size: int) -> Iterator[list[TokenizedPair]]:
     batch: list[TokenizedPair] = []
     for p in pairs:
@@ -55,16 +53,36 @@ def _batches(pairs: Iterable[TokenizedPair], batch_size: int) -> Iterator[list[T
 
 
 def score_pairs(
-    model: Llama, params: dict, pairs: Iterable[TokenizedPair], batch_size: int = 8, total: int | None = None
+    model: Llama,
+    params: dict,
+    pairs: Iterable[TokenizedPair],
+    *,
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    total: int | None = None,
 ) -> Iterator[dict]:
     """Yields one result per pair: ``index``, ``chosen_logps_sum``, ``chosen_tokens``,
-    ``rejected_logps_sum``, ``rejected_tokens`` (response tokens only)."""
-    fn = jax.jit(lambda p, b: sequence_logps(model, p, b["tokens"], b["segment_ids"], b["response_mask"]))
+    ``rejected_logps_sum``, ``rejected_tokens`` (response tokens only).
+
+    Rows are split over the mesh's batch axes (``batch_size`` is rounded up to a multiple of them)
+    and padded to the pipeline's bucket lengths up to ``max_length`` (default: the model's context);
+    ``params`` should already be placed with ``param_shardings(model, mesh)``.
+    """
+    mesh = mesh or make_mesh()
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-batch_size // split) * split
+    buckets = bucket_lengths(max_length or model.config.max_position_embeddings)
+    fn = jax.jit(
+        lambda p, b: sequence_logps(model, p, b["tokens"], b["segment_ids"], b["response_mask"]),
+        in_shardings=(param_shardings(model, mesh), batch_sharding(mesh)),
+    )
     start, seen_tokens = time.perf_counter(), 0
     with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True) as bar:
         for batch in _batches(pairs, batch_size):
-            rows = pack_rows(batch, batch_size, bucket_length(max(map(len, batch))))
-            sums, counts = jax.device_get(fn(params, {k: jnp.asarray(v) for k, v in rows.items()}))
+            rows = pack_rows(batch, batch_size, bucket_for(max(map(len, batch)), buckets))
+            rows = {k: rows[k] for k in ("tokens", "segment_ids", "response_mask")}
+            sums, counts = jax.device_get(fn(params, rows))
             for j, p in enumerate(batch):
                 yield {
                     "index": p.index,
@@ -97,3 +115,36 @@ def summarize(results: list[dict], skipped: collections.Counter) -> dict:
     }
     summary.update({k: float(f()) if results else None for k, f in metrics.items()})
     return summary
+
+
+def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict], **hparams: float) -> dict:
+    """The objective's mean loss and metrics over scored pairs (DPO-family: the pairs' reference
+    log-probs, e.g. from ``asft data reference``)."""
+    if not results:
+        return {"objective": name, "loss": None}
+    col = lambda key: np.array([r[key] for r in results], np.float32)
+    refs = {}
+    if name in NEEDS_REFERENCE:
+        if any(p.ref_chosen is None for p in pairs):
+            raise AsftError(f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)")
+        ones = np.ones(len(pairs), np.float32)
+        refs = {
+            "ref_chosen": SequenceLogps(np.array([p.ref_chosen for p in pairs], np.float32), ones),
+            "ref_rejected": SequenceLogps(np.array([p.ref_rejected for p in pairs], np.float32), ones),
+        }
+    _, metrics = preference_loss(
+        name, SequenceLogps(col("chosen_logps_sum"), col("chosen_tokens")), SequenceLogps(col("rejected_logps_sum"), col("rejected_tokens")), **refs, **hparams
+    )
+    return {"objective": name, "loss": float(metrics.pop("loss")), "objective_metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def generation_summary(generated: list[str], references: list[str], sampling) -> dict:
+    """BLEU-4 and ROUGE-L of generated responses against the chosen ones, with the decoding settings."""
+    from asft_jax.text_metrics import bleu4, rouge_l
+
+    return {
+        "generated_pairs": len(generated),
+        "bleu4": bleu4(generated, references),
+        "rougeL": rouge_l(generated, references),
+        "generation": dataclasses.asdict(sampling),
+    }

@@ -16,11 +16,10 @@ from asft_jax.evaluate import score_pairs
 from asft_jax.model import Llama
 
 
-def attach_reference_logps(
-    model: Llama, params: dict, pairs: Iterable[TokenizedPair], batch_size: int = 8, total: int | None = None
-) -> Iterator[TokenizedPair]:
+def attach_reference_logps(model: Llama, params: dict, pairs: Iterable[TokenizedPair], **scoring) -> Iterator[TokenizedPair]:
     """Yields each pair with ``ref_chosen`` / ``ref_rejected`` set to ``params``' summed
-    response log-probs (float32 forward, the same computation as training's)."""
+    response log-probs (float32 forward, the same computation as training's); ``scoring``: the
+    keyword arguments of ``evaluate.score_pairs`` (mesh, batch_size, max_length)."""
     pairs = list(pairs)
-    for pair, score in zip(pairs, score_pairs(model, params, pairs, batch_size, total=total or len(pairs)), strict=True):
+    for pair, score in zip(pairs, score_pairs(model, params, pairs, total=len(pairs), **scoring), strict=True):
         yield dataclasses.replace(pair, ref_chosen=score["chosen_logps_sum"], ref_rejected=score["rejected_logps_sum"])

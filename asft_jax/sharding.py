@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from asft_jax.errors import AsftError
+from asft_jax.model import Llama, init_params, param_logical_axes
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -83,3 +84,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(model: Llama, mesh: Mesh):
+    """The ``NamedSharding`` of every parameter of ``model`` on ``mesh``, by the logical rules."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    return logical_shardings(param_logical_axes(model), abstract, mesh)
+
+
+def placer(shardings):
+    """``place(path, array)`` for ``ModelSource.load_params``: puts each parameter, named by its
+    ``/``-joined path, on its devices as it is read."""
+    flat = {"/".join(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    return lambda path, array: jax.device_put(array, flat[path])

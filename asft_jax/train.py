@@ -37,11 +37,12 @@ from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 from asft_jax.losses import NEEDS_REFERENCE
-from asft_jax.model import Llama, LlamaConfig, init_params, param_logical_axes
+from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
     batch_sharding,
-    logical_shardings,
     make_mesh,
+    param_shardings,
+    placer,
     replicated,
 )
 from asft_jax.sources import resolve
@@ -86,7 +87,7 @@ def _model(cfg: TrainConfig):
     return Llama(config, dtype, param_dtype, cfg.model.remat_policy), None, tokenizer
 
 
-def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any) -> str:
+def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh) -> str:
     """For DPO-family objectives: the train data with the starting model's log-probs, cached."""
     from asft_jax.data.pretokenized import write_pairs
     from asft_jax.reference import attach_reference_logps
@@ -99,7 +100,7 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any)
     encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, model.config.vocab_size)
     pairs = list(encode_source(source, fmt, encoder))
     log.info("computing reference log-probs for %d pairs once (cached in %s)", len(pairs), path)
-    write_pairs(path + ".partial", attach_reference_logps(model, params, pairs, batch_size=8))
+    write_pairs(path + ".partial", attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=8, max_length=cfg.data.max_length))
     os.replace(path + ".partial", path)
     return path
 
@@ -165,13 +166,13 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
         raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
     model, src, tokenizer = _model(cfg)
     abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    param_shardings = logical_shardings(param_logical_axes(model), abstract_params, mesh)
+    param_shards = param_shardings(model, mesh)
     tx, schedule = make_optimizer(
         cfg.learning_rate, cfg.max_steps, **{f.name: getattr(cfg.optimizer, f.name) for f in dataclasses.fields(cfg.optimizer)}
     )
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh))
-    state_shardings = TrainState(replicated(mesh), param_shardings, opt_shardings)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh))
+    state_shardings = TrainState(replicated(mesh), param_shards, opt_shardings)
 
     checkpointer = Checkpointer(cfg.output_dir, cfg.max_to_keep)
     abstract_state = jax.tree.map(
@@ -187,17 +188,16 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     else:
         data_state = None
         if src is not None:
-            flat = {"/".join(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=lambda path, a: jax.device_put(a, flat[path]))
+            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=placer(param_shards))
         else:
-            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=param_shardings)()
+            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=param_shards)()
         state = new_state(params)
 
     data_path, data_format = cfg.data.path, cfg.data.format
     if cfg.objective.name in NEEDS_REFERENCE:
         if restored is not None and not os.path.isfile(os.path.join(cfg.output_dir, "reference_logps.jsonl")):
             raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its reference_logps.jsonl")
-        data_path, data_format = _reference_data(cfg, model, state.params, tokenizer), "pretokenized"
+        data_path, data_format = _reference_data(cfg, model, state.params, tokenizer, mesh), "pretokenized"
     data_cfg = DataConfig(
         data_path, cfg.data.split, data_format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
         cfg.seed, cfg.data.shuffle, cfg.data.num_epochs, False, cfg.data.num_threads,
@@ -216,7 +216,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     )
     eval_fn = None
     if cfg.eval_steps and cfg.data.eval_path and cfg.objective.name not in NEEDS_REFERENCE:
-        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, b), in_shardings=(param_shardings, batch_sh))
+        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, b), in_shardings=(param_shards, batch_sh))
     return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn), checkpointer, data
 
 

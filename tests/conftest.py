@@ -84,6 +84,18 @@ def smollm2_gguf() -> str:
     return demo_gguf()
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> str:
+    """HF folder: a tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template
+    (fast end-to-end runs of the text paths; the outputs are random text)."""
+    from asft_jax.sources import resolve
+
+    folder = str(tmp_path_factory.mktemp("tiny_chat"))
+    make_hf_llama(folder, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    resolve(smollm2_gguf).tokenizer().save_pretrained(folder)
+    return folder
+
+
 def read_json(path) -> object:
     with open(path) as f:
         return json.load(f)

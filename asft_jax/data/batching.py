@@ -17,6 +17,9 @@ def bucket_lengths(max_length: int, smallest: int = 64) -> list[int]:
 
 
 def bucket_for(length: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    if length > buckets[-1]:
+        raise ValueError(f"{length} tokens exceed the largest bucket ({buckets[-1]})")
     return next(b for b in buckets if b >= length)
 
 

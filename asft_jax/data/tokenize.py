@@ -25,6 +25,14 @@ def _ids(out: Any) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def apply_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template; ``BadRecord`` if it refuses."""
+    try:
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+    except Exception:  # noqa: BLE001 (templates raise their own errors, e.g. on role order)
+        raise BadRecord("chat_template_error") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoder:
     tokenizer: Any
@@ -40,17 +48,11 @@ class Encoder:
     def prompt_limit(self) -> int:
         return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
 
-    def _template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        try:
-            return _ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))
-        except Exception:  # noqa: BLE001 (templates raise their own errors, e.g. on role order)
-            raise BadRecord("chat_template_error") from None
-
     def _templated(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
-        prompt_ids = self._template(prompt, add_generation_prompt=True)
+        prompt_ids = apply_template(self.tokenizer, prompt, add_generation_prompt=True)
         outs = []
         for response in responses:
-            full = self._template(prompt + response)
+            full = apply_template(self.tokenizer, prompt + response)
             if full[: len(prompt_ids)] != prompt_ids:
                 raise BadRecord("template_prefix_mismatch")
             outs.append(full[len(prompt_ids) :])

@@ -1,6 +1,12 @@
 """The Llama model and its configuration."""
 
 from asft_jax.model.config import LlamaConfig
-from asft_jax.model.llama import Llama, init_params, lm_head_kernel, param_logical_axes
+from asft_jax.model.llama import (
+    KVCache,
+    Llama,
+    init_params,
+    lm_head_kernel,
+    param_logical_axes,
+)
 
-__all__ = ["Llama", "LlamaConfig", "init_params", "lm_head_kernel", "param_logical_axes"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "init_params", "lm_head_kernel", "param_logical_axes"]

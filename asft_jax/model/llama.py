@@ -3,12 +3,13 @@
 Layers are stacked with ``nn.scan`` (one compiled layer body, whatever the depth), every parameter
 carries logical axis names for the sharding rules, and attention understands packed rows:
 ``segment_ids`` ``[batch, length]`` give each token its sequence (0 marks padding), positions
-restart at every new segment, and tokens attend only within their own segment.
+restart at every new segment, and tokens attend only within their own segment. For decoding, a
+``KVCache`` passed to ``__call__`` is read and extended (prefill, then one token per call).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -51,6 +52,42 @@ def attention_mask(segment_ids: Array) -> Array:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     valid = (segment_ids != 0)[:, None, :]
     return (causal & same & valid)[:, None, None]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens decoded so far, one slot per token.
+
+    ``k``, ``v``: ``[layers, batch, slots, kv_heads, head_dim]``; ``valid``: ``[batch, slots]`` bool,
+    true where a slot holds a real (non-padding) token; ``index``: ``[]`` int32, the next slot to write
+    (the same for every row: prompts are left-padded to one length).
+    """
+
+    k: Array
+    v: Array
+    valid: Array
+    index: Array
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype: DType = jnp.float32) -> KVCache:
+        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+    def extend(self, segment_ids: Array) -> tuple[KVCache, Array, Array]:
+        """Marks the slots of ``segment_ids`` ``[batch, t]`` (non-zero: real token) as written.
+
+        Returns the cache with ``valid`` and ``index`` advanced (k/v are written by the layers), the
+        positions of the new tokens ``[batch, t]`` (continuing each row's real tokens) and the
+        attention mask ``[batch, 1, 1, t, slots]`` (real slots up to each query's own).
+        """
+        t = segment_ids.shape[1]
+        real = segment_ids != 0
+        seen = self.valid.sum(-1, dtype=jnp.int32)[:, None]
+        positions = seen + jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+        valid = jax.lax.dynamic_update_slice(self.valid, real, (0, self.index))
+        slot = jnp.arange(valid.shape[1], dtype=jnp.int32)
+        causal = slot[None, :] <= self.index + jnp.arange(t, dtype=jnp.int32)[:, None]  # [t, slots]
+        mask = (causal[None] & valid[:, None, :])[:, None, None]
+        return self._replace(valid=valid, index=self.index + t), positions, mask
 
 
 def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
@@ -98,7 +135,12 @@ class Attention(nn.Module):
     param_dtype: DType
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None = None, index: Array | None = None
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, slots, kv_heads,
+        head_dim]`` each), the new keys and values are written at slot ``index`` and attention runs
+        over all slots. Returns the output and the updated ``kv`` (or None)."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
@@ -108,6 +150,10 @@ class Attention(nn.Module):
         inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
         q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+        if kv is not None:
+            kk = jax.lax.dynamic_update_slice(kv[0], kk.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (kk, v)
 
         b, t = x.shape[:2]
         q = q.reshape(b, t, k, h // k, d)  # query heads grouped under their kv head
@@ -116,7 +162,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out)
+        return _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out), kv
 
 
 class MLP(nn.Module):
@@ -139,11 +185,14 @@ class DecoderLayer(nn.Module):
     param_dtype: DType
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, index: Array | None
+    ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = x + Attention(c, dt, pdt, name="attn")(RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x), positions, mask)
+        attn, kv = Attention(c, dt, pdt, name="attn")(RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x), positions, mask, kv, index)
+        h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
-        return nn.with_logical_constraint(out, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
 
 
 class Llama(nn.Module):
@@ -152,7 +201,9 @@ class Llama(nn.Module):
     ``__call__(tokens, segment_ids=None, positions=None)`` maps int tokens ``[batch, length]`` to
     logits ``[batch, length, vocab]`` in ``dtype``; with ``return_hidden=True`` it stops before the
     LM head and returns the final normed hidden states ``[batch, length, hidden]`` instead
-    (see ``head`` and ``lm_head_kernel``).
+    (see ``head`` and ``lm_head_kernel``). With ``cache`` it returns ``(output, updated cache)``:
+    the tokens continue the cached ones (``segment_ids`` 0 marks padding; positions follow the
+    cache's real tokens unless given).
     """
 
     config: LlamaConfig
@@ -178,7 +229,7 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype)
@@ -192,15 +243,22 @@ class Llama(nn.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         return_hidden: bool = False,
-    ) -> Array:
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, jnp.int32)
-        if positions is None:
-            positions = segment_positions(segment_ids)
+        if cache is None:
+            kv, index, mask = None, None, attention_mask(segment_ids)
+            cache_positions = segment_positions(segment_ids)
+        else:
+            kv, index = (cache.k, cache.v), cache.index
+            cache, cache_positions, mask = cache.extend(segment_ids)
+        positions = cache_positions if positions is None else positions
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
-        x, _ = self.layers(x, positions, attention_mask(segment_ids))
+        x, kv = self.layers(x, positions, mask, kv, index)
         x = self.norm(x)
-        return x if return_hidden else self.head(x)
+        out = x if return_hidden else self.head(x)
+        return out if cache is None else (out, cache._replace(k=kv[0], v=kv[1]))
 
     def head(self, hidden: Array) -> Array:
         """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""

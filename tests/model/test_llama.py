@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, padded_batch
 
-from asft_jax.model import Llama, LlamaConfig, init_params, param_logical_axes
+from asft_jax.model import KVCache, Llama, LlamaConfig, init_params, param_logical_axes
 from asft_jax.sources import resolve
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -58,7 +58,6 @@ def test_padding_does_not_change_logits(hf_llama):
     model, params = Llama(src.config), src.load_params()
     seq = list(range(3, 30))
     alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
-    tokens, mask = padded_batch([seq, seq + [5] * 9], left=[True, False])
     tokens, mask = padded_batch([seq, list(range(40))], left=[True, False])
     padded = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[0, -len(seq) :]
     np.testing.assert_allclose(padded, alone, atol=2e-5)
@@ -135,3 +134,28 @@ def test_compiled_size_does_not_grow_with_depth():
 
     small, large = hlo_size(2), hlo_size(12)
     assert large < 1.05 * small
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kv_cache_equals_recompute_at_every_step(hf_llama, case):
+    """Left-padded prefill, then tokens fed one (and three) at a time through the cache: the
+    logits of every new token equal a full forward of that row's whole sequence, no cache."""
+    folder, _ = hf_llama(**CASES[case])
+    src = resolve(folder)
+    model, params = Llama(src.config), src.load_params()
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (5, 12, 1)]
+    tails = rng.integers(0, TINY["vocab_size"], (3, 9)).tolist()
+    tokens, mask = padded_batch(prompts, left=[True] * 3)
+    cache = KVCache.empty(src.config, 3, tokens.shape[1] + 9)
+    out, cache = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), cache=cache)
+    steps = [out[:, -1:]]
+    for start, stop in ((0, 1), (1, 2), (2, 5), (5, 6), (6, 7), (7, 8)):
+        chunk = jnp.asarray([t[start:stop] for t in tails], jnp.int32)
+        out, cache = model.apply({"params": params}, chunk, jnp.ones_like(chunk), cache=cache)
+        steps.append(out)
+    cached = np.concatenate(steps, axis=1)  # logits after the prompt and after each of 8 tail tokens
+    assert int(cache.index) == tokens.shape[1] + 8
+    for row, (prompt, tail) in enumerate(zip(prompts, tails)):
+        full = np.asarray(model.apply({"params": params}, jnp.asarray([prompt + tail[:8]])))[0, len(prompt) - 1 :]
+        np.testing.assert_allclose(cached[row], full, atol=2e-5, rtol=0)
