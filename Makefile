@@ -8,7 +8,7 @@ export ASFT_CACHE
 .PHONY: install install-test demo test lint
 
 install:
-	$(PYTHON) -m pip install --quiet -e .
+	$(PYTHON) -m pip install --quiet -e ".[eval]"
 
 install-test:
 	$(PYTHON) -m pip install --quiet torch==2.13.0

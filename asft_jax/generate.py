@@ -155,8 +155,7 @@ class Generator:
                 out, lengths = jax.device_get(
                     self.decode(self.params, tokens, segments, jax.random.fold_in(key, first), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
                 )
-                for row in range(len(batch)):
-                    yield out[row, : lengths[row]].tolist()
                 new_tokens += int(lengths[: len(batch)].sum())
                 bar.update(len(batch))
                 bar.set_postfix(new_tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+                yield from (out[row, : lengths[row]].tolist() for row in range(len(batch)))

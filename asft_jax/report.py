@@ -53,7 +53,10 @@ def _series(rows: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str) -> bool:
     """One PNG of ``metric`` over steps for every run; False (nothing written) if no run has it."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise AsftError("asft report needs matplotlib: pip install 'asft-jax[eval]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

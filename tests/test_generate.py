@@ -63,7 +63,7 @@ def test_rows_stop_at_their_first_stop_token(tiny):
 
 def test_sampling_is_reproducible_and_depends_on_the_seed(tiny):
     src, _ = tiny
-    sample = lambda seed: list(generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts()))  # noqa: E731
+    sample = lambda seed: list(generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts()))
     first = sample(1)
     assert sample(1) == first
     assert sample(2) != first

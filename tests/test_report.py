@@ -1,0 +1,69 @@
+"""``asft report`` on two short training runs: PNGs that hold the runs' curves, and the final-metrics table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from matplotlib import image
+from test_train import config, curve
+
+from asft_jax.cli import main
+from asft_jax.errors import AsftError
+from asft_jax.report import METRICS, write_report
+from asft_jax.train import train
+
+RUN_COLORS = {"asft": (0x1F, 0x77, 0xB4), "orpo": (0xFF, 0x7F, 0x0E)}  # matplotlib's C0 and C1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("runs")
+    rng = np.random.default_rng(0)
+    data = root / "pairs.jsonl"
+    with open(data, "w") as f:
+        f.writelines(json.dumps({k: rng.integers(1, 128, int(rng.integers(3, 12))).tolist() for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}) + "\n" for _ in range(64))
+    dirs = []
+    for name in RUN_COLORS:
+        out = str(root / name)
+        train(config(out, str(data), f"objective.name={name}", "eval_steps=3", f"data.eval_path={data}", "data.eval_pairs=8"))
+        dirs.append(out)
+    return dirs
+
+
+def color_pixels(img: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    return int((np.abs(img[..., :3] * 255 - np.array(rgb)).max(-1) < 40).sum())
+
+
+def test_report_plots_every_metric_of_both_runs(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", *runs, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    pngs = [str(out / (m.replace("/", "_") + ".png")) for m in METRICS]
+    assert printed == [*pngs, str(out / "report.md")]
+    for png in pngs:
+        img = image.imread(png)
+        assert img.shape[:2] == (504, 840)
+        counts = [color_pixels(img, rgb) for rgb in RUN_COLORS.values()]
+        assert min(counts) > 30, (png, counts)  # each run is in the plot (identical curves may overlap)
+        assert sum(counts) > 1500, (png, counts)  # lines and markers, not just the legend
+
+
+def test_report_table_holds_each_runs_final_eval(runs, tmp_path):
+    write_report(runs, str(tmp_path))
+    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == ["run", "objective", "step", "source", *METRICS]
+    for run, line in zip(runs, table[1:]):
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        last_eval = [r for r in curve(run) if "eval/loss" in r][-1]
+        assert (cells["run"], cells["objective"], cells["step"], cells["source"]) == (os.path.basename(run), os.path.basename(run), "6", "eval")
+        for m in METRICS:
+            assert float(cells[m]) == pytest.approx(last_eval[f"eval/{m}"], abs=5e-5)
+
+
+def test_report_names_a_folder_without_metrics(tmp_path):
+    with pytest.raises(AsftError, match="no metrics.jsonl"):
+        write_report([str(tmp_path)], str(tmp_path / "r"))
