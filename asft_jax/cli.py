@@ -140,7 +140,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from asft_jax.report import write_report
 
-    for path in write_report(args.runs, args.output):
+    for path in write_report(args.runs, args.output, args.smooth):
         print(path)
 
 
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots of training metrics over steps (runs overlaid) and a table of final eval metrics")
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     p.add_argument("--output", default="report", help="folder for the PNGs and report.md")
+    p.add_argument("--smooth", type=float, default=0.0, help="moving-average weight for train curves, in [0, 1) (0: raw values)")
     p.set_defaults(run=_report)
 
     p = sub.add_parser("data", help="data tools")

@@ -51,8 +51,18 @@ def _series(rows: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str) -> bool:
-    """One PNG of ``metric`` over steps for every run; False (nothing written) if no run has it."""
+def ema(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average with ``weight`` on the history (TensorBoard's smoothing), debiased."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight else v)
+    return out
+
+
+def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str, smooth: float = 0.0) -> bool:
+    """One PNG of ``metric`` over steps for every run; False (nothing written) if no run has it.
+    With ``smooth`` > 0 the train values are drawn faintly and their moving average on top."""
     try:
         import matplotlib
     except ImportError:
@@ -67,7 +77,11 @@ def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str) -> bo
         color = f"C{i % 10}"
         steps, values = _series(rows, metric)
         if steps:
-            ax.plot(steps, values, color=color, lw=1.2, alpha=0.85, label=f"{label} ({objective}) train")
+            name = f"{label} ({objective}) train"
+            if smooth:
+                ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
+                values, name = ema(values, smooth), f"{name}, smoothed {smooth}"
+            ax.plot(steps, values, color=color, lw=1.2, alpha=0.85, label=name)
             drawn = True
         steps, values = _series(rows, f"eval/{metric}")
         if steps:
@@ -101,14 +115,16 @@ def final_eval_table(runs: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: list[str], out_dir: str) -> list[str]:
+def write_report(run_dirs: list[str], out_dir: str, smooth: float = 0.0) -> list[str]:
     """Writes ``<metric>.png`` for each metric some run logged, and ``report.md``; returns the paths."""
+    if not 0 <= smooth < 1:
+        raise AsftError(f"--smooth must be in [0, 1), got {smooth}")
     runs = [read_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for metric in METRICS:
         path = os.path.join(out_dir, metric.replace("/", "_") + ".png")
-        if plot_metric(runs, metric, path):
+        if plot_metric(runs, metric, path, smooth):
             written.append(path)
     table = final_eval_table(runs)
     md = os.path.join(out_dir, "report.md")

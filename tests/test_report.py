@@ -67,3 +67,12 @@ def test_report_table_holds_each_runs_final_eval(runs, tmp_path):
 def test_report_names_a_folder_without_metrics(tmp_path):
     with pytest.raises(AsftError, match="no metrics.jsonl"):
         write_report([str(tmp_path)], str(tmp_path / "r"))
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    from asft_jax.report import ema
+
+    values = [4.0, 0.0, 2.0]
+    # by hand: (1 - w) * sum(w^(i-j) x_j) / (1 - w^i) with w = 0.5
+    assert ema(values, 0.5) == pytest.approx([4.0, (0.25 * 4 + 0.5 * 0) / 0.75, (0.125 * 4 + 0.25 * 0 + 0.5 * 2) / 0.875])
+    assert ema(values, 0.0) == values
