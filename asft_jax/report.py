@@ -60,9 +60,21 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def _panels(runs: list[tuple[str, str, dict]], metric: str) -> list[tuple[str, list[int]]]:
+    """(y label, indices of runs) per panel: ``logps/*`` of summed and of mean objectives apart."""
+    if not metric.startswith("logps/"):
+        return [(metric, list(range(len(runs))))]
+    groups = {
+        f"{metric} (per-token mean)": [i for i, (_, o, _) in enumerate(runs) if o not in SUMMED_LOGPS],
+        f"{metric} (response sum)": [i for i, (_, o, _) in enumerate(runs) if o in SUMMED_LOGPS],
+    }
+    return [(name, idx) for name, idx in groups.items() if idx]
+
+
 def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str, smooth: float = 0.0) -> bool:
-    """One PNG of ``metric`` over steps for every run; False (nothing written) if no run has it.
-    With ``smooth`` > 0 the train values are drawn faintly and their moving average on top."""
+    """One PNG of ``metric`` over steps for every run (one colour each); False (nothing written) if
+    no run has it. With ``smooth`` > 0 the train values are drawn faintly and their moving average
+    on top. Runs whose ``logps/*`` are response sums get their own panel."""
     try:
         import matplotlib
     except ImportError:
@@ -71,35 +83,33 @@ def plot_metric(runs: list[tuple[str, str, dict]], metric: str, path: str, smoot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    panels = _panels(runs, metric)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), dpi=120, squeeze=False)
     drawn = False
-    for i, (label, objective, rows) in enumerate(runs):
-        color = f"C{i % 10}"
-        steps, values = _series(rows, metric)
-        if steps:
-            name = f"{label} ({objective}) train"
-            if smooth:
-                ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
-                values, name = ema(values, smooth), f"{name}, smoothed {smooth}"
-            ax.plot(steps, values, color=color, lw=1.2, alpha=0.85, label=name)
-            drawn = True
-        steps, values = _series(rows, f"eval/{metric}")
-        if steps:
-            ax.plot(steps, values, color=color, ls="--", marker="o", ms=4, label=f"{label} ({objective}) eval")
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    title = metric
-    if metric.startswith("logps/") and len({o in SUMMED_LOGPS for _, o, _ in runs}) > 1:
-        title += "  (dpo/ipo/hinge log response sums, the others per-token means)"
-    ax.set(title=title, xlabel="step", ylabel=metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    for ax, (ylabel, indices) in zip(axes[0], panels):
+        for i in indices:
+            label, objective, rows = runs[i]
+            color = f"C{i % 10}"
+            steps, values = _series(rows, metric)
+            if steps:
+                name = f"{label} ({objective}) train"
+                if smooth:
+                    ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
+                    values, name = ema(values, smooth), f"{name}, smoothed {smooth}"
+                ax.plot(steps, values, color=color, lw=1.2, alpha=0.85, label=name)
+                drawn = True
+            steps, values = _series(rows, f"eval/{metric}")
+            if steps:
+                ax.plot(steps, values, color=color, ls="--", marker="o", ms=4, label=f"{label} ({objective}) eval")
+                drawn = True
+        ax.set(title=ylabel, xlabel="step", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path)
     plt.close(fig)
-    return True
+    return drawn
 
 
 def final_eval_table(runs: list[tuple[str, str, dict]]) -> str:

@@ -26,7 +26,7 @@ def runs(tmp_path_factory) -> list[str]:
     with open(data, "w") as f:
         f.writelines(json.dumps({k: rng.integers(1, 128, int(rng.integers(3, 12))).tolist() for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}) + "\n" for _ in range(64))
     dirs = []
-    for name in RUN_COLORS:
+    for name in [*RUN_COLORS, "dpo"]:
         out = str(root / name)
         train(config(out, str(data), f"objective.name={name}", "eval_steps=3", f"data.eval_path={data}", "data.eval_pairs=8"))
         dirs.append(out)
@@ -39,7 +39,7 @@ def color_pixels(img: np.ndarray, rgb: tuple[int, int, int]) -> int:
 
 def test_report_plots_every_metric_of_both_runs(runs, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["report", *runs, "--output", str(out)]) == 0
+    assert main(["report", *runs[:2], "--output", str(out)]) == 0
     printed = capsys.readouterr().out.split()
     pngs = [str(out / (m.replace("/", "_") + ".png")) for m in METRICS]
     assert printed == [*pngs, str(out / "report.md")]
@@ -51,12 +51,22 @@ def test_report_plots_every_metric_of_both_runs(runs, tmp_path, capsys):
         assert sum(counts) > 1500, (png, counts)  # lines and markers, not just the legend
 
 
-def test_report_table_holds_each_runs_final_eval(runs, tmp_path):
+def test_summed_logps_get_their_own_panel(runs, tmp_path):
+    """DPO logs response sums, ASFT and ORPO per-token means: one axis would flatten the means."""
     write_report(runs, str(tmp_path))
+    assert image.imread(tmp_path / "logps_chosen.png").shape[:2] == (504, 1680)
+    assert image.imread(tmp_path / "loss.png").shape[:2] == (504, 840)
+    img = image.imread(tmp_path / "logps_chosen.png")
+    assert color_pixels(img[:, 840:], (0x2C, 0xA0, 0x2C)) > 500  # C2, the DPO run, on the right
+    assert color_pixels(img[:, 840:], RUN_COLORS["asft"]) == 0
+
+
+def test_report_table_holds_each_runs_final_eval(runs, tmp_path):
+    write_report(runs[:2], str(tmp_path))
     table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == ["run", "objective", "step", "source", *METRICS]
-    for run, line in zip(runs, table[1:]):
+    for run, line in zip(runs[:2], table[1:]):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
         last_eval = [r for r in curve(run) if "eval/loss" in r][-1]
         assert (cells["run"], cells["objective"], cells["step"], cells["source"]) == (os.path.basename(run), os.path.basename(run), "6", "eval")
