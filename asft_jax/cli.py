@@ -72,7 +72,7 @@ def _read_pairs(args: argparse.Namespace, src):
     tokenizer = None if fmt == "pretokenized" else src.tokenizer()
     max_length = args.max_length or src.config.max_position_embeddings
     skipped: collections.Counter = collections.Counter()
-    pairs = read_eval_pairs(source, tokenizer, src.config.vocab_size, max_length, fmt, args.strict, skipped)
+    pairs = read_eval_pairs(source, tokenizer, src.config.vocab_size, max_length, fmt, args.strict, skipped, args.limit)
     return pairs, skipped, max_length
 
 
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
         p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
         p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+        p.add_argument("--limit", type=int, default=None, help="read only the first N records")
         mesh_args(p)
 
     def mesh_args(p: argparse.ArgumentParser) -> None:

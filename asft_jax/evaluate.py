@@ -32,13 +32,15 @@ def read_eval_pairs(
     fmt: str | None = None,
     strict: bool = False,
     skipped: collections.Counter | None = None,
+    limit: int | None = None,
 ) -> list[TokenizedPair]:
-    """The valid pairs of a data file or Hub dataset, in any record format, untruncated: a pair
-    longer than ``max_length`` is skipped (``longer_than_max_length``), since cutting it would change
-    what is scored. Bad records are counted in ``skipped``, or stop the read in strict mode."""
+    """The valid pairs among the first ``limit`` records (default: all) of a data file or Hub
+    dataset, in any record format, untruncated: a pair longer than ``max_length`` is skipped
+    (``longer_than_max_length``), since cutting it would change what is scored. Bad records are
+    counted in ``skipped``, or stop the read in strict mode."""
     encoder = Encoder(tokenizer, max_length=1 << 40, vocab_size=vocab_size)
     fmt = fmt or detect_source_format(source)
-    return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length))
+    return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length, limit=limit))
 
 
 def _batches(pairs: Iterable[TokenizedPair], batch_size: int) -> Iterator[list[TokenizedPair]]:
@@ -144,7 +146,7 @@ def generation_summary(generated: list[str], references: list[str], sampling) ->
 
     return {
         "generated_pairs": len(generated),
-        "bleu4": bleu4(generated, references),
-        "rougeL": rouge_l(generated, references),
+        "bleu4": bleu4(generated, references) if generated else None,
+        "rougeL": rouge_l(generated, references) if generated else None,
         "generation": dataclasses.asdict(sampling),
     }

@@ -83,6 +83,8 @@ def test_strict_mode_stops_at_first_bad_record(hf_llama, tmp_path, capsys):
     code, summary, err = run_eval(capsys, "--model", folder, "--data", data, "--strict")
     assert code == 1 and summary is None
     assert err.strip().splitlines()[-1] == f"asft: error: {data}:3: empty response"
+    code, summary, err = run_eval(capsys, "--model", folder, "--data", data, "--strict", "--limit", "2")
+    assert code == 0 and summary["pairs_scored"] == 2, err  # the bad third record is never read
 
 
 def test_too_long_pairs_are_skipped(hf_llama, tmp_path, capsys):
