@@ -57,6 +57,17 @@ class ObjectiveConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process runs (see ``asft_jax.distributed``); each None: from the environment."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead
+
+
+@dataclasses.dataclass
 class OptimizerConfig:
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -93,6 +104,7 @@ class TrainConfig:
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:

@@ -21,7 +21,13 @@ from asft_jax.errors import AsftError
 from asft_jax.logprobs import sequence_logps
 from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
-from asft_jax.sharding import batch_sharding, make_mesh, param_shardings
+from asft_jax.sharding import (
+    batch_sharding,
+    from_every_host,
+    make_mesh,
+    param_shardings,
+    replicated,
+)
 
 
 def read_eval_pairs(
@@ -75,16 +81,18 @@ def score_pairs(
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // split) * split
     buckets = bucket_lengths(max_length or model.config.max_position_embeddings)
+    rows_sharding = batch_sharding(mesh)
     fn = jax.jit(
         lambda p, b: sequence_logps(model, p, b["tokens"], b["segment_ids"], b["response_mask"]),
-        in_shardings=(param_shardings(model, mesh), batch_sharding(mesh)),
+        in_shardings=(param_shardings(model, mesh), rows_sharding),
+        out_shardings=replicated(mesh),  # every process reads all results
     )
     start, seen_tokens = time.perf_counter(), 0
-    with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
         for batch in _batches(pairs, batch_size):
             rows = pack_rows(batch, batch_size, bucket_for(max(map(len, batch)), buckets))
             rows = {k: rows[k] for k in ("tokens", "segment_ids", "response_mask")}
-            sums, counts = jax.device_get(fn(params, rows))
+            sums, counts = jax.device_get(fn(params, {k: from_every_host(v, rows_sharding) for k, v in rows.items()}))
             for j, p in enumerate(batch):
                 yield {
                     "index": p.index,

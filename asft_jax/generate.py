@@ -23,7 +23,12 @@ from tqdm import tqdm
 from asft_jax.data.batching import bucket_for, bucket_lengths
 from asft_jax.errors import AsftError
 from asft_jax.model import KVCache, Llama
-from asft_jax.sharding import batch_sharding, param_shardings, replicated
+from asft_jax.sharding import (
+    batch_sharding,
+    from_every_host,
+    param_shardings,
+    replicated,
+)
 
 # end-of-turn tokens of common chat templates (Llama 3, ChatML/SmolLM, Phi, Gemma): generation
 # stops on them when the tokenizer has them, besides the configured EOS ids
@@ -130,10 +135,11 @@ class Generator:
         if self.max_prompt < 1:
             raise AsftError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's context of {model.config.max_position_embeddings}")
         self.buckets = bucket_lengths(self.max_prompt, smallest=32)
-        rows = batch_sharding(mesh)
+        self.rows = batch_sharding(mesh)
         self.decode = jax.jit(
             make_decode(model, sampling.max_new_tokens, stop_ids, pad_id=model.config.pad_token_id or 0),
-            in_shardings=(param_shardings(model, mesh), rows, rows, replicated(mesh), None, None, None),
+            in_shardings=(param_shardings(model, mesh), self.rows, self.rows, replicated(mesh), None, None, None),
+            out_shardings=replicated(mesh),  # every process reads all answers
         )
         self.truncated = 0  # prompts cut from the left to fit the context
 
@@ -142,7 +148,7 @@ class Generator:
         s = self.sampling
         key = jax.random.key(s.seed)
         start, new_tokens = time.perf_counter(), 0
-        with tqdm(total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True) as bar:
+        with tqdm(total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
             for first in range(0, len(prompts), self.batch_size):
                 batch = [p[-self.max_prompt :] for p in prompts[first : first + self.batch_size]]
                 self.truncated += sum(len(p) > self.max_prompt for p in prompts[first : first + self.batch_size])
@@ -153,7 +159,10 @@ class Generator:
                     tokens[row, length - len(ids) :] = ids
                     segments[row, length - len(ids) :] = 1
                 out, lengths = jax.device_get(
-                    self.decode(self.params, tokens, segments, jax.random.fold_in(key, first), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
+                    self.decode(
+                        self.params, from_every_host(tokens, self.rows), from_every_host(segments, self.rows),
+                        jax.random.fold_in(key, first), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p),
+                    )
                 )
                 new_tokens += int(lengths[: len(batch)].sum())
                 bar.update(len(batch))

@@ -8,6 +8,7 @@ resumes from the newest restorable checkpoint with the exact data position.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -35,6 +36,7 @@ from asft_jax.data.pipeline import (
 )
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
+from asft_jax.distributed import all_hosts, barrier, initialize
 from asft_jax.errors import AsftError
 from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.model import Llama, LlamaConfig, init_params
@@ -100,8 +102,14 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any,
     encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, model.config.vocab_size)
     pairs = list(encode_source(source, fmt, encoder))
     log.info("computing reference log-probs for %d pairs once (cached in %s)", len(pairs), path)
-    write_pairs(path + ".partial", attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=8, max_length=cfg.data.max_length))
-    os.replace(path + ".partial", path)
+    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=8, max_length=cfg.data.max_length)
+    if jax.process_index() == 0:
+        write_pairs(path + ".partial", scored)
+        os.replace(path + ".partial", path)
+    else:  # the scoring is collective: every process runs it, process 0 writes (the run directory is shared)
+        for _ in scored:
+            pass
+    barrier("reference_logps")
     return path
 
 
@@ -204,7 +212,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     )
     data = PairBatches(data_cfg, tokenizer, vocab_size=model.config.vocab_size)
     if data_state is not None:
-        data.set_state(data_state)
+        data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
     hparams = cfg.objective.hparams()
     batch_sh = batch_sharding(mesh)
@@ -256,6 +264,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 
     ``on_step(step)`` is called after each optimizer step (tests use it to deliver a SIGTERM).
     """
+    initialize(cfg.distributed)
     writer = jax.process_index() == 0
     cfg = resolve_data_paths(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -296,7 +305,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
             if on_step is not None:
                 on_step(done)
             if done % cfg.save_steps == 0 or done == cfg.max_steps or preemption.requested:
-                checkpointer.save(done, run.state, data.get_state(), to_dict(cfg))
+                checkpointer.save(done, run.state, {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())}, to_dict(cfg))
                 last_saved = done
             if preemption.requested:
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
@@ -307,17 +316,47 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
         preemption.restore()
         metrics_log.close()
         checkpointer.close()
-    if writer and cfg.export_dir and int(run.state.step) == cfg.max_steps:
+    if cfg.export_dir and int(run.state.step) == cfg.max_steps:
         _export(cfg, run)
     return last
 
 
+def host_data_state(saved: dict, process_index: int, process_count: int) -> dict:
+    """This host's data-pipeline state from a checkpoint's ``{"process_count", "hosts": [...]}``.
+
+    On the same number of processes each host resumes its own slice exactly. On another number,
+    the records consumed by all hosts are shared out evenly (exact when no host had dropped a bad
+    record; otherwise within the number dropped) and the skip counts go to process 0.
+    """
+    hosts, saved_count = saved["hosts"], saved["process_count"]
+    if saved_count == process_count:
+        return hosts[process_index]
+    try:
+        consumed = sum(int(h["items"]["next_index"]) for h in hosts)
+    except (KeyError, TypeError):
+        raise AsftError(f"checkpoint: cannot map the data position of {saved_count} processes onto {process_count}") from None
+    log.warning("resuming a %d-process run on %d processes: %d records consumed in all", saved_count, process_count, consumed)
+    first = process_index == 0
+    skipped = collections.Counter()
+    for h in hosts:
+        skipped.update(h["skipped"])
+    return {"items": {"next_index": consumed // process_count}, "skipped": dict(skipped) if first else {}, "first": hosts[0]["first"] if first else {}}
+
+
 def _export(cfg: TrainConfig, run: Run) -> None:
-    """The trained weights as an HF folder (with the source's tokenizer and generation config)."""
+    """The trained weights as an HF folder (with the source's tokenizer and generation config);
+    every process takes part in gathering the parameters, process 0 writes."""
     from asft_jax.export import export_model
     from asft_jax.hf import export_params
 
-    params = jax.device_get(run.state.params)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(run.state.params, tiled=True)
+    else:
+        params = jax.device_get(run.state.params)
+    if jax.process_index() != 0:
+        return
     if cfg.model.source is not None:
         export_model(cfg.model.source, cfg.export_dir, params=params)
     else:
