@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -65,16 +67,29 @@ def initialize(cfg: Any) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     where = kwargs.get("coordinator_address") or "the cluster's coordinator"
+    problem = (
+        f"distributed: could not join {kwargs.get('num_processes', 'all')} processes at {where} within "
+        f"{cfg.initialization_timeout} s; are all of them started, with the same num_processes?"
+    )
+    # XLA aborts the process (no Python exception) when the join times out: a watchdog thread says
+    # why in one line and exits first; XLA's own deadline is a little later
+    joined = threading.Event()
+
+    def watchdog() -> None:
+        if not joined.wait(cfg.initialization_timeout):
+            print(f"asft: error: {problem}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True, name="asft-join-watchdog").start()
     try:
         jax.distributed.initialize(
-            **kwargs, initialization_timeout=cfg.initialization_timeout, heartbeat_timeout_seconds=cfg.heartbeat_timeout
+            **kwargs, initialization_timeout=cfg.initialization_timeout + 10, heartbeat_timeout_seconds=cfg.heartbeat_timeout
         )
     except Exception as e:  # noqa: BLE001 (XLA raises plain RuntimeErrors with long RPC texts)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise AsftError(
-            f"distributed: could not join {kwargs.get('num_processes', 'all')} processes at {where} within "
-            f"{cfg.initialization_timeout} s; are all of them started, with the same num_processes? ({first})"
-        ) from None
+        raise AsftError(f"{problem} ({first})") from None
+    finally:
+        joined.set()
     log.info("process %d of %d joined (%d local devices, %d in all)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 

@@ -96,6 +96,18 @@ def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> str:
     return folder
 
 
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> str:
+    """Pre-tokenized random pairs (the tiny model's 128-token vocabulary)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(256):
+            rec = {k: rng.integers(1, 128, int(rng.integers(lo, hi))).tolist() for k, lo, hi in (("prompt_input_ids", 3, 20), ("chosen_input_ids", 2, 24), ("rejected_input_ids", 2, 24))}
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
 def read_json(path) -> object:
     with open(path) as f:
         return json.load(f)

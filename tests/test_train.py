@@ -19,18 +19,6 @@ from asft_jax.train import train
 TINY_INIT = "{vocab_size: 128, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> str:
-    """Pre-tokenized random pairs (the tiny model's 128-token vocabulary)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(256):
-            rec = {k: rng.integers(1, 128, int(rng.integers(lo, hi))).tolist() for k, lo, hi in (("prompt_input_ids", 3, 20), ("chosen_input_ids", 2, 24), ("rejected_input_ids", 2, 24))}
-            f.write(json.dumps(rec) + "\n")
-    return str(path)
-
-
 def config(out, pairs, *extra):
     base = [f"output_dir={out}", f"data.path={pairs}", f"model.init={TINY_INIT}", "max_steps=6", "save_steps=100", "batch_size=8", "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0"]
     return load_config(None, [*base, *extra])

@@ -1,0 +1,164 @@
+"""Multi-process training with real processes on this machine (CPU devices, gloo collectives)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from test_train import TINY_INIT, assert_curves_close, config, curve
+
+from asft_jax.distributed import coordinates
+from asft_jax.errors import AsftError
+from asft_jax.train import host_data_state, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch", "multiprocess_local.sh")
+_ports = iter(range(23400, 23500))
+
+
+def overrides(out, pairs, *extra) -> list[str]:
+    return [f"output_dir={out}", f"data.path={pairs}", f"model.init={TINY_INIT}", "save_steps=3", "batch_size=8",
+            "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0", *extra]
+
+
+def empty_config(out) -> str:
+    path = os.path.join(os.path.dirname(out), "empty.yaml")
+    with open(path, "w") as f:
+        f.write("{}\n")
+    return path
+
+
+def launch(n: int, out, pairs, *extra, devices: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``launch/multiprocess_local.sh N`` with the tiny model; the config comes from overrides only."""
+    env = {**os.environ, "PORT": str(next(_ports)), "DEVICES": str(devices), "LOG_DIR": str(out) + "_logs", "PYTHON": sys.executable}
+    cfg = empty_config(out)
+    return subprocess.run(["bash", LAUNCH, str(n), cfg, *overrides(out, pairs, *extra)], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def logs(out) -> str:
+    folder = str(out) + "_logs"
+    return "\n".join(open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)))
+
+
+@pytest.fixture(scope="module")
+def single(pairs, tmp_path_factory):
+    """The single-process reference: 6 steps, global batch 8, on this process's 8 devices."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(config(out, pairs, "save_steps=3"))
+    return curve(out)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_processes_reproduce_the_single_process_curve(n, pairs, single, tmp_path):
+    out = tmp_path / "run"
+    done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
+    assert done.returncode == 0, done.stderr + logs(out)
+    assert_curves_close(curve(out), single, rtol=2e-5)
+    assert f"process 1 of {n} joined" in logs(out)
+
+
+def rewind(out, step: int) -> None:
+    """Back to the state after ``step``: later checkpoints and metrics rows removed."""
+    for name in os.listdir(out / "checkpoints"):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(out / "checkpoints" / name)
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] <= step]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_checkpoints_move_between_process_counts(pairs, single, tmp_path):
+    """Step 3 of a 2-process run resumed by one process, and step 3 of a 1-process run resumed by
+    two, both continue the single-process curve."""
+    two_then_one = tmp_path / "a"
+    assert launch(2, two_then_one, pairs, "max_steps=6", devices=4).returncode == 0, logs(two_then_one)
+    rewind(two_then_one, 3)
+    train(config(two_then_one, pairs, "save_steps=3"))
+    assert_curves_close(curve(two_then_one), single, rtol=2e-5)
+
+    one_then_two = tmp_path / "b"
+    train(config(one_then_two, pairs, "save_steps=3"))
+    rewind(one_then_two, 3)
+    done = launch(2, one_then_two, pairs, "max_steps=6", devices=4)
+    assert done.returncode == 0, logs(one_then_two)
+    assert "resuming from" in logs(one_then_two)
+    assert_curves_close(curve(one_then_two), single, rtol=2e-5)
+
+
+def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, tmp_path):
+    out, port = tmp_path / "run", next(_ports)
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "ASFT_COORDINATOR_ADDRESS": f"localhost:{port}", "ASFT_NUM_PROCESSES": "2", "ASFT_PROCESS_ID": str(i),
+               "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+        args = [sys.executable, "-m", "asft_jax", "train", empty_config(out),
+                *overrides(out, pairs, "max_steps=100000", "save_steps=100000", "distributed.heartbeat_timeout=5")]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 300
+    while not (os.path.isfile(out / "metrics.jsonl") and len(curve(out)) >= 2):  # both are training
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 5 + 40  # the heartbeat timeout plus detection and teardown
+    assert "another task died" in err or "unhealthy" in err, err[-2000:]
+
+
+def test_the_launcher_stops_everyone_when_one_process_fails(pairs, tmp_path):
+    out = tmp_path / "run"
+    done = launch(2, out, pairs, "max_steps=2", "objective.name=nonsense")
+    assert done.returncode == 1
+    assert "asft: process 0 of 2 exited with status 1" in done.stderr or "asft: process 1 of 2 exited with status 1" in done.stderr
+
+
+def test_a_missing_process_fails_after_the_join_timeout(pairs, tmp_path):
+    env = {**os.environ, "ASFT_COORDINATOR_ADDRESS": f"localhost:{next(_ports)}", "ASFT_NUM_PROCESSES": "2", "ASFT_PROCESS_ID": "0",
+           "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "asft_jax", "train", empty_config(tmp_path / "run"),
+                           *overrides(tmp_path / "run", pairs, "max_steps=2", "distributed.initialization_timeout=5")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and time.time() - start < 60
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("asft: error: distributed: could not join 2 processes at localhost:") and "within 5 s" in last
+
+
+def test_dry_run_prints_one_command_per_process():
+    done = subprocess.run(["bash", LAUNCH, "3", "c.yaml", "max_steps=2"], env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 3
+    assert all(f"ASFT_PROCESS_ID={i} " in line and line.endswith("train c.yaml max_steps=2") for i, line in enumerate(lines))
+
+
+def dc(**kw):
+    return types.SimpleNamespace(**{"coordinator_address": None, "num_processes": None, "process_id": None, **kw})
+
+
+def test_where_the_coordinates_come_from():
+    assert coordinates(dc(), {}) is None
+    env = {"ASFT_COORDINATOR_ADDRESS": "h:1", "ASFT_NUM_PROCESSES": "4", "ASFT_PROCESS_ID": "3"}
+    assert coordinates(dc(), env) == {"coordinator_address": "h:1", "num_processes": 4, "process_id": 3}
+    assert coordinates(dc(process_id=0), env)["process_id"] == 0  # the config wins
+    assert coordinates(dc(), {"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}) == {}
+    assert coordinates(dc(), {"SLURM_NTASKS": "8"}) is None  # sbatch's batch shell, not an srun task
+    assert coordinates(dc(), {"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}
+    with pytest.raises(AsftError, match="not process_id"):
+        coordinates(dc(), {"ASFT_COORDINATOR_ADDRESS": "h:1", "ASFT_NUM_PROCESSES": "2"})
+    with pytest.raises(AsftError, match=r"process_id 2 is not in \[0, 2\)"):
+        coordinates(dc(coordinator_address="h:1", num_processes=2, process_id=2), {})
+
+
+def test_data_positions_are_shared_out_across_process_counts():
+    hosts = [{"items": {"next_index": 12}, "skipped": {"x": 1}, "first": {"x": "f:1"}}, {"items": {"next_index": 12}, "skipped": {"x": 2}, "first": {}}]
+    saved = {"process_count": 2, "hosts": hosts}
+    assert host_data_state(saved, 1, 2) == hosts[1]
+    assert host_data_state(saved, 0, 1) == {"items": {"next_index": 24}, "skipped": {"x": 3}, "first": {"x": "f:1"}}
+    assert host_data_state(saved, 3, 4) == {"items": {"next_index": 6}, "skipped": {}, "first": {}}
