@@ -4,7 +4,8 @@ Every host runs the same ``asft train``; ``initialize`` calls ``jax.distributed.
 before any device is touched. Where the coordinates come from, first match wins:
 1. the config's ``distributed.coordinator_address`` / ``num_processes`` / ``process_id``;
 2. ``ASFT_COORDINATOR_ADDRESS`` / ``ASFT_NUM_PROCESSES`` / ``ASFT_PROCESS_ID`` (``launch/``'s scripts);
-3. a SLURM step with several tasks, or a TPU pod slice with several workers: JAX reads them itself.
+3. ``ASFT_DISTRIBUTED=auto`` (``launch/tpu_pod.sh``), a SLURM step with several tasks, or a TPU
+   slice whose workers are listed in ``TPU_WORKER_HOSTNAMES``: JAX's cluster detection finds them.
 Otherwise the run is single-process. A process that cannot join within ``initialization_timeout``
 fails with one line; once running, a process that stops sending heartbeats for ``heartbeat_timeout``
 seconds makes JAX terminate the others (a dead host never leaves the rest hanging in a collective).
@@ -43,6 +44,8 @@ def coordinates(cfg: Any, env: dict[str, str] | None = None) -> dict[str, Any] |
         if not 0 <= explicit["process_id"] < explicit["num_processes"]:
             raise AsftError(f"distributed: process_id {explicit['process_id']} is not in [0, {explicit['num_processes']})")
         return explicit if explicit["num_processes"] > 1 else None
+    if env.get("ASFT_DISTRIBUTED") == "auto":
+        return {}
     if _int(env, "SLURM_NTASKS", 1) > 1 and "SLURM_STEP_ID" in env:
         return {}  # inside `srun`: JAX's SLURM detection reads the node list and task ids
     if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:

@@ -150,6 +150,7 @@ def test_where_the_coordinates_come_from():
     assert coordinates(dc(), {"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}) == {}
     assert coordinates(dc(), {"SLURM_NTASKS": "8"}) is None  # sbatch's batch shell, not an srun task
     assert coordinates(dc(), {"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}
+    assert coordinates(dc(), {"ASFT_DISTRIBUTED": "auto"}) == {}
     with pytest.raises(AsftError, match="not process_id"):
         coordinates(dc(), {"ASFT_COORDINATOR_ADDRESS": "h:1", "ASFT_NUM_PROCESSES": "2"})
     with pytest.raises(AsftError, match=r"process_id 2 is not in \[0, 2\)"):
@@ -162,3 +163,40 @@ def test_data_positions_are_shared_out_across_process_counts():
     assert host_data_state(saved, 1, 2) == hosts[1]
     assert host_data_state(saved, 0, 1) == {"items": {"next_index": 24}, "skipped": {"x": 3}, "first": {"x": "f:1"}}
     assert host_data_state(saved, 3, 4) == {"items": {"next_index": 6}, "skipped": {}, "first": {}}
+
+
+SCRIPTS = ["multiprocess_local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_scripts_parse_and_pass_shellcheck(script):
+    path = os.path.join(REPO, "launch", script)
+    assert subprocess.run(["bash", "-n", path], check=False).returncode == 0
+    checked = subprocess.run(["shellcheck", path], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout
+
+
+def dry(script: str, *args, **env) -> list[str]:
+    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], env={**os.environ, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()
+
+
+def test_slurm_dry_run_gives_every_task_its_id_and_the_first_node_as_coordinator():
+    lines = dry("gpu_slurm.sbatch", "c.yaml", "max_steps=5", NODES="4")
+    assert lines[0].startswith("srun --nodes=4 --ntasks=4 --ntasks-per-node=1 ")
+    for p, line in enumerate(lines[1:]):
+        assert line.startswith(f"node{p + 1:03d} task {p}: ASFT_COORDINATOR_ADDRESS=node001:12321 ASFT_NUM_PROCESSES=4 ASFT_PROCESS_ID={p} ")
+        assert line.endswith("-m asft_jax train c.yaml max_steps=5")
+    per_gpu = dry("gpu_slurm.sbatch", "c.yaml", NODES="2", PER_GPU="1", GPUS_PER_NODE="8")
+    assert len(per_gpu) == 1 + 16 and per_gpu[16].startswith("node002 task 15: CUDA_VISIBLE_DEVICES=7 ")
+
+
+def test_tpu_dry_run_creates_copies_runs_on_all_workers_and_collects_logs():
+    lines = dry("tpu_pod.sh", "c.yaml", "max_steps=5", TPU_NAME="pod", ZONE="z", ACCELERATOR_TYPE="v4-32", NUM_WORKERS="8")
+    assert lines[0] == "gcloud compute tpus tpu-vm create pod --zone z --accelerator-type v4-32 --version tpu-ubuntu2204-base"
+    ssh = [line for line in lines if " ssh pod " in line]
+    assert len(ssh) == 1 and "--worker=all" in ssh[0] and "ASFT_DISTRIBUTED=auto" in ssh[0] and "train\\ c.yaml\\ max_steps=5" in ssh[0]
+    logs = [line for line in lines if line.endswith(tuple(f"--worker={i}" for i in range(8)))]
+    assert len(logs) == 8
