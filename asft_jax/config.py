@@ -196,6 +196,8 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError(f"config: model.param_dtype {cfg.model.param_dtype!r} is not float32, bfloat16 or float16")
     if not cfg.data.path:
         raise AsftError("config: data.path is required")
+    if "://" in cfg.output_dir:
+        raise AsftError(f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host mounts (NFS, or the bucket through gcsfuse)")
     if cfg.optimizer.schedule not in ("linear", "cosine"):
         raise AsftError(f"config: optimizer.schedule {cfg.optimizer.schedule!r} is not linear or cosine")
     for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps"):

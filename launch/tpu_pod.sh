@@ -9,8 +9,8 @@
 # 3. runs the same `python -m asft_jax train CONFIG [key=value ...]` on --worker=all (the workers
 #    join through JAX's TPU cluster detection: ASFT_DISTRIBUTED=auto);
 # 4. copies each worker's log to $LOG_DIR/worker_<i>.log.
-# The run directory (output_dir in the config) must be one all workers share: a gs:// bucket path
-# or a mounted filesystem. Data paths must exist on every worker (or be Hub ids).
+# The run directory (output_dir in the config) must be a filesystem every worker mounts (NFS,
+# Filestore, or a bucket through gcsfuse). Data paths must exist on every worker (or be Hub ids).
 #
 # Variables:
 #   TPU_NAME          TPU VM name (required)

@@ -117,6 +117,8 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
         config(tmp_path / "d", pairs, "optimizer.lr=1")
     with pytest.raises(AsftError, match=r"batch_size = 'x' should be int"):
         config(tmp_path / "e", pairs, "batch_size=x")
+    with pytest.raises(AsftError, match=r"object-store URLs are not supported yet"):
+        load_config(None, [f"data.path={pairs}", "output_dir=gs://bucket/run", "model.init={vocab_size: 8}"])
 
 
 def test_non_finite_loss_stops_the_run_naming_the_checkpoint(pairs, tmp_path):
