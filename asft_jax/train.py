@@ -304,10 +304,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
             bar.update(1)
             if on_step is not None:
                 on_step(done)
-            if done % cfg.save_steps == 0 or done == cfg.max_steps or preemption.requested:
+            stop = any(all_hosts(preemption.requested))  # every host stops at the same step (a SIGTERM reaches them at different times)
+            if done % cfg.save_steps == 0 or done == cfg.max_steps or stop:
                 checkpointer.save(done, run.state, {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())}, to_dict(cfg))
                 last_saved = done
-            if preemption.requested:
+            if stop:
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
                 break
         checkpointer.wait()

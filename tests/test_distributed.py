@@ -91,19 +91,35 @@ def test_checkpoints_move_between_process_counts(pairs, single, tmp_path):
     assert_curves_close(curve(one_then_two), single, rtol=2e-5)
 
 
-def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, tmp_path):
-    out, port = tmp_path / "run", next(_ports)
-    procs = []
+def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
+    """Two processes of a long run, returned once both are past step 2."""
+    port, procs = next(_ports), []
     for i in range(2):
         env = {**os.environ, "ASFT_COORDINATOR_ADDRESS": f"localhost:{port}", "ASFT_NUM_PROCESSES": "2", "ASFT_PROCESS_ID": str(i),
                "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-        args = [sys.executable, "-m", "asft_jax", "train", empty_config(out),
-                *overrides(out, pairs, "max_steps=100000", "save_steps=100000", "distributed.heartbeat_timeout=5")]
+        args = [sys.executable, "-m", "asft_jax", "train", empty_config(out), *overrides(out, pairs, "max_steps=100000", "save_steps=100000", *extra)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 300
-    while not (os.path.isfile(out / "metrics.jsonl") and len(curve(out)) >= 2):  # both are training
+    while not (os.path.isfile(out / "metrics.jsonl") and len(curve(out)) >= 2):
         assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-2000:]
         time.sleep(0.5)
+    return procs
+
+
+def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp_path):
+    out = tmp_path / "run"
+    procs = start_training(out, pairs)
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host first
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    steps = [int(name) for name in os.listdir(out / "checkpoints") if name.isdigit()]
+    assert steps == [curve(out)[-1]["step"]]
+
+
+def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, tmp_path):
+    out = tmp_path / "run"
+    procs = start_training(out, pairs, "distributed.heartbeat_timeout=5")
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     _, err = procs[0].communicate(timeout=120)
