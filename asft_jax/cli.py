@@ -83,11 +83,18 @@ def _sampling(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from asft_jax.evaluate import objective_summary, score_pairs, summarize
+    from asft_jax.evaluate import (
+        objective_summary,
+        require_reference,
+        score_pairs,
+        summarize,
+    )
     from asft_jax.sources import resolve
 
     src = resolve(args.model)
     pairs, skipped, max_length = _read_pairs(args, src)
+    if args.objective:
+        require_reference(args.objective, pairs)  # before any weights load
     mesh = _mesh(args)
     model, params = _load_model(src, args.dtype, mesh)
     results = list(score_pairs(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, total=len(pairs)))

@@ -127,6 +127,12 @@ def summarize(results: list[dict], skipped: collections.Counter) -> dict:
     return summary
 
 
+def require_reference(name: str, pairs: list[TokenizedPair]) -> None:
+    """DPO-family objectives need every pair's reference log-probs."""
+    if name in NEEDS_REFERENCE and any(p.ref_chosen is None for p in pairs):
+        raise AsftError(f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)")
+
+
 def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict], **hparams: float) -> dict:
     """The objective's mean loss and metrics over scored pairs (DPO-family: the pairs' reference
     log-probs, e.g. from ``asft data reference``)."""
@@ -134,9 +140,8 @@ def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict]
         return {"objective": name, "loss": None}
     col = lambda key: np.array([r[key] for r in results], np.float32)
     refs = {}
+    require_reference(name, pairs)
     if name in NEEDS_REFERENCE:
-        if any(p.ref_chosen is None for p in pairs):
-            raise AsftError(f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)")
         ones = np.ones(len(pairs), np.float32)
         refs = {
             "ref_chosen": SequenceLogps(np.array([p.ref_chosen for p in pairs], np.float32), ones),
