@@ -106,14 +106,14 @@ def _eval(args: argparse.Namespace) -> None:
         from asft_jax.evaluate import generation_summary
         from asft_jax.generate import Generator, stop_token_ids
 
-        tokenizer = src.tokenizer()
-        chosen = pairs[: args.generate_pairs or len(pairs)]
-        generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), _sampling(args), args.batch_size)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in chosen])]
-        refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in chosen]
+        tokenizer, sampling = src.tokenizer(), _sampling(args)
+        prompted = pairs[: args.generate_pairs or len(pairs)]
+        generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), sampling, args.batch_size)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in prompted])]
+        refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in prompted]
         for r, generated, reference in zip(results, texts, refs):
             r.update(generated=generated, reference=reference)
-        summary.update(generation_summary(texts, refs, _sampling(args)))
+        summary.update(generation_summary(texts, refs, sampling))
     with open(args.output or os.devnull, "w") as out:
         out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     print(json.dumps(summary))
