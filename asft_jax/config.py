@@ -27,6 +27,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU (bf16 matmuls are slow there), else bfloat16
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = "auto"  # auto | xla | dot_product | splash (asft_jax.model.attention)
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class DataConfigSection:
     num_epochs: int | None = None  # None: repeat until max_steps
     shuffle: bool = True
     num_threads: int = 2
+    layout: str = "packed_shared_prefix"  # padded | packed | packed_shared_prefix (asft_jax.data.packing)
 
 
 @dataclasses.dataclass
@@ -181,7 +183,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Problems that would otherwise surface deep inside a compile or a long run."""
+    from asft_jax.data.packing import LAYOUTS
     from asft_jax.losses import LOSSES
+    from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
 
     if cfg.objective.name not in LOSSES:
@@ -190,6 +194,10 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
     if cfg.model.remat_policy not in REMAT_POLICIES:
         raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+    if cfg.model.attention not in IMPLEMENTATIONS:
+        raise AsftError(f"config: model.attention {cfg.model.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if cfg.data.layout not in LAYOUTS:
+        raise AsftError(f"config: data.layout {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise AsftError(f"config: model.dtype {cfg.model.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.model.param_dtype not in ("float32", "bfloat16", "float16"):

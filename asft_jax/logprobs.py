@@ -15,7 +15,7 @@ from asft_jax.model import Llama, lm_head_kernel
 
 
 def _chunk_logps(h: jax.Array, targets: jax.Array, kernel: jax.Array, vocab_chunk: int) -> jax.Array:
-    """log-softmax picked at ``targets`` for one position chunk: h ``[b, c, e]`` -> ``[b, c]``."""
+    """log-softmax picked at ``targets`` ``[b, c, k]`` for one position chunk: h ``[b, c, e]`` -> ``[b, c, k]``."""
     e, v = kernel.shape
     n = -(-v // vocab_chunk)
     w = jnp.pad(kernel, ((0, 0), (0, n * vocab_chunk - v))).reshape(e, n, vocab_chunk).swapaxes(0, 1)
@@ -33,12 +33,12 @@ def _chunk_logps(h: jax.Array, targets: jax.Array, kernel: jax.Array, vocab_chun
         total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
         local = targets - start
         inside = (local >= 0) & (local < vocab_chunk)
-        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1)[..., None], axis=-1)[..., 0]
+        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab_chunk - 1), axis=-1)
         return (new_top, total, picked + jnp.where(inside, hit, 0.0)), None
 
-    zeros = jnp.zeros(targets.shape, jnp.float32)
-    (top, total, picked), _ = jax.lax.scan(step, (zeros - jnp.inf, zeros, zeros), (w, starts))
-    return picked - (top + jnp.log(total))
+    zeros = jnp.zeros(targets.shape[:-1], jnp.float32)
+    (top, total, picked), _ = jax.lax.scan(step, (zeros - jnp.inf, zeros, jnp.zeros(targets.shape, jnp.float32)), (w, starts))
+    return picked - (top + jnp.log(total))[..., None]
 
 
 def token_logps(
@@ -46,21 +46,25 @@ def token_logps(
 ) -> jax.Array:
     """log pi(target | context) for each position.
 
-    hidden: ``[batch, length, embed]``; kernel: ``[embed, vocab]``; targets: ``[batch, length]`` int.
-    Returns ``[batch, length]`` float32.
+    hidden: ``[batch, length, embed]``; kernel: ``[embed, vocab]``; targets: ``[batch, length]`` int,
+    or ``[batch, length, k]`` for ``k`` targets per position (one softmax, ``k`` picks).
+    Returns float32 of the shape of ``targets``.
     """
+    single = targets.ndim == 2
+    targets = targets[..., None] if single else targets
     b, t, _ = hidden.shape
+    k = targets.shape[-1]
     chunk = min(chunk, t)
     pad = -t % chunk
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad), (0, 0)))
     n = (t + pad) // chunk
     hs = hidden.reshape(b, n, chunk, -1).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk, k).swapaxes(0, 1)
     vocab_chunk = min(vocab_chunk, kernel.shape[1])
     one = jax.checkpoint(lambda args: _chunk_logps(args[0], args[1], kernel, vocab_chunk))
-    out = jax.lax.map(one, (hs, ts))  # [n, batch, chunk]
-    return out.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    out = jax.lax.map(one, (hs, ts)).swapaxes(0, 1).reshape(b, -1, k)[:, :t]  # [batch, length, k]
+    return out[..., 0] if single else out
 
 
 def sequence_logps(
@@ -83,3 +87,17 @@ def sequence_logps(
     logps = token_logps(hidden[:, :-1], kernel, tokens[:, 1:], chunk, vocab_chunk)
     mask = response_mask[:, 1:].astype(jnp.float32)
     return (logps * mask).sum(-1), response_mask[:, 1:].sum(-1).astype(jnp.int32)
+
+
+def pair_logps(model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384) -> jax.Array:
+    """Per-pair response log-prob sums ``[pairs, 2]`` (chosen, rejected) of one micro-batch laid out
+    by ``asft_jax.data.packing``: rows ``[rows, length]`` plus ``targets``/``target_slots``
+    ``[rows, length, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``)."""
+    hidden = model.apply(
+        {"params": params}, rows["tokens"], rows["segment_ids"], rows["positions"], return_hidden=True, branch_ids=rows.get("branch_ids")
+    )
+    kernel = lm_head_kernel(params, model.config).astype(hidden.dtype)
+    logps = token_logps(hidden, kernel, rows["targets"], chunk, vocab_chunk)
+    pairs = rows["counts"].shape[0]
+    sums = jax.ops.segment_sum(logps.reshape(-1), rows["target_slots"].reshape(-1), num_segments=2 * pairs + 1)
+    return sums[: 2 * pairs].reshape(pairs, 2)

@@ -82,6 +82,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH))
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Training batches ``[micro_batches, rows or pairs, ...]``: the second axis split over ``data`` and ``fsdp``."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import TrainConfig, to_dict
+from asft_jax.data.packing import pad_rows
 from asft_jax.data.pipeline import (
     DataConfig,
     PairBatches,
@@ -41,8 +42,8 @@ from asft_jax.errors import AsftError
 from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
-    batch_sharding,
     make_mesh,
+    micro_batch_sharding,
     param_shardings,
     placer,
     replicated,
@@ -53,7 +54,6 @@ from asft_jax.train_step import (
     make_optimizer,
     make_train_step,
     micro_loss,
-    pair_major,
 )
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ def _model(cfg: TrainConfig):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(cfg.model.param_dtype)
     if cfg.model.source is not None:
         src = resolve(cfg.model.source)
-        return Llama(src.config, dtype, param_dtype, cfg.model.remat_policy), src, src.tokenizer()
+        return Llama(src.config, dtype, param_dtype, cfg.model.remat_policy, cfg.model.attention), src, src.tokenizer()
     try:
         config = LlamaConfig(**cfg.model.init)
     except TypeError as e:
         raise AsftError(f"config: model.init: {e}") from None
     tokenizer = resolve(cfg.model.tokenizer).tokenizer() if cfg.model.tokenizer else None
-    return Llama(config, dtype, param_dtype, cfg.model.remat_policy), None, tokenizer
+    return Llama(config, dtype, param_dtype, cfg.model.remat_policy, cfg.model.attention), None, tokenizer
 
 
 def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh) -> str:
@@ -113,9 +113,25 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any,
     return path
 
 
-def _global_batch(rows: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    local = pair_major(rows)
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in local.items()}
+def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host-local batches (``asft_jax.data.packing``) -> global arrays, rows and pairs split over the
+    batch axes. Hosts packed their own pairs, so they first agree on one shape; the pair slots each
+    host wrote count from 0 and are moved past the pairs of the hosts before it."""
+    if jax.process_count() > 1:
+        shapes = all_hosts(batch["tokens"].shape[1:])
+        batch = pad_rows(batch, max(s[0] for s in shapes), max(s[1] for s in shapes))
+    sharding = micro_batch_sharding(mesh)
+    micro, local_pairs = batch["counts"].shape[:2]
+    global_pairs = local_pairs * jax.process_count()
+    offset = min(idx[1].start or 0 for idx in sharding.addressable_devices_indices_map((micro, global_pairs, 2)).values())
+    slots = batch["target_slots"]
+    batch = {**batch, "target_slots": np.where(slots < 2 * local_pairs, slots + 2 * offset, 2 * global_pairs).astype(np.int32)}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _row_multiple(mesh: jax.sharding.Mesh) -> int:
+    """Rows of a host's micro-batch must split evenly over its share of the batch shards."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
 
 
 def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
@@ -209,29 +225,33 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     data_cfg = DataConfig(
         data_path, cfg.data.split, data_format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
         cfg.seed, cfg.data.shuffle, cfg.data.num_epochs, False, cfg.data.num_threads,
+        cfg.data.layout, cfg.micro_batches, _row_multiple(mesh),
     )
     data = PairBatches(data_cfg, tokenizer, vocab_size=model.config.vocab_size)
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
     hparams = cfg.objective.hparams()
-    batch_sh = batch_sharding(mesh)
+    batch_sh = micro_batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(model, cfg.objective.name, hparams, tx, schedule, cfg.micro_batches),
+        make_train_step(model, cfg.objective.name, hparams, tx, schedule),
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
     eval_fn = None
     if cfg.eval_steps and cfg.data.eval_path and cfg.objective.name not in NEEDS_REFERENCE:
-        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, b), in_shardings=(param_shards, batch_sh))
+        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)), in_shardings=(param_shards, batch_sh))
     return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn), checkpointer, data
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split."""
     cfg = run.cfg
-    eval_cfg = DataConfig(cfg.data.eval_path, cfg.data.eval_split, cfg.data.format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size, shuffle=False, num_epochs=1, num_threads=cfg.data.num_threads)
+    eval_cfg = DataConfig(
+        cfg.data.eval_path, cfg.data.eval_split, cfg.data.format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
+        shuffle=False, num_epochs=1, num_threads=cfg.data.num_threads, layout=cfg.data.layout, row_multiple=_row_multiple(run.mesh),
+    )
     batches = PairBatches(eval_cfg, run.tokenizer, vocab_size=run.model.config.vocab_size)
     totals: dict[str, float] = {}
     pairs = 0
@@ -289,7 +309,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 log.info("data exhausted after %d steps", step)
                 break
             run.state, metrics = run.step_fn(run.state, _global_batch(rows, run.mesh))
-            tokens_seen += float(rows["segment_ids"].sum()) * jax.process_count()  # hosts hold equal shares
+            tokens_seen += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             done = step + 1
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,11 +1,9 @@
 """The pure training step: (state, batch) -> (state, metrics), jitted with shardings by the loop.
 
-A batch holds ``pairs`` preference pairs, pair-major: ``tokens``, ``segment_ids``, ``response_mask``
-of shape ``[pairs, 2, length]`` (side 0 chosen, 1 rejected) and, for DPO-family objectives,
-``ref_chosen_logps``/``ref_rejected_logps`` ``[pairs]``. Micro-batches for gradient accumulation are
-strided (pair ``j`` goes to micro-batch ``j % micro_batches``) so each stays spread over the devices
-that hold the batch. Losses are summed over pairs and divided by the pair count once, so
-accumulation gives exactly the big-batch mean.
+A batch is laid out by ``asft_jax.data.packing``: arrays ``[micro_batches, rows, ...]``, one
+micro-batch per gradient-accumulation step, each holding whole pairs (padded, packed, or packed with
+a shared prompt: the step is the same function of the per-pair log-prob sums). Losses are summed
+over pairs and divided by the pair count once, so accumulation gives exactly the big-batch mean.
 """
 
 from __future__ import annotations
@@ -15,10 +13,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from asft_jax.logprobs import sequence_logps
+from asft_jax.logprobs import pair_logps
 from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
 
@@ -56,37 +53,24 @@ def make_optimizer(learning_rate: float, total_steps: int, *, weight_decay=0.0, 
     return tx, lr
 
 
-def pair_major(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pipeline rows ``[2 * pairs, length]`` (chosen rows, then rejected) -> ``[pairs, 2, length]``."""
-    out = {}
-    for key, value in rows.items():
-        if value.ndim == 2:
-            out[key] = value.reshape(2, -1, value.shape[-1]).swapaxes(0, 1)
-        else:
-            out[key] = value
-    return out
-
-
 def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
     """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs."""
-    pairs, _, length = mb["tokens"].shape
-    flat = {k: mb[k].reshape(2 * pairs, length) for k in ("tokens", "segment_ids", "response_mask")}
-    sums, counts = sequence_logps(model, params, flat["tokens"], flat["segment_ids"], flat["response_mask"])
-    sums, counts = sums.reshape(pairs, 2), counts.reshape(pairs, 2)
+    sums, counts = pair_logps(model, params, mb), mb["counts"]
+    pairs = counts.shape[0]
     chosen, rejected = SequenceLogps(sums[:, 0], counts[:, 0]), SequenceLogps(sums[:, 1], counts[:, 1])
     refs = {}
     if objective in NEEDS_REFERENCE:
-        refs = {"ref_chosen": SequenceLogps(mb["ref_chosen_logps"], counts[:, 0]), "ref_rejected": SequenceLogps(mb["ref_rejected_logps"], counts[:, 1])}
+        ref = mb["ref_logps"]
+        refs = {"ref_chosen": SequenceLogps(ref[:, 0], counts[:, 0]), "ref_rejected": SequenceLogps(ref[:, 1], counts[:, 1])}
     loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
     return loss.sum(), {k: v * pairs for k, v in metrics.items()}
 
 
-def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable, micro_batches: int):
+def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable):
     """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        pairs = batch["tokens"].shape[0]
-        micro = jax.tree.map(lambda x: x.reshape(pairs // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+        pairs = batch["counts"].shape[0] * batch["counts"].shape[1]
         grad_fn = jax.value_and_grad(lambda p, mb: micro_loss(model, objective, hparams, p, mb), has_aux=True)
 
         def accumulate(carry, mb):
@@ -95,9 +79,9 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
             return (jax.tree.map(jnp.add, grads, mb_grads), loss + mb_loss, jax.tree.map(jnp.add, metrics, mb_metrics)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        metric_shapes = jax.eval_shape(lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], micro))[1])
+        metric_shapes = jax.eval_shape(lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], batch))[1])
         init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, micro)
+        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, batch)
         grads = jax.tree.map(lambda g: g / pairs, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -2,7 +2,7 @@
 
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
-process_count`` pairs per host, padded to the smallest bucket length that fits. Bad records are
+process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``). Bad records are
 skipped and counted by reason (``strict`` stops at the first). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
 Records a host drops are its own: hosts stay disjoint, and their union equals the single-host batch
@@ -20,8 +20,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from asft_jax.data.batching import bucket_for, bucket_lengths, pack_rows
 from asft_jax.data.formats import FORMATS, detect_format, normalize
+from asft_jax.data.packing import LAYOUTS, layout_batch
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
@@ -43,6 +43,9 @@ class DataConfig:
     num_epochs: int | None = 1  # None: repeat forever
     strict: bool = False
     num_threads: int = 4
+    layout: str = "packed_shared_prefix"  # see asft_jax.data.packing
+    micro_batches: int = 1  # gradient accumulation steps: the pairs of a step are laid out per micro-batch
+    row_multiple: int = 1  # rows per micro-batch rounded to a multiple of this (the host's batch shards)
 
 
 def detect_source_format(source: RecordSource, probe: int = 100) -> str:
@@ -101,7 +104,7 @@ def encode_source(
 
 
 class PairBatches:
-    """Iterator of host-local batches (see ``asft_jax.data.batching.pack_rows`` for the arrays)."""
+    """Iterator of host-local batches (arrays described in ``asft_jax.data.packing``)."""
 
     def __init__(
         self,
@@ -117,6 +120,10 @@ class PairBatches:
             process_index, process_count = jax.process_index(), jax.process_count()
         if cfg.batch_size % process_count:
             raise AsftError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} hosts")
+        if cfg.layout not in LAYOUTS:
+            raise AsftError(f"data.layout {cfg.layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if (cfg.batch_size // process_count) % cfg.micro_batches:
+            raise AsftError(f"batch_size {cfg.batch_size} does not split into {cfg.micro_batches} micro-batches on each of the {process_count} hosts")
         self.cfg = cfg
         self.source = RecordSource(cfg.path, cfg.split)
         self.format = cfg.format or detect_source_format(self.source)
@@ -124,9 +131,9 @@ class PairBatches:
             raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
         self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size)
         self.local_batch = cfg.batch_size // process_count
-        self.buckets = bucket_lengths(cfg.max_length)
         self.skipped: collections.Counter = collections.Counter()
         self._first: dict[str, str] = {}
+        self.last_pair_tokens = 0  # tokens of the last batch's pairs as two sequences each, layout aside
 
         ds = grain.MapDataset.range(len(self.source))
         if cfg.shuffle:
@@ -150,6 +157,12 @@ class PairBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        pairs = self.next_pairs()
+        self.last_pair_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        return layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.cfg.micro_batches, self.cfg.row_multiple)
+
+    def next_pairs(self) -> list[TokenizedPair]:
+        """This host's pairs of the next step, in order."""
         pairs: list[TokenizedPair] = []
         while len(pairs) < self.local_batch:
             try:
@@ -161,8 +174,7 @@ class PairBatches:
                 self._skip(item, item.index)
             else:
                 pairs.append(item)
-        length = bucket_for(max(map(len, pairs)), self.buckets)
-        return pack_rows(pairs, self.local_batch, length)
+        return pairs
 
     def get_state(self) -> dict:
         return {"items": self._items.get_state(), "skipped": dict(self.skipped), "first": dict(self._first)}

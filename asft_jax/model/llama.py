@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asft_jax.model import attention
 from asft_jax.model.config import LlamaConfig
 
 Array = jax.Array
@@ -44,14 +45,21 @@ def segment_positions(segment_ids: Array) -> Array:
     return idx - last_start
 
 
-def attention_mask(segment_ids: Array) -> Array:
+def attention_mask(segment_ids: Array, branch_ids: Array | None = None) -> Array:
     """Causal, same-segment, non-padding mask, ``[batch, 1, 1, length, length]`` bool
-    (broadcast over kv heads and the query heads of a group)."""
+    (broadcast over kv heads and the query heads of a group).
+
+    With ``branch_ids`` (0 prompt, 1 chosen, 2 rejected; see ``asft_jax.data.packing``) a token also
+    sees only keys of branch 0 or of its own branch: both responses share one prompt.
+    """
     t = segment_ids.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     valid = (segment_ids != 0)[:, None, :]
-    return (causal & same & valid)[:, None, None]
+    mask = causal & same & valid
+    if branch_ids is not None:
+        mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    return mask[:, None, None]
 
 
 class KVCache(NamedTuple):
@@ -133,14 +141,16 @@ class Attention(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
+    implementation: str = "auto"  # see asft_jax.model.attention
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None = None, index: Array | None = None
+        self, x: Array, positions: Array, mask: Array, segment_ids: Array, kv: tuple[Array, Array] | None = None, index: Array | None = None
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, slots, kv_heads,
         head_dim]`` each), the new keys and values are written at slot ``index`` and attention runs
-        over all slots. Returns the output and the updated ``kv`` (or None)."""
+        over all slots (always the XLA path). ``segment_ids`` is None where ``mask`` is more than
+        causal-within-segments (the shared-prefix layout). Returns the output and the updated ``kv``."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
@@ -155,12 +165,13 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (kk, v)
 
-        b, t = x.shape[:2]
-        q = q.reshape(b, t, k, h // k, d)  # query heads grouped under their kv head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, kk, preferred_element_type=jnp.float32) / np.sqrt(d)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        impl = attention.resolve(self.implementation, segments_only=segment_ids is not None, length=x.shape[1])
+        if kv is not None or impl == "xla":
+            out = attention.xla_attention(q, kk, v, mask)
+        elif impl == "dot_product":
+            out = attention.dot_product_attention(q, kk, v, mask)
+        else:
+            out = attention.splash_attention(q, kk, v, segment_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out), kv
 
@@ -183,13 +194,15 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, index: Array | None
+        self, x: Array, positions: Array, mask: Array, segment_ids: Array | None, kv: tuple[Array, Array] | None, index: Array | None
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
-        attn, kv = Attention(c, dt, pdt, name="attn")(RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x), positions, mask, kv, index)
+        normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
+        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(normed, positions, mask, segment_ids, kv, index)
         h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
@@ -199,7 +212,8 @@ class Llama(nn.Module):
     """Llama causal LM.
 
     ``__call__(tokens, segment_ids=None, positions=None)`` maps int tokens ``[batch, length]`` to
-    logits ``[batch, length, vocab]`` in ``dtype``; with ``return_hidden=True`` it stops before the
+    logits ``[batch, length, vocab]`` in ``dtype`` (``branch_ids``: the shared-prefix mask, see
+    ``attention_mask``); with ``return_hidden=True`` it stops before the
     LM head and returns the final normed hidden states ``[batch, length, hidden]`` instead
     (see ``head`` and ``lm_head_kernel``). With ``cache`` it returns ``(output, updated cache)``:
     the tokens continue the cached ones (``segment_ids`` 0 marks padding; positions follow the
@@ -210,6 +224,7 @@ class Llama(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
+    attention: str = "auto"  # see asft_jax.model.attention
 
     def setup(self) -> None:
         c = self.config
@@ -220,6 +235,8 @@ class Llama(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=_logical(nn.initializers.normal(0.02), "vocab", "embed"),
         )
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}")
         layer = DecoderLayer
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -229,10 +246,10 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # x carried, kv scanned per layer
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype)
+        )(c, self.dtype, self.param_dtype, self.attention)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)
@@ -244,18 +261,20 @@ class Llama(nn.Module):
         positions: Array | None = None,
         return_hidden: bool = False,
         cache: KVCache | None = None,
+        branch_ids: Array | None = None,
     ) -> Array | tuple[Array, KVCache]:
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, jnp.int32)
         if cache is None:
-            kv, index, mask = None, None, attention_mask(segment_ids)
+            kv, index, mask = None, None, attention_mask(segment_ids, branch_ids)
             cache_positions = segment_positions(segment_ids)
         else:
             kv, index = (cache.k, cache.v), cache.index
             cache, cache_positions, mask = cache.extend(segment_ids)
         positions = cache_positions if positions is None else positions
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
-        x, kv = self.layers(x, positions, mask, kv, index)
+        kernel_segments = segment_ids if branch_ids is None and cache is None else None
+        x, kv = self.layers(x, positions, mask, kernel_segments, kv, index)
         x = self.norm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache._replace(k=kv[0], v=kv[1]))

@@ -1,0 +1,98 @@
+"""The train step's loss is a function of the pairs, not of how they are laid out in rows: packed and
+shared-prefix layouts give the padded layout's per-pair sums, loss and gradients; so do the fused
+attention paths (``dot_product``, and ``splash`` in Pallas interpret mode)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY
+from data.test_packing import random_pairs
+
+from asft_jax.data.batching import pack_rows
+from asft_jax.data.packing import LAYOUTS, layout_batch
+from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.logprobs import pair_logps, sequence_logps
+from asft_jax.model import Llama, LlamaConfig, init_params
+from asft_jax.train_step import TrainState, make_optimizer, make_train_step, micro_loss
+
+ARCHS = {
+    "gqa": {},
+    "tied_mha": {"tie_word_embeddings": True, "num_key_value_heads": 4},
+    "bias": {"attention_bias": True, "mlp_bias": True},
+}
+RTOL = 1e-5
+
+
+def with_refs(pairs, seed=0):
+    rng = np.random.default_rng(seed)
+    return [type(p)(p.index, p.prompt, p.chosen, p.rejected, *(-rng.uniform(10, 60, 2)).tolist()) for p in pairs]
+
+
+def micro(batch):
+    return jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+
+
+def loss_sums_grads(model, params, pairs, layout, objective, hparams=None):
+    mb = micro(layout_batch(pairs, layout, max_length=128))
+    fn = jax.jit(jax.value_and_grad(lambda p: micro_loss(model, objective, hparams or {}, p, mb), has_aux=True))
+    (loss, _), grads = fn(params)
+    return float(loss), np.asarray(jax.jit(lambda p: pair_logps(model, p, mb))(params)), grads
+
+
+def assert_grads_close(got, expected, rtol):
+    for (path, g), e in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+        err = float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e))
+        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("objective", ["asft", "dpo"])
+def test_layouts_agree_on_sums_loss_and_gradients(arch, objective):
+    model = Llama(LlamaConfig(**{**TINY, **ARCHS[arch]}))
+    params = init_params(model, jax.random.key(3))
+    pairs = with_refs(random_pairs(10, seed=4))
+    results = {layout: loss_sums_grads(model, params, pairs, layout, objective) for layout in LAYOUTS}
+    loss, sums, grads = results["padded"]
+
+    # the padded layout against the two-row scorer that was checked against transformers
+    rows = {k: jnp.asarray(v) for k, v in pack_rows(pairs, len(pairs), 128).items()}
+    two_row, _ = sequence_logps(model, params, rows["tokens"], rows["segment_ids"], rows["response_mask"])
+    np.testing.assert_allclose(sums, np.asarray(two_row).reshape(2, -1).T, rtol=RTOL)
+    for layout in ("packed", "packed_shared_prefix"):
+        got_loss, got_sums, got_grads = results[layout]
+        np.testing.assert_allclose(got_sums, sums, rtol=RTOL)
+        np.testing.assert_allclose(got_loss, loss, rtol=RTOL)
+        assert_grads_close(got_grads, grads, RTOL)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_micro_batches_give_the_full_batch_step(layout):
+    model = Llama(LlamaConfig(**TINY))
+    params = init_params(model, jax.random.key(0))
+    tx, schedule = make_optimizer(1e-3, 10)
+    step = jax.jit(make_train_step(model, "asft", {}, tx, schedule))
+    pairs = random_pairs(8, seed=5)
+    states = []
+    for m in (1, 2):
+        batch = jax.tree.map(jnp.asarray, layout_batch(pairs, layout, max_length=128, micro_batches=m))
+        states.append(step(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), batch))
+    (one, m1), (two, m2) = states
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=RTOL)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=RTOL)
+    assert_grads_close(two.params, one.params, RTOL)
+
+
+@pytest.mark.parametrize(("attention", "layout"), [("dot_product", "packed_shared_prefix"), ("dot_product", "packed"), ("splash", "packed"), ("splash", "padded")])
+def test_fused_attention_paths_match_xla(attention, layout):
+    config = LlamaConfig(**TINY)
+    reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
+    params = init_params(reference, jax.random.key(1))
+    pairs = [*random_pairs(6, seed=6), TokenizedPair(6, list(range(1, 41)), list(range(2, 32)), list(range(3, 63)))]  # rows of 128
+    loss, sums, grads = loss_sums_grads(reference, params, pairs, layout, "asft")
+    got_loss, got_sums, got_grads = loss_sums_grads(fused, params, pairs, layout, "asft")
+    np.testing.assert_allclose(got_sums, sums, rtol=RTOL)
+    np.testing.assert_allclose(got_loss, loss, rtol=RTOL)
+    assert_grads_close(got_grads, grads, 1e-4)
