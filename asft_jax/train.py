@@ -113,7 +113,7 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any,
     return path
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Host-local batches (``asft_jax.data.packing``) -> global arrays, rows and pairs split over the
     batch axes. Hosts packed their own pairs, so they first agree on one shape; the pair slots each
     host wrote count from 0 and are moved past the pairs of the hosts before it."""
@@ -256,7 +256,7 @@ def evaluate(run: Run) -> dict[str, float]:
     totals: dict[str, float] = {}
     pairs = 0
     for rows in batches:
-        loss, metrics = run.eval_fn(run.state.params, _global_batch(rows, run.mesh))
+        loss, metrics = run.eval_fn(run.state.params, global_batch(rows, run.mesh))
         for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         pairs += cfg.batch_size
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
             except StopIteration:
                 log.info("data exhausted after %d steps", step)
                 break
-            run.state, metrics = run.step_fn(run.state, _global_batch(rows, run.mesh))
+            run.state, metrics = run.step_fn(run.state, global_batch(rows, run.mesh))
             tokens_seen += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             done = step + 1
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:

@@ -250,3 +250,31 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
         expected = out[0, len(ids) :].tolist()
         assert len(expected) >= 32
         assert got == expected, (tok.decode(got), tok.decode(expected))
+
+
+def test_layouts_agree_on_real_pairs(ours, shared_data):
+    """Real UltraFeedback pairs (chosen and rejected of very different lengths, several pairs per
+    packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients."""
+    from test_train_step import assert_grads_close, loss_sums_grads
+
+    from asft_jax.data.packing import layout_batch
+    from asft_jax.data.pipeline import encode_source
+    from asft_jax.data.records import RecordSource
+    from asft_jax.data.tokenize import Encoder
+
+    src, params = ours
+    source = RecordSource(os.path.join(shared_data, "ultrafeedback", "eval.jsonl"), "train")
+    candidates = list(encode_source(source, "standard", Encoder(src.tokenizer(), max_length=256), limit=60))
+    uneven = [p for p in candidates if abs(len(p.chosen) - len(p.rejected)) > 60][:3]
+    short = sorted((p for p in candidates if p not in uneven), key=len)[:3]  # these share rows
+    assert len(uneven) == len(short) == 3
+    pairs = uneven + short
+    assert layout_batch(pairs, "packed", 256)["tokens"].shape[1] < 2 * len(pairs)  # several sequences per row
+    assert layout_batch(pairs, "packed_shared_prefix", 256)["tokens"].shape[1] < len(pairs)
+    model = Llama(src.config)
+    results = {layout: loss_sums_grads(model, params, pairs, layout, "asft", max_length=256) for layout in ("padded", "packed", "packed_shared_prefix")}
+    loss, sums, grads = results["padded"]
+    for layout in ("packed", "packed_shared_prefix"):
+        np.testing.assert_allclose(results[layout][1], sums, rtol=1e-5)
+        np.testing.assert_allclose(results[layout][0], loss, rtol=1e-5)
+        assert_grads_close(results[layout][2], grads, 1e-5)

@@ -35,8 +35,9 @@ def micro(batch):
     return jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
 
 
-def loss_sums_grads(model, params, pairs, layout, objective, hparams=None):
-    mb = micro(layout_batch(pairs, layout, max_length=128))
+def loss_sums_grads(model, params, pairs, layout, objective, hparams=None, max_length=128):
+    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``."""
+    mb = micro(layout_batch(pairs, layout, max_length))
     fn = jax.jit(jax.value_and_grad(lambda p: micro_loss(model, objective, hparams or {}, p, mb), has_aux=True))
     (loss, _), grads = fn(params)
     return float(loss), np.asarray(jax.jit(lambda p: pair_logps(model, p, mb))(params)), grads

@@ -154,9 +154,11 @@ class Attention(nn.Module):
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
-        q = _dense((h, d), -1, ("embed", "heads", "head_dim"), bias, "q", self)(x)
-        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "k", self)(x)
-        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "v", self)(x)
+        b, t, e = x.shape
+        flat = x.reshape(b * t, e)  # projections on [tokens, embed]: plain GEMMs forward and backward
+        q = _dense((h, d), -1, ("embed", "heads", "head_dim"), bias, "q", self)(flat).reshape(b, t, h, d)
+        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "k", self)(flat).reshape(b, t, k, d)
+        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "v", self)(flat).reshape(b, t, k, d)
         inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
         q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
@@ -173,7 +175,8 @@ class Attention(nn.Module):
         else:
             out = attention.splash_attention(q, kk, v, segment_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out), kv
+        o = _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out.reshape(b * t, h, d))
+        return o.reshape(b, t, e), kv
 
 
 class MLP(nn.Module):
@@ -184,10 +187,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [tokens, embed]: plain GEMMs forward and backward
         gate = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "gate", self)(x)
         up = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "up", self)(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _dense(c.hidden_size, -1, ("mlp", "embed"), c.mlp_bias, "down", self)(hidden)
+        hidden = nn.silu(gate) * up
+        return _dense(c.hidden_size, -1, ("mlp", "embed"), c.mlp_bias, "down", self)(hidden).reshape(shape)
 
 
 class DecoderLayer(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +30,17 @@ def take(batches, n):
     return [next(batches) for _ in range(n)]
 
 
+def take_pairs(batches, n):
+    """Up to ``n`` steps' pairs (fewer at the end of the data)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(batches.next_pairs())
+        except StopIteration:
+            break
+    return out
+
+
 def same(a, b) -> bool:
     return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
 
@@ -38,9 +50,11 @@ def test_same_seed_same_batches_and_fixed_shapes(tokenizer, uf_train):
     first, second = take(PairBatches(cfg, tokenizer), 5), take(PairBatches(cfg, tokenizer), 5)
     assert same(first, second)
     assert not same(first, take(PairBatches(DataConfig(uf_train, max_length=256, batch_size=4, seed=4), tokenizer), 5))
-    for b in first:
-        assert b["tokens"].shape[0] == 8 and b["tokens"].shape[1] in (64, 128, 256)
-        assert (b["response_mask"].sum(1) > 0).all()
+    for b in first:  # the default layout: a shared prompt, several pairs per row
+        assert b["tokens"].shape[0] == 1 and b["tokens"].shape[2] in (64, 128, 256, 512) and b["counts"].shape == (1, 4, 2)
+        assert (b["counts"] > 0).all()
+    for b in take(PairBatches(dataclasses.replace(cfg, layout="padded"), tokenizer), 5):
+        assert b["tokens"].shape[:2] == (1, 8) and b["tokens"].shape[2] in (64, 128, 256)
 
 
 RESUME = """
@@ -81,12 +95,11 @@ def test_two_hosts_are_disjoint_and_together_the_single_host_batch(tokenizer, tm
     path.write_text("".join(json.dumps(r) + "\n" for r in clean))
     cfg = DataConfig(str(path), max_length=256, batch_size=8, seed=1)
 
-    def rows(batch):
-        n = batch["tokens"].shape[0] // 2
-        return {tuple(t[s == 1]) for t, s in zip(batch["tokens"][:n], batch["segment_ids"][:n])}
+    def rows(pairs):
+        return {tuple(p.prompt + p.chosen) for p in pairs}
 
-    single = take(PairBatches(cfg, tokenizer), 3)
-    hosts = [take(PairBatches(cfg, tokenizer, process_index=h, process_count=2), 3) for h in (0, 1)]
+    single = take_pairs(PairBatches(cfg, tokenizer), 3)
+    hosts = [take_pairs(PairBatches(cfg, tokenizer, process_index=h, process_count=2), 3) for h in (0, 1)]
     for k in range(3):
         a, b = rows(hosts[0][k]), rows(hosts[1][k])
         assert len(a) == len(b) == 4 and not a & b
@@ -97,9 +110,9 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(12)]
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batches = list(PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1))
+    batches = take_pairs(PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1), 9)
     assert len(batches) == 8
-    prompts = [tokenizer.decode(t[(s == 1) & (m == 0)]) for b in batches for t, s, m in zip(b["tokens"][:3], b["segment_ids"][:3], b["response_mask"][:3])]
+    prompts = [tokenizer.decode(p.prompt) for b in batches for p in b]
     first, second = prompts[:12], prompts[12:]
     assert sorted(first) == sorted(second) and len(set(first)) == 12 and first != second
 

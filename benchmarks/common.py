@@ -1,0 +1,78 @@
+"""What the benchmarks share: model shapes, the pairs they train on, memory and FLOP accounting."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import numpy as np
+
+from asft_jax.data.pretokenized import TokenizedPair
+
+DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")
+
+# LlamaConfig fields of the shapes the benchmarks use with random weights
+SHAPES = {
+    "smollm2-135m": {
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+    },
+    "llama-3.2-1b": {
+        "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "rope_theta": 500000.0, "tie_word_embeddings": True, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    },
+}
+
+# dense bf16 peak of one chip, FLOP/s, by a substring of jax's device_kind
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def real_pairs(tokenizer, count: int, max_length: int, path: str = ULTRAFEEDBACK) -> list[TokenizedPair]:
+    """The first ``count`` usable pairs of ``path`` in file order, tokenized as training does."""
+    from asft_jax.data.pipeline import detect_source_format, encode_source
+    from asft_jax.data.records import RecordSource
+    from asft_jax.data.tokenize import Encoder
+
+    source = RecordSource(path, "train")
+    pairs = list(encode_source(source, detect_source_format(source), Encoder(tokenizer, max_length), limit=4 * count))[:count]
+    if len(pairs) < count:
+        raise SystemExit(f"{path}: only {len(pairs)} usable pairs, {count} needed")
+    return pairs
+
+
+def synthetic_pairs(count: int, max_length: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
+    """Random pairs of realistic proportions: prompts of 1/8-1/2 of ``max_length``, responses filling
+    25-100% of what is left."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        p = int(rng.integers(max_length // 8, max_length // 2))
+        c, r = (int(rng.integers((max_length - p) // 4, max_length - p + 1)) for _ in range(2))
+        out.append(TokenizedPair(i, *(rng.integers(1, vocab, n).tolist() for n in (p, c, r))))
+    return out
+
+
+def pair_tokens(pairs: list[TokenizedPair]) -> int:
+    """Real tokens of the pairs as two sequences each (prompt + chosen, prompt + rejected): what a
+    padded trainer processes without its padding, so every layout and trainer is counted alike."""
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_flops(config, batch: dict) -> float:
+    """Useful FLOPs of one forward + backward over a laid-out batch: ``6 x matmul parameters`` per
+    computed token (LM head included, embedding lookup not), plus ``12 x heads x head_dim`` per layer
+    for each (query, key) pair the mask lets through (a token at position p sees p + 1 keys)."""
+    c = config
+    h, k, d, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    per_layer = e * h * d * 2 + e * k * d * 2 + 3 * e * c.intermediate_size
+    matmul = c.num_hidden_layers * per_layer + e * c.vocab_size
+    real = batch["segment_ids"] > 0
+    tokens = int(real.sum())
+    attended = int((batch["positions"] + 1)[real].sum())
+    return 6.0 * matmul * tokens + 12.0 * c.num_hidden_layers * h * d * attended
