@@ -91,13 +91,14 @@ def sequence_logps(
 
 def pair_logps(model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384) -> jax.Array:
     """Per-pair response log-prob sums ``[pairs, 2]`` (chosen, rejected) of one micro-batch laid out
-    by ``asft_jax.data.packing``: rows ``[rows, length]`` plus ``targets``/``target_slots``
-    ``[rows, length, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``)."""
+    by ``asft_jax.data.packing``: rows ``[rows, length]``, ``score_positions`` ``[rows, width]``,
+    ``targets``/``target_slots`` ``[rows, width, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``)."""
     hidden = model.apply(
         {"params": params}, rows["tokens"], rows["segment_ids"], rows["positions"], return_hidden=True, branch_ids=rows.get("branch_ids")
     )
+    scored = jnp.take_along_axis(hidden, rows["score_positions"][..., None], axis=1)  # the LM head only where something is scored
     kernel = lm_head_kernel(params, model.config).astype(hidden.dtype)
-    logps = token_logps(hidden, kernel, rows["targets"], chunk, vocab_chunk)
+    logps = token_logps(scored, kernel, rows["targets"], chunk, vocab_chunk)
     pairs = rows["counts"].shape[0]
     sums = jax.ops.segment_sum(logps.reshape(-1), rows["target_slots"].reshape(-1), num_segments=2 * pairs + 1)
     return sums[: 2 * pairs].reshape(pairs, 2)

@@ -118,8 +118,8 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     batch axes. Hosts packed their own pairs, so they first agree on one shape; the pair slots each
     host wrote count from 0 and are moved past the pairs of the hosts before it."""
     if jax.process_count() > 1:
-        shapes = all_hosts(batch["tokens"].shape[1:])
-        batch = pad_rows(batch, max(s[0] for s in shapes), max(s[1] for s in shapes))
+        shapes = all_hosts([*batch["tokens"].shape[1:], batch["score_positions"].shape[2]])
+        batch = pad_rows(batch, *(max(s[i] for s in shapes) for i in range(3)))
     sharding = micro_batch_sharding(mesh)
     micro, local_pairs = batch["counts"].shape[:2]
     global_pairs = local_pairs * jax.process_count()

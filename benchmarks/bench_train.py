@@ -5,7 +5,7 @@ Usage:
   python benchmarks/bench_train.py [--layouts ...] [--objectives ...] [--pairs 8] [--max-length 512] [--steps 5]
   python benchmarks/bench_train.py --shape llama-3.2-1b --synthetic --max-length 2048 --dtype bfloat16 --objectives asft
 
-Default: the demo SmolLM2-135M (GGUF) on the first UltraFeedback train pairs, float32, all devices on
+Default: the demo SmolLM2-135M (GGUF) on the first UltraFeedback train pairs (``--data``), float32, all devices on
 the data axis. ``--shape`` uses random weights of a named shape (``benchmarks/common.py``);
 ``--synthetic`` random pairs. Each configuration runs in its own process through ``asft_jax.train``
 (the pipeline's batches, the jitted, sharded step), so peak memory is its own: XLA compiles every
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from common import (  # benchmarks/ is on sys.path
     PEAK_BF16,
     SHAPES,
+    ULTRAFEEDBACK,
     model_flops,
     peak_rss_mib,
     real_pairs,
@@ -56,7 +57,7 @@ def _write_pairs(args, path: str) -> None:
         vocab = SHAPES[args.shape]["vocab_size"] if args.shape else resolve(args.model).config.vocab_size
         write_pairs(path, synthetic_pairs(count, args.max_length, vocab))
     else:
-        write_pairs(path, real_pairs(resolve(args.model).tokenizer(), count, args.max_length))
+        write_pairs(path, real_pairs(resolve(args.model).tokenizer(), count, args.max_length, args.data))
 
 
 def run_one(args, layout: str, objective: str) -> dict:
@@ -127,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model source (default: the demo SmolLM2 GGUF)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    p.add_argument("--data", default=ULTRAFEEDBACK, help="preference records (default: UltraFeedback train)")
     p.add_argument("--synthetic", action="store_true", help="random pairs (needed with --shape: no tokenizer)")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     p.add_argument("--objectives", nargs="+", default=["asft", "orpo", "dpo"])
@@ -135,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default="dots_no_batch", help="model.remat_policy (none needs ~20 GiB for 8 pairs x 512 on SmolLM2)")
     p.add_argument("--json", default="bench_train.json", help="where every number goes")
     p.add_argument("--one", nargs=2, metavar=("LAYOUT", "OBJECTIVE"), help=argparse.SUPPRESS)
     return p

@@ -4,7 +4,9 @@ Usage: python benchmarks/bench_vs_trl.py [--pairs 8] [--max-length 512] [--steps
 Needs the ``bench`` extra (TRL, accelerate; torch installed first). The demo SmolLM2-135M-Instruct
 (float32 on every side), the first usable UltraFeedback train pairs (``benchmarks/common.py``),
 ``--pairs`` pairs per step, responses cut at ``--max-length`` tokens with their prompt. TRL runs at its
-fastest setting that fits here: no gradient checkpointing, ``padding_free`` where the trainer has it
+fastest setting that fits here: no gradient checkpointing, ``--trl-micro`` pairs per forward with
+gradient accumulation making up ``--pairs`` (8 or 4 at once run out of 24 GiB with SmolLM2's
+49k-vocabulary logits), ``padding_free`` where the trainer has it
 (DPO; TRL 1.16 falls back to padding), reference log-probs precomputed for DPO (as ours are). Each
 trainer runs in its own process; one warm-up step, then ``--steps`` timed. Tokens are real
 (non-padding) tokens: ours the pairs as two sequences, TRL's its collated attention masks. The last
@@ -114,7 +116,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--layout", default="packed_shared_prefix")
     p.add_argument("--remat", default="dots_no_batch")
-    p.add_argument("--trl-micro", type=int, default=4, help="TRL's per-device batch; gradient accumulation makes up --pairs")
+    p.add_argument("--trl-micro", type=int, default=2, help="TRL's per-device batch; gradient accumulation makes up --pairs (4 runs out of 24 GiB here)")
     p.add_argument("--json", default="bench_vs_trl.json")
     p.add_argument("--trl", choices=["orpo", "dpo"], help=argparse.SUPPRESS)
     args = p.parse_args()

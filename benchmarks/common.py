@@ -12,8 +12,9 @@ from asft_jax.data.pretokenized import TokenizedPair
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")
 
-# LlamaConfig fields of the shapes the benchmarks use with random weights
+# LlamaConfig fields of the shapes the benchmarks use with random weights ("tiny": smoke tests)
 SHAPES = {
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
     "smollm2-135m": {
         "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
         "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
@@ -35,7 +36,7 @@ def real_pairs(tokenizer, count: int, max_length: int, path: str = ULTRAFEEDBACK
     from asft_jax.data.records import RecordSource
     from asft_jax.data.tokenize import Encoder
 
-    source = RecordSource(path, "train")
+    source = RecordSource(path, "train")  # the split matters only for Hub ids
     pairs = list(encode_source(source, detect_source_format(source), Encoder(tokenizer, max_length), limit=4 * count))[:count]
     if len(pairs) < count:
         raise SystemExit(f"{path}: only {len(pairs)} usable pairs, {count} needed")

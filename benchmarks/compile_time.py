@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/compile_time.py [--layers 4 8 16 32] [--length 512] [--pairs 4]
 SmolLM2-135M shapes (hidden 576, 9/3 heads, MLP 1536, vocab 49152, tied) with the given layer
-counts, float32, one device. For each depth: seconds to trace + lower the jitted step, and seconds
-for XLA to compile it, on abstract inputs (no weights are materialised).
+counts, float32, one device, the default shared-prefix layout of synthetic pairs. For each depth:
+seconds to trace + lower the jitted step, and seconds for XLA to compile it, on abstract inputs (no
+weights are materialised).
 """
 
 from __future__ import annotations
@@ -14,22 +15,21 @@ import time
 
 import jax
 import jax.numpy as jnp
+from common import SHAPES, synthetic_pairs  # benchmarks/ is on sys.path
 
+from asft_jax.data.packing import layout_batch
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
 
-SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-           "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192}
-
 
 def measure(layers: int, length: int, pairs: int) -> dict[str, float]:
-    model = Llama(LlamaConfig(num_hidden_layers=layers, **SMOLLM2))
+    model = Llama(LlamaConfig(**{**SHAPES["smollm2-135m"], "num_hidden_layers": layers}))
     tx, schedule = make_optimizer(1e-5, 100)
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
-    rows = jax.ShapeDtypeStruct((pairs, 2, length), jnp.int32)
-    batch = {"tokens": rows, "segment_ids": rows, "response_mask": rows}
-    step = jax.jit(make_train_step(model, "asft", {}, tx, schedule, 1))
+    host = layout_batch(synthetic_pairs(pairs, length, model.config.vocab_size), "packed_shared_prefix", length)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+    step = jax.jit(make_train_step(model, "asft", {}, tx, schedule))
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     traced = time.perf_counter() - start

@@ -6,14 +6,16 @@
   once. Positions continue from the prompt into each response; ``branch_ids`` (0 prompt, 1 chosen,
   2 rejected) let a response token see the prompt and its own response only (``model.attention_mask``).
 
-Whatever the layout, position ``t`` of a row predicts up to two tokens, ``targets[..., t, :]``, whose
-log-probs add into the per-pair sums at ``target_slots`` (``2 j`` chosen, ``2 j + 1`` rejected for
-pair ``j`` of the micro-batch; the extra slot ``2 * pairs`` collects what is not scored). Two, because
-in the shared-prefix layout the last prompt token predicts the first token of both responses.
+Whatever the layout, the positions whose next token is scored are listed per row in
+``score_positions`` (the LM head runs on those only, not on prompts or padding); each predicts up to
+two tokens, ``targets[..., i, :]``, whose log-probs add into the per-pair sums at ``target_slots``
+(``2 j`` chosen, ``2 j + 1`` rejected for pair ``j`` of the micro-batch; the extra slot ``2 * pairs``
+collects what is not scored). Two, because in the shared-prefix layout the last prompt token
+predicts the first token of both responses.
 
 A batch ``[micro_batches, rows, length]`` (rows per micro-batch equal; pair ``j`` of the step goes to
 micro-batch ``j % micro_batches``) holds ``tokens``, ``segment_ids`` (0 padding), ``positions``,
-``targets``/``target_slots`` ``[..., length, 2]``, ``counts`` ``[micro_batches, pairs, 2]`` (scored
+``score_positions`` ``[micro_batches, rows, width]``, ``targets``/``target_slots`` ``[..., width, 2]``, ``counts`` ``[micro_batches, pairs, 2]`` (scored
 response tokens), ``branch_ids`` for the shared-prefix layout and ``ref_logps``
 ``[micro_batches, pairs, 2]`` when the pairs carry reference log-probs.
 """
@@ -28,7 +30,8 @@ from asft_jax.data.batching import bucket_for, bucket_lengths
 from asft_jax.data.pretokenized import TokenizedPair
 
 LAYOUTS = ("padded", "packed", "packed_shared_prefix")
-ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "targets", "target_slots")
+ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "targets", "target_slots")  # built [rows, length(, 2)]
+SCORE_KEYS = ("score_positions", "targets", "target_slots")  # then compacted to [rows, width(, 2)]
 
 
 def unit_length_limit(layout: str, max_length: int) -> int:
@@ -110,6 +113,24 @@ def _rows(units: list[dict[str, np.ndarray]], groups: list[list[int]], rows: int
     return out
 
 
+def _compact(targets: np.ndarray, slots: np.ndarray, dump: int) -> dict[str, np.ndarray]:
+    """Keeps, per row, only the positions with a scored target; the width is rounded up to an
+    eighth of the row length (few shapes to compile)."""
+    scored = (slots < dump).any(-1)  # [micro, rows, length]
+    length = scored.shape[-1]
+    quantum = max(length // 8, 1)
+    width = min(length, max(1, -(-int(scored.sum(-1).max()) // quantum) * quantum))
+    positions = np.zeros(scored.shape[:-1] + (width,), np.int32)
+    out_targets = np.zeros(positions.shape + (2,), np.int32)
+    out_slots = np.full(positions.shape + (2,), dump, np.int32)
+    for idx in np.ndindex(scored.shape[:-1]):
+        where = np.flatnonzero(scored[idx])
+        positions[idx][: len(where)] = where
+        out_targets[idx][: len(where)] = targets[idx][where]
+        out_slots[idx][: len(where)] = slots[idx][where]
+    return {"score_positions": positions, "targets": out_targets, "target_slots": out_slots}
+
+
 def layout_batch(pairs: list[TokenizedPair], layout: str, max_length: int, micro_batches: int = 1, row_multiple: int = 1) -> dict[str, np.ndarray]:
     """The arrays of one step (see the module docstring); ``len(pairs)`` must divide by ``micro_batches``.
 
@@ -134,6 +155,7 @@ def layout_batch(pairs: list[TokenizedPair], layout: str, max_length: int, micro
     batch = {k: np.stack([p[k] for p in per]) for k in ROW_KEYS}
     if layout != "packed_shared_prefix":
         del batch["branch_ids"]
+    batch.update(_compact(batch["targets"], batch["target_slots"], dump))
     slots = batch["target_slots"].reshape(micro_batches, -1)
     batch["counts"] = np.stack([np.bincount(s, minlength=dump + 1)[:dump] for s in slots]).reshape(micro_batches, per_micro, 2).astype(np.int32)
     if pairs[0].ref_chosen is not None:
@@ -141,13 +163,15 @@ def layout_batch(pairs: list[TokenizedPair], layout: str, max_length: int, micro
     return batch
 
 
-def pad_rows(batch: dict[str, np.ndarray], rows: int, length: int) -> dict[str, np.ndarray]:
-    """``batch`` grown to ``rows`` rows of ``length`` tokens (hosts agree on one shape per step)."""
+def pad_rows(batch: dict[str, np.ndarray], rows: int, length: int, width: int) -> dict[str, np.ndarray]:
+    """``batch`` grown to ``rows`` rows of ``length`` tokens and ``width`` scored positions (hosts
+    agree on one shape per step); what is added is padding and scores nothing."""
     dump = 2 * batch["counts"].shape[1]
     out = dict(batch)
-    for k in ROW_KEYS:
-        if k in batch:
-            v = batch[k]
-            widths = [(0, 0), (0, rows - v.shape[1]), (0, length - v.shape[2])] + [(0, 0)] * (v.ndim - 3)
-            out[k] = np.pad(v, widths, constant_values=dump if k == "target_slots" else 0)
+    for k, v in batch.items():
+        if k not in ROW_KEYS + SCORE_KEYS:
+            continue
+        size = width if k in SCORE_KEYS else length
+        widths = [(0, 0), (0, rows - v.shape[1]), (0, size - v.shape[2])] + [(0, 0)] * (v.ndim - 3)
+        out[k] = np.pad(v, widths, constant_values=dump if k == "target_slots" else 0)
     return out

@@ -27,11 +27,11 @@ def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
     """slot -> [(position id, target token)] of micro-batch ``micro``, in row order."""
     out: dict[int, list[tuple[int, int]]] = {}
     for row in range(batch["tokens"].shape[1]):
-        for t in range(batch["tokens"].shape[2]):
+        for i, t in enumerate(batch["score_positions"][micro, row]):
             for k in range(2):
-                slot = int(batch["target_slots"][micro, row, t, k])
+                slot = int(batch["target_slots"][micro, row, i, k])
                 if slot < 2 * batch["counts"].shape[1]:
-                    out.setdefault(slot, []).append((int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, t, k])))
+                    out.setdefault(slot, []).append((int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k])))
     return out
 
 
@@ -79,6 +79,15 @@ def test_shared_prefix_mask_positions_and_branches():
     assert not mask[11:, :].any() and not mask[:, 11:].any()  # padding
 
 
+def test_the_head_runs_on_scored_positions_only():
+    pairs = [TokenizedPair(0, [1] * 100, [2] * 10, [3] * 12), TokenizedPair(1, [4] * 90, [5] * 8, [6] * 3)]
+    for layout in LAYOUTS:
+        batch = layout_batch(pairs, layout, max_length=128)
+        width = batch["score_positions"].shape[2]
+        # a row's scored positions: at most 10 + 12 (+ both pairs' in packed rows), not the 100-token prompt
+        assert width <= batch["tokens"].shape[2] // 8 * 2, (layout, width)
+
+
 def test_first_fit_and_row_rounding():
     lengths = [60, 10, 50, 30, 40, 20, 5]
     rows = first_fit(lengths, 64)
@@ -93,8 +102,10 @@ def test_first_fit_and_row_rounding():
 
 def test_pad_rows_adds_unscored_padding():
     batch = layout_batch(random_pairs(4), "packed", max_length=128)
-    grown = pad_rows(batch, batch["tokens"].shape[1] + 3, 256)
+    width = batch["score_positions"].shape[2]
+    grown = pad_rows(batch, batch["tokens"].shape[1] + 3, 256, width + 5)
     assert grown["tokens"].shape[1:] == (batch["tokens"].shape[1] + 3, 256)
+    assert grown["targets"].shape[1:] == (batch["tokens"].shape[1] + 3, width + 5, 2)
     assert scored(grown, 0) == scored(batch, 0)
     assert (grown["segment_ids"][:, batch["tokens"].shape[1] :] == 0).all()
 
