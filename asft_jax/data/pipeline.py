@@ -2,8 +2,8 @@
 
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
-process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``). Bad records are
-skipped and counted by reason (``strict`` stops at the first). ``get_state``/``set_state`` capture
+process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``).
+Bad records are skipped and counted by reason (``strict`` stops at the first). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
 Records a host drops are its own: hosts stay disjoint, and their union equals the single-host batch
 whenever no record is dropped.

@@ -145,7 +145,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, segment_ids: Array, kv: tuple[Array, Array] | None = None, index: Array | None = None
+        self, x: Array, positions: Array, mask: Array, segment_ids: Array | None, kv: tuple[Array, Array] | None = None, index: Array | None = None
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, slots, kv_heads,
         head_dim]`` each), the new keys and values are written at slot ``index`` and attention runs
