@@ -161,7 +161,7 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
     src = resolve(args.model)
-    encoder = Encoder(src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size)
+    encoder = Encoder(src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation)
     skipped: collections.Counter = collections.Counter()
     n = write_pairs(args.output, encode_source(source, fmt, encoder, strict=args.strict, skipped=skipped, limit=args.limit))
     print(f"wrote {n} pre-tokenized pairs ({fmt}) to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
@@ -179,7 +179,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
     fmt = args.format or detect_source_format(source)
     src = resolve(args.model)
     tokenizer = src.tokenizer()
-    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length, src.config.vocab_size)
+    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation)
     untruncated = Encoder(tokenizer, 1 << 30, vocab_size=src.config.vocab_size)
     skipped: collections.Counter = collections.Counter()
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "pair (prompt + longer response)": []}
@@ -198,7 +198,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
         truncated += fitted != item
         example = example or fitted
     print(f"{source.name}: format {fmt}, {len(source)} records, {len(lengths['prompt'])} usable, skipped {dict(skipped)}")
-    print(f"truncated to max_length {args.max_length} / max_prompt_length {encoder.prompt_limit}: {truncated} pairs")
+    print(f"truncated ({args.truncation}) to max_length {args.max_length} / max_prompt_length {encoder.prompt_limit}: {truncated} pairs")
     for key, values in lengths.items():
         if values:
             p = np.percentile(values, [50, 90, 99, 100]).astype(int)
@@ -230,6 +230,9 @@ def _fetch_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from asft_jax.data.formats import FORMATS
+    from asft_jax.data.tokenize import TRUNCATIONS
+
     parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "HF model folder, Hub id, .gguf file, or demo:smollm2"
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     def pair_args(p: argparse.ArgumentParser, output_help: str, output_required: bool) -> None:
         p.add_argument("--model", required=True, help=model_help)
         p.add_argument("--data", required=True, help="preference pairs: a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
-        p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
+        p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
         p.add_argument("--output", required=output_required, help=output_help)
         p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
         p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
@@ -298,15 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=float, default=0.0, help="moving-average weight for train curves, in [0, 1) (0: raw values)")
     p.set_defaults(run=_report)
 
+    def fit_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens at most")
+        p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens at most (default: half of --max-length); --truncation says which are kept")
+        p.add_argument(
+            "--truncation",
+            choices=TRUNCATIONS,
+            default="head_and_tail",
+            help="a longer prompt keeps its head (BOS, system prompt, role header) and its end (head_and_tail, default), "
+            "only its end (keep_end), or the pair is skipped (drop); responses keep their start",
+        )
+
     p = sub.add_parser("data", help="data tools")
     data = p.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("tokenize", help="preference records (any format) -> pre-tokenized pairs")
     p.add_argument("--model", required=True, help=model_help + " (its tokenizer and chat template are used)")
     p.add_argument("--data", required=True, help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
     p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
-    p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
-    p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens at most")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens at most, kept from the end (default: half of --max-length)")
+    p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
+    fit_args(p)
     p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.set_defaults(run=_data_tokenize)
@@ -314,9 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("inspect", help="what the model will be trained on: format, counts, lengths, skips, an example")
     p.add_argument("data", help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
     p.add_argument("--model", required=True, help=model_help + " (its tokenizer is used)")
-    p.add_argument("--format", choices=["hh", "standard", "conversational", "pretokenized"], help="record format (default: detected)")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
+    fit_args(p)
     p.add_argument("--limit", type=int, default=None, help="look at the first N records only")
     p.set_defaults(run=_data_inspect)
 

@@ -33,14 +33,17 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfigSection:
     path: str = ""  # file or Hub dataset id
-    fallback: str | None = None  # used when `path` is not a local file (e.g. the Hub id of the same data)
+    fallback: str | None = None  # read instead of a missing `path` / `eval_path`, only with path_optional
+    path_optional: bool = False  # true: a missing local `path` switches to `fallback` (announced); false: an error
     split: str = "train"
     format: str | None = None
     eval_path: str | None = None
     eval_split: str = "test"
     eval_pairs: int = 64  # pairs of the eval split scored at each evaluation
     max_length: int = 512
-    max_prompt_length: int | None = None
+    max_prompt_length: int | None = None  # None: max_length // 2
+    truncation: str = "head_and_tail"  # head_and_tail | keep_end | drop (asft_jax.data.tokenize)
+    strict: bool = False  # stop at the first bad record (file:line: reason) instead of skipping and counting
     num_epochs: int | None = None  # None: repeat until max_steps
     shuffle: bool = True
     num_threads: int = 2
@@ -53,9 +56,11 @@ class ObjectiveConfig:
     lam: float | None = None  # each None: the objective's default
     beta: float | None = None
     gamma: float | None = None
+    normalize: str | None = None  # ipo only: sum (default) | mean (TRL's length-normalised log-ratios)
 
-    def hparams(self) -> dict[str, float]:
-        return {k: v for k, v in (("lam", self.lam), ("beta", self.beta), ("gamma", self.gamma)) if v is not None}
+    def hparams(self) -> dict[str, float | str]:
+        """The hyperparameters set, as keyword arguments of the objective's loss function."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name" and getattr(self, f.name) is not None}
 
 
 @dataclasses.dataclass
@@ -98,6 +103,7 @@ class TrainConfig:
     learning_rate: float = 1e-6
     batch_size: int = 8  # preference pairs per optimizer step, over all hosts
     micro_batches: int = 1  # gradient accumulation steps per optimizer step
+    max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     max_to_keep: int = 3
     export_dir: str | None = None  # write an HF folder at the end
     wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb` installed and logged in)
@@ -184,7 +190,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Problems that would otherwise surface deep inside a compile or a long run."""
     from asft_jax.data.packing import LAYOUTS
-    from asft_jax.losses import LOSSES
+    from asft_jax.data.tokenize import TRUNCATIONS
+    from asft_jax.losses import HPARAMS, LOSSES
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
 
@@ -192,12 +199,20 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError(f"config: objective.name {cfg.objective.name!r} is not one of {', '.join(LOSSES)}")
     if (cfg.model.source is None) == (cfg.model.init is None):
         raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
+    foreign = sorted(set(cfg.objective.hparams()) - set(HPARAMS[cfg.objective.name]))
+    if foreign:
+        accepted = ", ".join(HPARAMS[cfg.objective.name]) or "none"
+        raise AsftError(f"config: objective.{foreign[0]} does not apply to {cfg.objective.name} (its hyperparameters: {accepted})")
     if cfg.model.remat_policy not in REMAT_POLICIES:
         raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
     if cfg.model.attention not in IMPLEMENTATIONS:
         raise AsftError(f"config: model.attention {cfg.model.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if cfg.data.layout not in LAYOUTS:
         raise AsftError(f"config: data.layout {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
+    if cfg.data.truncation not in TRUNCATIONS:
+        raise AsftError(f"config: data.truncation {cfg.data.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+    if cfg.data.max_prompt_length is not None and not 0 < cfg.data.max_prompt_length < cfg.data.max_length:
+        raise AsftError(f"config: data.max_prompt_length {cfg.data.max_prompt_length} must be positive and below data.max_length {cfg.data.max_length}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise AsftError(f"config: model.dtype {cfg.model.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.model.param_dtype not in ("float32", "bfloat16", "float16"):
@@ -208,7 +223,7 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError(f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host mounts (NFS, or the bucket through gcsfuse)")
     if cfg.optimizer.schedule not in ("linear", "cosine"):
         raise AsftError(f"config: optimizer.schedule {cfg.optimizer.schedule!r} is not linear or cosine")
-    for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps"):
+    for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps", "max_consecutive_skips"):
         if getattr(cfg, name) < 1:
             raise AsftError(f"config: {name} must be at least 1")
     if cfg.batch_size % cfg.micro_batches:

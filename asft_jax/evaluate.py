@@ -12,19 +12,19 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from asft_jax.data.batching import bucket_for, bucket_lengths, pack_rows
+from asft_jax.data.packing import layout_batch
 from asft_jax.data.pipeline import detect_source_format, encode_source
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
-from asft_jax.logprobs import sequence_logps
+from asft_jax.logprobs import pair_logps
 from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
 from asft_jax.sharding import (
-    batch_sharding,
     from_every_host,
     make_mesh,
+    micro_batch_sharding,
     param_shardings,
     replicated,
 )
@@ -68,40 +68,45 @@ def score_pairs(
     mesh: Mesh | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
+    layout: str = "packed_shared_prefix",
     total: int | None = None,
 ) -> Iterator[dict]:
     """Yields one result per pair: ``index``, ``chosen_logps_sum``, ``chosen_tokens``,
     ``rejected_logps_sum``, ``rejected_tokens`` (response tokens only).
 
-    Rows are split over the mesh's batch axes (``batch_size`` is rounded up to a multiple of them)
-    and padded to the pipeline's bucket lengths up to ``max_length`` (default: the model's context);
-    ``params`` should already be placed with ``param_shardings(model, mesh)``.
+    The sums are what the train step computes for the policy: ``pair_logps`` over batches laid out
+    by ``layout_batch`` (``layout``), in the model's compute dtype. ``batch_size`` pairs per forward
+    pass, rounded up to a multiple of the mesh's batch shards (a short last batch is filled with
+    copies of its last pair, so every batch has one shape of pair slots); ``max_length``: the
+    longest pair, prompt + longer response (default: the model's context). ``params`` should
+    already be placed with ``param_shardings(model, mesh)``.
     """
     mesh = mesh or make_mesh()
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // split) * split
-    buckets = bucket_lengths(max_length or model.config.max_position_embeddings)
-    rows_sharding = batch_sharding(mesh)
+    max_length = max_length or model.config.max_position_embeddings
+    sharding = micro_batch_sharding(mesh)
     fn = jax.jit(
-        lambda p, b: sequence_logps(model, p, b["tokens"], b["segment_ids"], b["response_mask"]),
-        in_shardings=(param_shardings(model, mesh), rows_sharding),
+        lambda p, b: pair_logps(model, p, jax.tree.map(lambda x: x[0], b)),
+        in_shardings=(param_shardings(model, mesh), sharding),
         out_shardings=replicated(mesh),  # every process reads all results
     )
     start, seen_tokens = time.perf_counter(), 0
     with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
         for batch in _batches(pairs, batch_size):
-            rows = pack_rows(batch, batch_size, bucket_for(max(map(len, batch)), buckets))
-            rows = {k: rows[k] for k in ("tokens", "segment_ids", "response_mask")}
-            sums, counts = jax.device_get(fn(params, {k: from_every_host(v, rows_sharding) for k, v in rows.items()}))
+            rows = layout_batch(batch + batch[-1:] * (batch_size - len(batch)), layout, max_length, row_multiple=split)
+            rows.pop("ref_logps", None)
+            sums = jax.device_get(fn(params, {k: from_every_host(v, sharding) for k, v in rows.items()}))
+            counts = rows["counts"][0]
             for j, p in enumerate(batch):
                 yield {
                     "index": p.index,
-                    "chosen_logps_sum": float(sums[j]),
-                    "chosen_tokens": int(counts[j]),
-                    "rejected_logps_sum": float(sums[batch_size + j]),
-                    "rejected_tokens": int(counts[batch_size + j]),
+                    "chosen_logps_sum": float(sums[j, 0]),
+                    "chosen_tokens": int(counts[j, 0]),
+                    "rejected_logps_sum": float(sums[j, 1]),
+                    "rejected_tokens": int(counts[j, 1]),
                 }
-            seen_tokens += int(rows["segment_ids"].sum())
+            seen_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{seen_tokens / (time.perf_counter() - start):.0f}")
 

@@ -67,28 +67,6 @@ def token_logps(
     return out[..., 0] if single else out
 
 
-def sequence_logps(
-    model: Llama,
-    params: dict,
-    tokens: jax.Array,
-    segment_ids: jax.Array,
-    response_mask: jax.Array,
-    chunk: int = 128,
-    vocab_chunk: int = 16384,
-) -> tuple[jax.Array, jax.Array]:
-    """Sum of log-probs of response tokens and their count, per row.
-
-    tokens, segment_ids, response_mask: ``[batch, length]``; ``response_mask`` is 1 on the response
-    tokens being scored (never on the first position, which nothing predicts). Returns
-    ``(sums [batch] float32, counts [batch] int32)``.
-    """
-    hidden = model.apply({"params": params}, tokens, segment_ids, return_hidden=True)
-    kernel = lm_head_kernel(params, model.config).astype(hidden.dtype)
-    logps = token_logps(hidden[:, :-1], kernel, tokens[:, 1:], chunk, vocab_chunk)
-    mask = response_mask[:, 1:].astype(jnp.float32)
-    return (logps * mask).sum(-1), response_mask[:, 1:].sum(-1).astype(jnp.int32)
-
-
 def pair_logps(model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384) -> jax.Array:
     """Per-pair response log-prob sums ``[pairs, 2]`` (chosen, rejected) of one micro-batch laid out
     by ``asft_jax.data.packing``: rows ``[rows, length]``, ``score_positions`` ``[rows, width]``,

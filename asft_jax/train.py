@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import itertools
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -35,7 +36,7 @@ from asft_jax.data.pipeline import (
     detect_source_format,
     encode_source,
 )
-from asft_jax.data.records import RecordSource
+from asft_jax.data.records import RecordSource, is_readable_spec
 from asft_jax.data.tokenize import Encoder
 from asft_jax.distributed import all_hosts, barrier, initialize
 from asft_jax.errors import AsftError
@@ -57,6 +58,7 @@ from asft_jax.train_step import (
 )
 
 log = logging.getLogger(__name__)
+REFERENCE_FILES = {"train": "reference_logps.jsonl", "eval": "reference_logps_eval.jsonl"}  # DPO family, in the run directory
 
 
 @dataclasses.dataclass
@@ -69,7 +71,8 @@ class Run:
     tokenizer: Any
     state: TrainState
     step_fn: Any
-    eval_fn: Any
+    eval_fn: Any  # None: no evaluation during training
+    eval_data: DataConfig | None
 
 
 def _model(cfg: TrainConfig):
@@ -89,27 +92,32 @@ def _model(cfg: TrainConfig):
     return Llama(config, dtype, param_dtype, cfg.model.remat_policy, cfg.model.attention), None, tokenizer
 
 
-def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh) -> str:
-    """For DPO-family objectives: the train data with the starting model's log-probs, cached."""
+def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, split: str = "train") -> str:
+    """For DPO-family objectives: the ``split`` (``train`` or ``eval``) pairs with the starting
+    model's log-probs (``reference.attach_reference_logps``, in the run's compute dtype and layout),
+    cached in the run directory; for ``eval``, only the pairs ``evaluate`` reads."""
     from asft_jax.data.pretokenized import write_pairs
     from asft_jax.reference import attach_reference_logps
 
-    path = os.path.join(cfg.output_dir, "reference_logps.jsonl")
+    path = os.path.join(cfg.output_dir, REFERENCE_FILES[split])
     if os.path.isfile(path):
         return path
-    source = RecordSource(cfg.data.path, cfg.data.split)
-    fmt = cfg.data.format or detect_source_format(source)
-    encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, model.config.vocab_size)
-    pairs = list(encode_source(source, fmt, encoder))
-    log.info("computing reference log-probs for %d pairs once (cached in %s)", len(pairs), path)
-    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=8, max_length=cfg.data.max_length)
+    d = cfg.data
+    source = RecordSource(*((d.path, d.split) if split == "train" else (d.eval_path, d.eval_split)))
+    fmt = d.format or detect_source_format(source)
+    encoder = Encoder(tokenizer, d.max_length, d.max_prompt_length, model.config.vocab_size, truncation=d.truncation)
+    pairs = encode_source(source, fmt, encoder, strict=d.strict)
+    pairs = list(pairs if split == "train" else itertools.islice(pairs, _eval_batches(cfg) * cfg.batch_size))
+    log.info("computing reference log-probs for %d %s pairs once (cached in %s)", len(pairs), split, path)
+    per_forward = cfg.batch_size // cfg.micro_batches  # what one forward of the train step holds
+    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=per_forward, max_length=d.max_length, layout=d.layout)
     if jax.process_index() == 0:
         write_pairs(path + ".partial", scored)
         os.replace(path + ".partial", path)
     else:  # the scoring is collective: every process runs it, process 0 writes (the run directory is shared)
         for _ in scored:
             pass
-    barrier("reference_logps")
+    barrier(f"reference_logps_{split}")
     return path
 
 
@@ -135,14 +143,39 @@ def _row_multiple(mesh: jax.sharding.Mesh) -> int:
 
 
 def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
-    """``data.fallback`` replaces ``data.path`` (and the eval path, with the eval split) when the
-    local file is missing, e.g. a Hub id for users without the shared files."""
+    """The data paths to read: a local path that does not exist is an error naming it, unless
+    ``data.path_optional`` is set, in which case ``data.fallback`` (e.g. the Hub id of the same data)
+    replaces it, and the eval path with the eval split, and the switch is announced on its own line."""
     d = cfg.data
-    if d.fallback is None or os.path.exists(d.path):
+    missing = {key: path for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)) if path and not is_readable_spec(path)}
+    if not missing:
         return cfg
-    log.warning("%s not found; using %s", d.path, d.fallback)
-    eval_path = d.fallback if d.eval_path and not os.path.exists(d.eval_path) else d.eval_path
-    return dataclasses.replace(cfg, data=dataclasses.replace(d, path=d.fallback, eval_path=eval_path))
+    if not (d.path_optional and d.fallback):
+        key, path = next(iter(missing.items()))
+        hint = "; set data.path_optional: true to read data.fallback instead" if d.fallback else ""
+        raise AsftError(f"config: {key} {path!r}: no such data file{hint}")
+    log.warning("%s not found; data.path_optional is set, so reading %s instead", " and ".join(missing.values()), d.fallback)
+    path = d.fallback if "data.path" in missing else d.path
+    eval_path = d.fallback if "data.eval_path" in missing else d.eval_path
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, eval_path=eval_path))
+
+
+def _data_config(cfg: TrainConfig, mesh: jax.sharding.Mesh, split: str) -> DataConfig:
+    """The pipeline settings of the train split (shuffled, epochs, micro-batches) or the eval split
+    (file order, one pass)."""
+    d = cfg.data
+    make = functools.partial(
+        DataConfig, format=d.format, max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+        batch_size=cfg.batch_size, strict=d.strict, num_threads=d.num_threads, layout=d.layout, row_multiple=_row_multiple(mesh),
+    )
+    if split == "eval":
+        return make(d.eval_path, d.eval_split, shuffle=False, num_epochs=1)
+    return make(d.path, d.split, seed=cfg.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, micro_batches=cfg.micro_batches)
+
+
+def _eval_batches(cfg: TrainConfig) -> int:
+    """Batches of ``batch_size`` pairs one evaluation scores: ``data.eval_pairs``, rounded up."""
+    return -(-cfg.data.eval_pairs // cfg.batch_size)
 
 
 class MetricsLog:
@@ -217,17 +250,19 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
             params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=param_shards)()
         state = new_state(params)
 
-    data_path, data_format = cfg.data.path, cfg.data.format
+    train_data = _data_config(cfg, mesh, "train")
+    eval_data = _data_config(cfg, mesh, "eval") if cfg.eval_steps and cfg.data.eval_path else None
+    if cfg.data.eval_path and not cfg.eval_steps:
+        log.warning("data.eval_path is set but eval_steps is 0: the run will not be evaluated")
     if cfg.objective.name in NEEDS_REFERENCE:
-        if restored is not None and not os.path.isfile(os.path.join(cfg.output_dir, "reference_logps.jsonl")):
-            raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its reference_logps.jsonl")
-        data_path, data_format = _reference_data(cfg, model, state.params, tokenizer, mesh), "pretokenized"
-    data_cfg = DataConfig(
-        data_path, cfg.data.split, data_format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
-        cfg.seed, cfg.data.shuffle, cfg.data.num_epochs, False, cfg.data.num_threads,
-        cfg.data.layout, cfg.micro_batches, _row_multiple(mesh),
-    )
-    data = PairBatches(data_cfg, tokenizer, vocab_size=model.config.vocab_size)
+        splits = ["train"] + (["eval"] if eval_data else [])
+        missing = [REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))]
+        if restored is not None and missing:
+            raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its {' and '.join(missing)} (computed from the starting weights)")
+        train_data = dataclasses.replace(train_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh), format="pretokenized")
+        if eval_data:
+            eval_data = dataclasses.replace(eval_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh, "eval"), format="pretokenized")
+    data = PairBatches(train_data, tokenizer, vocab_size=model.config.vocab_size)
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
@@ -240,29 +275,46 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
         donate_argnums=0,
     )
     eval_fn = None
-    if cfg.eval_steps and cfg.data.eval_path and cfg.objective.name not in NEEDS_REFERENCE:
+    if eval_data:
         eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)), in_shardings=(param_shards, batch_sh))
-    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn), checkpointer, data
+    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn, eval_data), checkpointer, data
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split."""
-    cfg = run.cfg
-    eval_cfg = DataConfig(
-        cfg.data.eval_path, cfg.data.eval_split, cfg.data.format, cfg.data.max_length, cfg.data.max_prompt_length, cfg.batch_size,
-        shuffle=False, num_epochs=1, num_threads=cfg.data.num_threads, layout=cfg.data.layout, row_multiple=_row_multiple(run.mesh),
-    )
-    batches = PairBatches(eval_cfg, run.tokenizer, vocab_size=run.model.config.vocab_size)
+    """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split (rounded
+    up to whole batches), with the train step's loss function."""
+    batches = PairBatches(run.eval_data, run.tokenizer, vocab_size=run.model.config.vocab_size)
     totals: dict[str, float] = {}
     pairs = 0
-    for rows in batches:
+    for rows in itertools.islice(batches, _eval_batches(run.cfg)):
         loss, metrics = run.eval_fn(run.state.params, global_batch(rows, run.mesh))
         for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-        pairs += cfg.batch_size
-        if pairs >= cfg.data.eval_pairs:
-            break
+        pairs += run.cfg.batch_size
     return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
+
+
+def skipped_records(data: PairBatches) -> dict[str, int]:
+    """Records skipped so far by every host's pipeline, by reason (a collective)."""
+    total: collections.Counter = collections.Counter()
+    for counts in all_hosts(dict(data.skipped)):
+        total.update(counts)
+    return dict(sorted(total.items()))
+
+
+def _skip_metrics(counts: dict[str, int]) -> dict[str, float]:
+    """Skipped records for ``metrics.jsonl``: in all and by reason."""
+    return {"data/skipped_records": sum(counts.values()), **{f"data/skipped/{k}": v for k, v in counts.items()}}
+
+
+def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, previous: dict, last_good: str) -> None:
+    """Warns when steps were skipped since the last log (a non-finite loss or gradient leaves the
+    weights unchanged); stops the run after ``max_consecutive_skips`` in a row."""
+    new = row["skipped_steps"] - previous.get("skipped_steps", 0)
+    if new > 0:
+        log.warning("step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)", step, new)
+    if row["consecutive_skips"] >= cfg.max_consecutive_skips:
+        raise AsftError(f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient (skipped); last good checkpoint: {last_good}")
 
 
 class _Preemption:
@@ -311,16 +363,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
             run.state, metrics = run.step_fn(run.state, global_batch(rows, run.mesh))
             tokens_seen += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             done = step + 1
+            row: dict[str, float] = {}
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in metrics.values()):
-                    raise AsftError(f"step {done}: non-finite loss or metrics ({metrics['loss']}); last good checkpoint: {checkpointer.directory}/{last_saved}")
-                metrics["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
-                if cfg.eval_steps and run.eval_fn is not None and done % cfg.eval_steps == 0:
-                    metrics.update(evaluate(run))
-                last = {"step": done, **metrics}
-                metrics_log.write(last)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
+                row.update(_skip_metrics(skipped_records(data)))
+                _check_skipped_steps(cfg, done, row, last, f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if run.eval_fn is not None and done % cfg.eval_steps == 0:
+                row.update(evaluate(run))
+            if row:
+                metrics_log.write(last := {"step": done, **row})
             bar.update(1)
             if on_step is not None:
                 on_step(done)
@@ -332,6 +385,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
                 break
         checkpointer.wait()
+        counts = skipped_records(data)
+        log.info("data: %d records skipped%s", sum(counts.values()), "".join(f", {k}: {v}" for k, v in counts.items()))
     finally:
         bar.close()
         preemption.restore()

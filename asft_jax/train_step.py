@@ -19,6 +19,8 @@ from asft_jax.logprobs import pair_logps
 from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
 
+NEVER = 2**31 - 1  # int32 max: optax's skip counter saturates there
+
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
@@ -32,7 +34,8 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(learning_rate: float, total_steps: int, *, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, warmup_ratio=0.03, schedule="linear", max_grad_norm=2.0):
-    """AdamW with warmup then linear or cosine decay to 0, after global-norm clipping.
+    """AdamW with warmup then linear or cosine decay to 0, after global-norm clipping; a step whose
+    gradient is not finite changes neither the parameters nor the AdamW state (``skip_counts``).
 
     Returns ``(optimizer, schedule_fn)``.
     """
@@ -50,7 +53,13 @@ def make_optimizer(learning_rate: float, total_steps: int, *, weight_decay=0.0, 
         optax.clip_by_global_norm(max_grad_norm),
         optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
     )
-    return tx, lr
+    # never give up and apply a non-finite update: the loop stops the run instead (max_consecutive_skips)
+    return optax.apply_if_finite(tx, max_consecutive_errors=NEVER), lr
+
+
+def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
+    """Steps skipped for a non-finite loss or gradient: in all, and in a row up to the last one."""
+    return {"skipped_steps": opt_state.total_notfinite, "consecutive_skips": opt_state.notfinite_count}
 
 
 def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
@@ -82,11 +91,13 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         metric_shapes = jax.eval_shape(lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], batch))[1])
         init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, batch)
-        grads = jax.tree.map(lambda g: g / pairs, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        finite = jnp.isfinite(loss)  # a non-finite loss with finite gradients is skipped too
+        grads = jax.tree.map(lambda g: jnp.where(finite, g / pairs, jnp.nan), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)  # zero updates if not finite
         params = optax.apply_updates(state.params, updates)
         out = {k: v / pairs for k, v in metrics.items()}
-        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), **skip_counts(opt_state))
+        out["learning_rate"] = schedule(state.step - state.opt_state.total_notfinite)  # skipped steps do not advance AdamW's schedule
         return TrainState(state.step + 1, params, opt_state), out
 
     return train_step

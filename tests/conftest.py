@@ -123,3 +123,16 @@ def padded_batch(seqs: list[list[int]], left: list[bool]) -> tuple[np.ndarray, n
         tokens[row, sl] = s
         mask[row, sl] = 1
     return tokens, mask
+
+
+def direct_pair_logps(model, params, pairs) -> np.ndarray:
+    """Per-pair response log-prob sums ``[pairs, 2]`` (float64), each sequence run alone through the
+    full-vocabulary logits: no packing, no chunking, no gathering of scored positions."""
+    out = []
+    for pair in pairs:
+        for response in (pair.chosen, pair.rejected):
+            ids = np.asarray([pair.prompt + response])
+            logits = np.asarray(model.apply({"params": params}, ids), np.float64)[0]
+            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            out.append(sum(logp[len(pair.prompt) + j - 1, t] for j, t in enumerate(response)))
+    return np.asarray(out).reshape(-1, 2)

@@ -3,7 +3,9 @@
 Independent of ``asft_jax.losses``: each loss and its gradient w.r.t. the chosen and rejected
 log-prob sums is spelled out by hand. l = sum / count is the mean log-prob, r(l) = l - log(1 - e^l)
 its log-odds. The guard of the design notes is part of the definition: log(1 - e^l) is evaluated
-at min(l, -1e-6) and its derivative -1 / expm1(-l) at the same point.
+at min(l, -1e-6) and its derivative -1 / expm1(-l) at the same point. The DPO family works on summed
+log-probs; IPO with ``normalize="mean"`` (TRL's form) divides every log-prob, policy and reference, by
+its response's token count first.
 """
 
 from __future__ import annotations
@@ -66,28 +68,34 @@ def reference(name, sw, nw, sl, nl, rsw=None, rsl=None, **hp):
         z = beta * (lw - ll) - gamma
         loss, dlw, dll = -log_sigmoid(z), -beta * sigmoid(-z), beta * sigmoid(-z)
         metrics.update(rewards(beta, lw, ll))
-    else:  # DPO family, on summed log-probs
+    else:  # DPO family: delta = (log pi_w - log pi_w^ref) - (log pi_l - log pi_l^ref)
         beta = hp.get("beta", 0.1)
-        cw, cl = sw - np.asarray(rsw, np.float64), sl - np.asarray(rsl, np.float64)
+        rsw, rsl = np.asarray(rsw, np.float64), np.asarray(rsl, np.float64)
+        # IPO's "mean" (TRL's DPOTrainer, loss_type="ipo"): each log-prob, policy and reference, is
+        # divided by the response's token count n, so d(delta)/d(s_w) = 1 / n_w; "sum": 1.
+        per_token = name == "ipo" and hp.get("normalize", "sum") == "mean"
+        uw, ul = (nw, nl) if per_token else (1.0, 1.0)
+        pw, pl = sw / uw, sl / ul
+        cw, cl = pw - rsw / uw, pl - rsl / ul
         delta = cw - cl
-        if name == "dpo":
-            loss, dsw = -log_sigmoid(beta * delta), -beta * sigmoid(-beta * delta)
-        elif name == "ipo":
-            loss, dsw = (delta - 1 / (2 * beta)) ** 2, 2 * (delta - 1 / (2 * beta))
+        if name == "dpo":  # DPO paper, Eq. 7
+            loss, dloss = -log_sigmoid(beta * delta), -beta * sigmoid(-beta * delta)
+        elif name == "ipo":  # IPO paper's sampled loss (h - 1/(2 tau))^2, tau = beta
+            loss, dloss = (delta - 1 / (2 * beta)) ** 2, 2 * (delta - 1 / (2 * beta))
         elif name == "hinge":
-            loss, dsw = np.maximum(0.0, 1 - beta * delta), np.where(1 - beta * delta > 0, -beta, 0.0)
+            loss, dloss = np.maximum(0.0, 1 - beta * delta), np.where(1 - beta * delta > 0, -beta, 0.0)
         else:
             raise KeyError(name)
         metrics = {
-            "logps/chosen": sw,
-            "logps/rejected": sl,
+            "logps/chosen": pw,
+            "logps/rejected": pl,
             "nll_loss": -lw,
             "rewards/chosen": beta * cw,
             "rewards/rejected": beta * cl,
             "rewards/margins": beta * delta,
             "rewards/accuracies": (cw > cl).astype(np.float64),
         }
-        return loss, dsw, -dsw, {k: v.mean() for k, v in metrics.items()} | {"loss": loss.mean()}
+        return loss, dloss / uw, -dloss / ul, {k: v.mean() for k, v in metrics.items()} | {"loss": loss.mean()}
     return loss, dlw / nw, dll / nl, {k: v.mean() for k, v in metrics.items()} | {"loss": loss.mean()}
 
 

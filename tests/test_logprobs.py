@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, direct_pair_logps
 
-from asft_jax.logprobs import sequence_logps, token_logps
+from asft_jax.data.packing import layout_batch
+from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.logprobs import pair_logps, token_logps
 from asft_jax.model import Llama, LlamaConfig, init_params
 
 
@@ -53,31 +55,31 @@ def test_gradients_equal_full_log_softmax():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_sequence_logps_sum_response_tokens_only(tied):
+def test_pair_logps_sum_response_tokens_only(tied):
     config = LlamaConfig(**{**TINY, "tie_word_embeddings": tied})
     model = Llama(config)
     params = init_params(model, jax.random.key(1))
-    tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, TINY["vocab_size"])
-    segments = jnp.asarray([[1] * 20, [1] * 14 + [0] * 6])
-    response = jnp.asarray([[0] * 8 + [1] * 12, [0] * 5 + [1] * 9 + [0] * 6])
+    rng = np.random.default_rng(2)
+    lengths = ((8, 12, 5), (5, 9, 14), (1, 3, 2))
+    pairs = [TokenizedPair(i, *(rng.integers(0, TINY["vocab_size"], n).tolist() for n in ns)) for i, ns in enumerate(lengths)]
+    rows = jax.tree.map(lambda x: jnp.asarray(x[0]), layout_batch(pairs, "padded", 64))
 
     def chunked(p):
-        return sequence_logps(model, p, tokens, segments, response, chunk=8, vocab_chunk=48)
+        return pair_logps(model, p, rows, chunk=8, vocab_chunk=48)
 
-    def naive(p):
-        logits = model.apply({"params": p}, tokens, segments).astype(jnp.float32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
-        return (logp * response[:, 1:]).sum(-1)
+    def naive(p):  # each sequence alone, full logits
+        sums = []
+        for pair in pairs:
+            for response in (pair.chosen, pair.rejected):
+                logp = jax.nn.log_softmax(model.apply({"params": p}, jnp.asarray([pair.prompt + response])).astype(jnp.float32)[0])
+                sums.append(sum(logp[len(pair.prompt) + j - 1, t] for j, t in enumerate(response)))
+        return jnp.stack(sums).reshape(-1, 2)
 
-    sums, counts = chunked(params)
-    np.testing.assert_allclose(sums, naive(params), rtol=1e-5)
-    assert counts.tolist() == [12, 9]
-    logits = np.asarray(model.apply({"params": params}, tokens, segments), np.float64)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    for row, (start, end) in enumerate(((8, 20), (5, 14))):  # token t is predicted at t - 1
-        np.testing.assert_allclose(sums[row], sum(logp[row, t - 1, int(tokens[row, t])] for t in range(start, end)), rtol=1e-5)
+    sums = chunked(params)
+    np.testing.assert_allclose(sums, direct_pair_logps(model, params, pairs), rtol=1e-5)
+    assert rows["counts"].tolist() == [[c, r] for _, c, r in lengths]
 
-    got = jax.grad(lambda p: chunked(p)[0].sum())(params)
+    got = jax.grad(lambda p: chunked(p).sum())(params)
     expected = jax.grad(lambda p: naive(p).sum())(params)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)

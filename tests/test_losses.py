@@ -9,6 +9,8 @@ import pytest
 from reference_losses import reference
 
 from asft_jax.losses import (
+    HPARAM_DEFAULTS,
+    HPARAMS,
     LOSSES,
     NEEDS_REFERENCE,
     SequenceLogps,
@@ -16,16 +18,16 @@ from asft_jax.losses import (
     preference_loss,
 )
 
-HPARAMS = {
+CASE_HPARAMS = {
     "asft": [{}, {"lam": 0.2, "beta": 0.3}, {"lam": 0.5, "beta": 2.0}],
     "sft": [{}],
     "orpo": [{}, {"lam": 1.0}],
     "simpo": [{}, {"beta": 10.0, "gamma": 0.5}],
     "dpo": [{}, {"beta": 0.5}],
-    "ipo": [{"beta": 0.1}, {"beta": 1.0}],
+    "ipo": [{"beta": 0.1}, {"beta": 1.0}, {"beta": 0.1, "normalize": "mean"}, {"beta": 1.0, "normalize": "sum"}, {"beta": 2.0, "normalize": "mean"}],
     "hinge": [{"beta": 0.1}, {"beta": 2.0}],
 }
-CASES = [(name, hp) for name, hps in HPARAMS.items() for hp in hps]
+CASES = [(name, hp) for name, hps in CASE_HPARAMS.items() for hp in hps]
 
 
 def random_batch(seed: int = 0, pairs: int = 64):
@@ -71,7 +73,7 @@ def assert_close(got, expected, what):
 
 
 @pytest.mark.parametrize("batch", ["random", "edge"])
-@pytest.mark.parametrize(("name", "hp"), CASES, ids=[f"{n}-{i}" for n, hps in HPARAMS.items() for i in range(len(hps))])
+@pytest.mark.parametrize(("name", "hp"), CASES, ids=[f"{n}-{i}" for n, hps in CASE_HPARAMS.items() for i in range(len(hps))])
 def test_loss_and_gradients_match_float64_reference(name, hp, batch):
     data = random_batch() if batch == "random" else edge_batch()
     loss, gw, gl, metrics = ours(name, *data, hp)
@@ -137,3 +139,58 @@ def test_losses_are_jittable_and_metrics_are_batch_means():
     loss, metrics = fn(sw, sl)
     assert loss.shape == (8,) and float(metrics["loss"]) == pytest.approx(float(loss.mean()))
     assert float(metrics["rewards/accuracies"]) == pytest.approx(np.mean(sw / nw > sl / nl))
+
+
+# What each objective's paper (and docstring) defines as its hyperparameters, written out here rather
+# than read from the code under test.
+EXPECTED_HPARAMS = {
+    "asft": ("lam", "beta"),
+    "sft": (),
+    "orpo": ("lam",),
+    "simpo": ("beta", "gamma"),
+    "dpo": ("beta",),
+    "ipo": ("beta", "normalize"),
+    "hinge": ("beta",),
+}
+
+
+def _valid(hparam):
+    return "mean" if hparam == "normalize" else 0.5
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_hparams_agree_with_what_each_loss_accepts(name):
+    assert HPARAMS[name] == EXPECTED_HPARAMS[name] and tuple(HPARAM_DEFAULTS[name]) == HPARAMS[name]
+    one = SequenceLogps(jnp.asarray([-3.0, -1.0]), jnp.asarray([2, 5]))
+    logps = (one, one, one, one) if name in NEEDS_REFERENCE else (one, one)
+    refs = {"ref_chosen": one, "ref_rejected": one} if name in NEEDS_REFERENCE else {}
+    for hparam in HPARAMS[name]:  # each listed name is accepted, alone and through preference_loss
+        LOSSES[name](*logps, **{hparam: _valid(hparam)})
+        preference_loss(name, one, one, **refs, **{hparam: _valid(hparam)})
+    LOSSES[name](*logps, **HPARAM_DEFAULTS[name])
+    others = sorted({h for hs in EXPECTED_HPARAMS.values() for h in hs} - set(HPARAMS[name])) + ["tau"]
+    for hparam in others:  # and nothing else is
+        with pytest.raises(TypeError):
+            LOSSES[name](*logps, **{hparam: _valid(hparam)})
+        accepted = ", ".join(EXPECTED_HPARAMS[name]) or "none"
+        with pytest.raises(ValueError, match=f"objective '{name}' takes no hyperparameter '{hparam}': it takes {accepted}$"):
+            preference_loss(name, one, one, **refs, **{hparam: _valid(hparam)})
+
+
+def test_ipo_normalize_choices():
+    one = SequenceLogps(jnp.asarray([-3.0]), jnp.asarray([2]))
+    with pytest.raises(ValueError, match=r"ipo: normalize 'token' is not one of sum, mean"):
+        preference_loss("ipo", one, one, ref_chosen=one, ref_rejected=one, normalize="token")
+
+
+def test_ipo_mean_divides_reference_sums_by_the_policy_counts():
+    """The reference scored the same response tokens, so its own ``count`` is not read: callers that
+    carry only reference sums (``asft eval`` passes counts of 1) get TRL's form all the same."""
+    sw, nw, sl, nl, rsw, rsl = random_batch(2, 16)
+    chosen, rejected = SequenceLogps(jnp.asarray(sw), jnp.asarray(nw)), SequenceLogps(jnp.asarray(sl), jnp.asarray(nl))
+    ones = jnp.ones(16, jnp.int32)
+    with_counts = preference_loss("ipo", chosen, rejected, ref_chosen=SequenceLogps(rsw, nw), ref_rejected=SequenceLogps(rsl, nl), normalize="mean")
+    with_ones = preference_loss("ipo", chosen, rejected, ref_chosen=SequenceLogps(rsw, ones), ref_rejected=SequenceLogps(rsl, ones), normalize="mean")
+    np.testing.assert_array_equal(with_counts[0], with_ones[0])
+    expected = reference("ipo", sw, nw, sl, nl, rsw, rsl, normalize="mean")[0]
+    assert_close(with_ones[0], expected, "ipo mean with reference counts of 1")

@@ -190,10 +190,10 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
     log-probs fed to the float64 reference formulas."""
     import jax
 
-    from asft_jax.data.batching import pack_rows
     from asft_jax.data.formats import Pair
+    from asft_jax.data.packing import layout_batch
     from asft_jax.data.tokenize import Encoder
-    from asft_jax.logprobs import sequence_logps
+    from asft_jax.logprobs import pair_logps
     from asft_jax.losses import SequenceLogps, preference_loss
 
     src, params = ours
@@ -208,11 +208,11 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
                 pairs.append(pair)
             if len(pairs) == 4:
                 break
-    rows = {k: jax.numpy.asarray(v) for k, v in pack_rows(pairs, len(pairs), max(map(len, pairs))).items()}
+    rows = {k: jax.numpy.asarray(v[0]) for k, v in layout_batch(pairs, "packed_shared_prefix", 160).items()}
     model = Llama(src.config)
-    sums, counts = jax.jit(lambda p, r: sequence_logps(model, p, r["tokens"], r["segment_ids"], r["response_mask"], chunk=64, vocab_chunk=8192))(params, rows)
-    n = len(pairs)
-    loss, metrics = preference_loss("asft", SequenceLogps(sums[:n], counts[:n]), SequenceLogps(sums[n:], counts[n:]), lam=1.0, beta=1.0)
+    sums = jax.jit(lambda p, r: pair_logps(model, p, r, chunk=64, vocab_chunk=8192))(params, rows)
+    counts = rows["counts"]
+    loss, metrics = preference_loss("asft", SequenceLogps(sums[:, 0], counts[:, 0]), SequenceLogps(sums[:, 1], counts[:, 1]), lam=1.0, beta=1.0)
 
     from reference_losses import reference as reference_formulas
 

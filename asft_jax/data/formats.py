@@ -6,6 +6,16 @@
 - ``conversational``: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen``/``rejected`` lists
   of assistant message(s).
 - ``pretokenized``: ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``.
+- ``implicit_conversational`` (TRL's implicit prompt): no ``prompt``; ``chosen``/``rejected`` are whole
+  conversations. The prompt is their longest common prefix of messages that is followed by an assistant
+  turn in both; the rest are the responses. Encoded as ``conversational``.
+- ``implicit_standard``: ``{"chosen", "rejected"}`` strings that are not HH transcripts. The prompt is
+  their longest common character prefix, less a trailing space (TRL's ``extract_prompt``). Encoded as
+  ``standard``.
+
+Detection: ``prompt_input_ids`` -> pretokenized; ``prompt`` a list -> conversational; ``prompt`` ->
+standard; ``chosen`` a list -> implicit_conversational; ``chosen`` a string with ``\\n\\nAssistant:`` -> hh;
+``chosen`` a string -> implicit_standard.
 """
 
 from __future__ import annotations
@@ -15,13 +25,15 @@ from typing import Any
 
 from asft_jax.data.records import BadRecord
 
-FORMATS = ("hh", "standard", "conversational", "pretokenized")
+FORMATS = ("hh", "standard", "conversational", "pretokenized", "implicit_conversational", "implicit_standard")
+ENCODED_AS = {"implicit_conversational": "conversational", "implicit_standard": "standard"}  # others: as themselves
 HH_ASSISTANT = "\n\nAssistant:"
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """A normalised pair: strings (hh, standard), message lists (conversational) or token ids."""
+    """A normalised pair: strings (hh, standard), message lists (conversational) or token ids; implicit
+    formats give the same pair as their explicit form."""
 
     prompt: Any
     chosen: Any
@@ -38,8 +50,11 @@ def detect_format(rec: dict) -> str | None:
         return "conversational"
     if "prompt" in rec:
         return "standard"
-    if isinstance(rec.get("chosen"), str) and HH_ASSISTANT in rec["chosen"]:
-        return "hh"
+    chosen = rec.get("chosen")
+    if isinstance(chosen, list):
+        return "implicit_conversational"
+    if isinstance(chosen, str):
+        return "hh" if HH_ASSISTANT in chosen else "implicit_standard"
     return None
 
 
@@ -71,19 +86,46 @@ def split_hh(chosen: str, rejected: str) -> Pair:
     return Pair(chosen[:end_c], chosen[end_c:], rejected[end_r:])
 
 
+def split_implicit_messages(chosen: list[dict], rejected: list[dict]) -> Pair:
+    """The longest common message prefix followed by an assistant turn in both lists is the prompt."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and _turn(chosen[k]) == _turn(rejected[k]):
+        k += 1
+    while k >= 1 and not (k < len(chosen) and k < len(rejected) and chosen[k]["role"] == rejected[k]["role"] == "assistant"):
+        k -= 1
+    if k == 0:
+        raise BadRecord("no_common_prompt")
+    return Pair(chosen[:k], chosen[k:], rejected[k:])
+
+
+def split_implicit_text(chosen: str, rejected: str) -> Pair:
+    """The longest common character prefix is the prompt; a space just before the split goes to the responses."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    if k and chosen[k - 1] == " ":
+        k -= 1
+    if k == 0:
+        raise BadRecord("no_common_prompt")
+    return Pair(chosen[:k], chosen[k:], rejected[k:])
+
+
+def _turn(message: dict) -> tuple[str, str]:
+    return message["role"], message["content"]
+
+
 def normalize(rec: dict, fmt: str) -> Pair:
     """``rec`` in format ``fmt`` -> ``Pair``; raises ``BadRecord`` with the reason to count."""
     if fmt == "hh":
         pair = split_hh(*_strings(rec, ("chosen", "rejected")))
-        empty = not pair.prompt.strip()
+    elif fmt == "implicit_standard":
+        pair = split_implicit_text(*_strings(rec, ("chosen", "rejected")))
     elif fmt == "standard":
         pair = Pair(*_strings(rec, ("prompt", "chosen", "rejected")))
-        empty = not pair.prompt.strip()
+    elif fmt == "implicit_conversational":
+        pair = split_implicit_messages(*(_messages(rec.get(k), k) for k in ("chosen", "rejected")))
     elif fmt == "conversational":
         pair = Pair(*(_messages(rec.get(k), k) for k in ("prompt", "chosen", "rejected")))
-        empty = not any(m["content"].strip() for m in pair.prompt)
-        if all(m["role"] == "assistant" and not m["content"].strip() for m in pair.chosen + pair.rejected):
-            raise BadRecord("empty_response")
     elif fmt == "pretokenized":
         ids = []
         for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
@@ -96,17 +138,22 @@ def normalize(rec: dict, fmt: str) -> Pair:
         refs = [rec.get(k) for k in ("ref_chosen_logps", "ref_rejected_logps")]
         if any(r is not None for r in refs) and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r <= 0 for r in refs):
             raise BadRecord("bad_reference_logps")
-        pair, empty = Pair(*ids, *(None if r is None else float(r) for r in refs)), not ids[0]
+        pair = Pair(*ids, *(None if r is None else float(r) for r in refs))
     else:
         raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
-    if empty:
+    if not _nonblank(pair.prompt):
         raise BadRecord("empty_prompt")
-    if fmt in ("hh", "standard", "pretokenized") and (not _nonblank(pair.chosen) or not _nonblank(pair.rejected)):
+    if not _nonblank(pair.chosen, "assistant") or not _nonblank(pair.rejected, "assistant"):
         raise BadRecord("empty_response")
     if pair.chosen == pair.rejected:
         raise BadRecord("identical_responses")
     return pair
 
 
-def _nonblank(x: Any) -> bool:
-    return bool(x.strip()) if isinstance(x, str) else bool(x)
+def _nonblank(x: Any, role: str | None = None) -> bool:
+    """Non-blank text; non-empty ids; messages with a non-blank content (among ``role``'s, if given)."""
+    if isinstance(x, str):
+        return bool(x.strip())
+    if x and isinstance(x[0], dict):
+        return any(m["content"].strip() for m in x if role in (None, m["role"]))
+    return bool(x)

@@ -37,6 +37,7 @@ class DataConfig:
     format: str | None = None  # None: detected from the records
     max_length: int = 1024
     max_prompt_length: int | None = None  # None: max_length // 2
+    truncation: str = "head_and_tail"  # see asft_jax.data.tokenize
     batch_size: int = 8  # pairs per step, over all hosts
     seed: int = 0
     shuffle: bool = True
@@ -129,7 +130,7 @@ class PairBatches:
         self.format = cfg.format or detect_source_format(self.source)
         if self.format not in FORMATS:
             raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
-        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size)
+        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size, truncation=cfg.truncation)
         self.local_batch = cfg.batch_size // process_count
         self.skipped: collections.Counter = collections.Counter()
         self._first: dict[str, str] = {}

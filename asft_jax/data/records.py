@@ -92,6 +92,20 @@ def _hub(name: str, split: str):
         raise AsftError(f"{name}: not a local file, and loading it from the Hub failed ({first})") from None
 
 
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` names a Hub dataset (``org/name[:split]``) rather than a local path."""
+    name = spec.split(":")[0]
+    return not os.path.exists(spec) and not spec.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(DATA_SUFFIXES)
+
+
+def is_readable_spec(spec: str) -> bool:
+    """A local file, or a Hub dataset id (whose existence only loading can tell)."""
+    return os.path.isfile(spec) or is_hub_id(spec)
+
+
 class RecordSource:
     """``len(source)`` records; ``source[i]`` is record ``i`` as a dict (``BadRecord`` if it is not one)."""
 
@@ -106,7 +120,7 @@ class RecordSource:
                 self._rows = _Parquet(spec)
             else:
                 raise AsftError(f"{spec}: unsupported data file (expected .jsonl, .jsonl.gz, .json or .parquet)")
-        elif os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.split(":")[0].count("/") != 1:
+        elif not is_hub_id(spec):
             raise AsftError(f"{spec}: no such data file")
         else:
             name, _, given = spec.partition(":")

@@ -7,8 +7,15 @@
 - HH transcripts, and standard records without a template: raw text, the tokenizer's own special
   tokens on the prompt (BOS where it adds one), EOS closing each response.
 - pre-tokenized records: as given.
-Truncation: the prompt keeps its last ``max_prompt_length`` tokens, each response its first
-``max_length - len(prompt)``; a pair whose responses become identical is dropped.
+- implicit formats: as their explicit form (``formats.ENCODED_AS``).
+
+Truncation (``TRUNCATIONS``), for a prompt over ``max_prompt_length`` (default half of ``max_length``):
+- ``head_and_tail`` (default): the prompt's head, the tokens put before its content (BOS, system prompt,
+  first role header; at most ``max_prompt_length // 2``), then its last tokens (the generation prompt);
+- ``keep_end``: the prompt's last ``max_prompt_length`` tokens (TRL's);
+- ``drop``: nothing is cut; a pair over either limit is a ``BadRecord``.
+In the first two, each response keeps its first ``max_length - len(prompt)`` tokens, and a pair whose
+responses become identical is dropped.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from asft_jax.data.formats import Pair
+from asft_jax.data.formats import ENCODED_AS, Pair
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import BadRecord
+from asft_jax.errors import AsftError
+
+TRUNCATIONS = ("head_and_tail", "keep_end", "drop")
 
 
 def _ids(out: Any) -> list[int]:
@@ -33,16 +43,29 @@ def apply_template(tokenizer: Any, messages: list[dict], add_generation_prompt: 
         raise BadRecord("chat_template_error") from None
 
 
+def common_prefix(a: list[int], b: list[int]) -> list[int]:
+    """The longest common prefix of two token lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoder:
+    """Normalised pairs -> ``TokenizedPair`` within ``max_length`` / ``max_prompt_length``, cut the ``truncation`` way."""
+
     tokenizer: Any
     max_length: int
     max_prompt_length: int | None = None  # default: half of max_length
     vocab_size: int | None = None  # ids at or above it are rejected (the model would clamp them silently)
+    truncation: str = "head_and_tail"  # one of TRUNCATIONS
 
     def __post_init__(self) -> None:
-        if self.prompt_limit >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.prompt_limit}) must be below max_length ({self.max_length})")
+        if not 0 < self.prompt_limit < self.max_length:
+            raise AsftError(f"max_prompt_length ({self.prompt_limit}) must be at least 1 and below max_length ({self.max_length})")
+        if self.truncation not in TRUNCATIONS:
+            raise AsftError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
 
     @property
     def prompt_limit(self) -> int:
@@ -63,22 +86,52 @@ class Encoder:
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         return tok.encode(prompt, add_special_tokens=True), [tok.encode(r, add_special_tokens=False) + eos for r in responses]
 
+    def _conversation(self, kind: str, pair: Pair) -> tuple[list[dict], list[list[dict]]] | None:
+        """The prompt and responses as messages when the chat template applies, else None."""
+        if kind == "conversational":
+            return pair.prompt, [pair.chosen, pair.rejected]
+        if kind == "standard" and self.tokenizer.chat_template:
+            return [{"role": "user", "content": pair.prompt}], [[{"role": "assistant", "content": r}] for r in (pair.chosen, pair.rejected)]
+        return None
+
+    def _head(self, prompt: list[int], kind: str, messages: list[dict] | None) -> list[int]:
+        """The tokens before the prompt's content: BOS, system prompt, first role header."""
+        tok = self.tokenizer
+        if kind == "pretokenized":
+            return prompt[:1] if tok is not None and prompt[:1] == [tok.bos_token_id] else []
+        if messages is None:
+            return common_prefix(prompt, tok.encode("", add_special_tokens=True))
+        blank = [m if m["role"] == "system" else {**m, "content": ""} for m in messages]
+        try:
+            return common_prefix(prompt, apply_template(tok, blank, add_generation_prompt=True))
+        except BadRecord:  # the template refuses empty contents: no head kept
+            return []
+
     def encode(self, pair: Pair, fmt: str, index: int = -1) -> TokenizedPair:
-        """Token ids of one normalised pair (``fmt`` as detected), truncated to the limits."""
-        if fmt == "pretokenized":
+        """Token ids of one normalised pair (``fmt`` as detected), fitted to the limits."""
+        kind = ENCODED_AS.get(fmt, fmt)
+        conversation = self._conversation(kind, pair)
+        if kind == "pretokenized":
             prompt, (chosen, rejected) = pair.prompt, (pair.chosen, pair.rejected)
-        elif fmt == "conversational":
-            prompt, (chosen, rejected) = self._templated(pair.prompt, [pair.chosen, pair.rejected])
-        elif fmt == "standard" and self.tokenizer.chat_template:
-            user = [{"role": "user", "content": pair.prompt}]
-            prompt, (chosen, rejected) = self._templated(user, [[{"role": "assistant", "content": r}] for r in (pair.chosen, pair.rejected)])
+        elif conversation is not None:
+            prompt, (chosen, rejected) = self._templated(*conversation)
         else:
             prompt, (chosen, rejected) = self._raw(pair.prompt, [pair.chosen, pair.rejected])
         if not chosen or not rejected:
             raise BadRecord("empty_response")
         if self.vocab_size is not None and max(prompt + chosen + rejected) >= self.vocab_size:
             raise BadRecord("token_id_out_of_range")
-        cut_prompt = prompt[-self.prompt_limit :]
+        limit = self.prompt_limit
+        if self.truncation == "drop" and len(prompt) > limit:
+            raise BadRecord("prompt_longer_than_max_prompt_length")
+        if self.truncation == "drop" and len(prompt) + max(len(chosen), len(rejected)) > self.max_length:
+            raise BadRecord("longer_than_max_length")
+        cut_prompt = prompt
+        if len(prompt) > limit:
+            head: list[int] = []
+            if self.truncation == "head_and_tail":
+                head = self._head(prompt, kind, conversation[0] if conversation else None)[: limit // 2]
+            cut_prompt = head + prompt[len(prompt) - limit + len(head) :]
         room = self.max_length - len(cut_prompt)
         if pair.ref_chosen is not None and (len(cut_prompt) < len(prompt) or max(len(chosen), len(rejected)) > room):
             raise BadRecord("truncation_would_invalidate_reference_logps")

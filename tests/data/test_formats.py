@@ -1,4 +1,4 @@
-"""Record sources and formats on the real shared files: counts, skip reasons, the HH prompt split."""
+"""Record sources and formats: counts and skip reasons on the real shared files, the HH and implicit-prompt splits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from asft_jax.data.formats import HH_ASSISTANT, detect_format, normalize
+from asft_jax.data.formats import HH_ASSISTANT, Pair, detect_format, normalize
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.errors import AsftError
 
@@ -89,3 +89,110 @@ def test_bad_paths_are_one_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(AsftError, match=r"x\.csv: unsupported data file"):
         RecordSource(str(tmp_path / "x.csv"))
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+U, A1, A2 = msg("user", "What is 2 + 2?"), msg("assistant", "4"), msg("assistant", "5")
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt"),
+    [
+        ({"prompt_input_ids": [1], "prompt": "x", "chosen": [2], "rejected": [3]}, "pretokenized"),
+        ({"prompt": [U], "chosen": [A1], "rejected": [A2]}, "conversational"),
+        ({"prompt": "x", "chosen": [A1], "rejected": [A2]}, "standard"),
+        ({"chosen": [U, A1], "rejected": [U, A2], "score_chosen": 8.0, "score_rejected": 2.0}, "implicit_conversational"),
+        ({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}, "hh"),
+        ({"chosen": "2 + 2 = 4", "rejected": "2 + 2 = 5"}, "implicit_standard"),
+        ({"chosen": 4, "rejected": 5}, None),
+        ({"text": "x"}, None),
+    ],
+)
+def test_detection_order(record, fmt):
+    assert detect_format(record) == fmt
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [  # (prompt, chosen, rejected) written down from the rule, or the skip reason
+        ("Q: capital of France? A: Paris", "Q: capital of France? A: Lyon", ("Q: capital of France? A:", " Paris", " Lyon")),
+        ("2+2=4", "2+2=5", ("2+2=", "4", "5")),
+        ("The cat sat", "The car sat", ("The ca", "t sat", "r sat")),  # a character prefix, not a word prefix
+        ("Say hi. Hello", "Say hi. Hey", ("Say hi. He", "llo", "y")),
+        ("Say hi. Hello", "Say hi. ", "empty_response"),  # the prefix is all of rejected; its space moves back to it
+        ("Yes", "No", "no_common_prompt"),
+        (" a", " b", "no_common_prompt"),  # the only common character is the space, which goes to the responses
+        ("\n4", "\n5", "empty_prompt"),
+        ("same", "same", "empty_response"),  # all of it is the common prefix: nothing left to respond
+    ],
+)
+def test_implicit_standard_split(chosen, rejected, expected):
+    rec = {"chosen": chosen, "rejected": rejected}
+    assert detect_format(rec) == "implicit_standard"
+    if isinstance(expected, str):
+        with pytest.raises(BadRecord, match=f"^{expected}$"):
+            normalize(rec, "implicit_standard")
+    else:
+        assert normalize(rec, "implicit_standard") == Pair(*expected)
+
+
+S, U2, A = msg("system", "Be brief."), msg("user", "And 3 + 3?"), msg("assistant", "4")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        ([U, A1], [U, A2], ([U], [A1], [A2])),
+        ([S, U, A, U2, msg("assistant", "6")], [S, U, A, U2, msg("assistant", "7")], ([S, U, A, U2], [msg("assistant", "6")], [msg("assistant", "7")])),
+        # common up to the assistant turn, which is not followed by another assistant turn: back to the last one that is
+        ([U, A, msg("user", "x")], [U, A, msg("user", "y")], ([U], [A, msg("user", "x")], [A, msg("user", "y")])),
+        ([U, A1], [U, msg("user", "5")], "no_common_prompt"),  # after the common prefix, rejected has no assistant turn
+        ([U, A1], [msg("user", "What is 3 + 3?"), A2], "no_common_prompt"),
+        ([msg("system", U["content"]), A1], [U, A2], "no_common_prompt"),  # the same content under another role
+        ([U, A1], [U], "no_common_prompt"),
+        ([U, msg("assistant", "  ")], [U, A2], "empty_response"),
+        ([U, A1], [U, A1], "identical_responses"),
+        ([U, "4"], [U, A2], "bad_messages_chosen"),
+    ],
+)
+def test_implicit_conversational_split(chosen, rejected, expected):
+    rec = {"chosen": chosen, "rejected": rejected}
+    if isinstance(expected, str):
+        with pytest.raises(BadRecord, match=f"^{expected}$"):
+            normalize(rec, "implicit_conversational")
+    else:
+        prompt, c, r = expected
+        assert normalize(rec, "implicit_conversational") == Pair(prompt, c, r) == normalize({"prompt": prompt, "chosen": c, "rejected": r}, "conversational")
+
+
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+def test_conversational_pair_with_one_blank_response_is_empty(side):
+    rec = {"prompt": [U], "chosen": [A1], "rejected": [A2]}
+    with pytest.raises(BadRecord, match="^empty_response$"):
+        normalize({**rec, side: [msg("assistant", " \n")]}, "conversational")
+    with pytest.raises(BadRecord, match="^empty_response$"):  # no assistant content at all
+        normalize({**rec, side: [msg("user", "more?")]}, "conversational")
+
+
+def uf_as_implicit_conversation(rec: dict) -> dict:
+    """An UltraFeedback record the way trl-lib/ultrafeedback_binarized stores it."""
+    user = msg("user", rec["prompt"])
+    return {"chosen": [user, msg("assistant", rec["chosen"])], "rejected": [user, msg("assistant", rec["rejected"])], "score_chosen": 1.0, "score_rejected": 0.0}
+
+
+@pytest.mark.parametrize("name", ["ultrafeedback/train.jsonl", "ultrafeedback/eval.jsonl"])
+def test_implicit_conversational_real_files_give_the_explicit_pairs(shared_data, tmp_path, name):
+    with open(os.path.join(shared_data, name)) as f:
+        rows = [json.loads(line) for line in f]
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("".join(json.dumps(uf_as_implicit_conversation(r)) + "\n" for r in rows))
+    source = RecordSource(str(path))
+    assert detect_format(source[0]) == "implicit_conversational"
+    pairs, skipped = normalise_all(source, "implicit_conversational")
+    assert dict(skipped) == EXPECTED[name][2]  # the same skips as the flat strings
+    for i, pair in pairs:
+        r = rows[i]
+        assert pair == Pair([msg("user", r["prompt"])], [msg("assistant", r["chosen"])], [msg("assistant", r["rejected"])])
