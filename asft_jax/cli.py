@@ -190,8 +190,8 @@ def _data_inspect(args: argparse.Namespace) -> None:
             skipped[item.reason] += 1
             continue
         fitted = encode_record(source, fmt, encoder, i)
-        if isinstance(fitted, BadRecord):  # e.g. responses identical once truncated
-            skipped[f"after truncation: {fitted.reason}"] += 1
+        if isinstance(fitted, BadRecord):  # over the limits (drop), or responses identical once truncated
+            skipped[f"{args.truncation}: {fitted.reason}"] += 1
             continue
         for key, n in zip(lengths, (len(item.prompt), len(item.chosen), len(item.rejected), len(item))):
             lengths[key].append(n)

@@ -121,9 +121,53 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
         load_config(None, [f"data.path={pairs}", "output_dir=gs://bucket/run", "model.init={vocab_size: 8}"])
 
 
-def test_non_finite_loss_stops_the_run_naming_the_checkpoint(pairs, tmp_path):
-    with pytest.raises(AsftError, match=r"step \d+: non-finite loss .*last good checkpoint: .*checkpoints/"):
-        train(config(tmp_path / "nan", pairs, "learning_rate=1e30", "optimizer.max_grad_norm=1e30", "max_steps=20", "save_steps=1"))
+def poison_steps(monkeypatch, steps: set[int]) -> None:
+    """The loop's batches at ``steps`` (1-based) get pair counts of 0: infinite mean log-probs and loss."""
+    import asft_jax.train as train_module
+
+    real, calls = train_module.global_batch, iter(range(1, 1 << 30))
+
+    def poisoned(batch, mesh):
+        if next(calls) in steps:
+            batch = {**batch, "counts": np.zeros_like(batch["counts"])}
+        return real(batch, mesh)
+
+    monkeypatch.setattr(train_module, "global_batch", poisoned)
+
+
+def saved_state(out, step) -> dict:
+    """A checkpoint's train state as saved: ``{path: array}``."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(out, "checkpoints")) as manager:
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def test_a_non_finite_step_changes_nothing_and_training_goes_on(pairs, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, {3})
+    out = tmp_path / "run"
+    train(config(out, pairs, "save_steps=1", "max_to_keep=10"))
+    rows = curve(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # it went on to max_steps
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    assert [r["consecutive_skips"] for r in rows] == [0, 0, 1, 0, 0, 0]
+    assert [np.isfinite(r["loss"]) for r in rows] == [True, True, False, True, True, True]
+    before, skipped, last = saved_state(out, 2), saved_state(out, 3), saved_state(out, 6)
+    counters = ("['step']", "['notfinite_count']", "['last_finite']", "['total_notfinite']")
+    compared = [k for k in before if not k.endswith(counters)]
+    assert len(compared) > 20  # parameters, both AdamW moments, AdamW's own step count
+    for k in compared:
+        np.testing.assert_array_equal(skipped[k], before[k], err_msg=k)
+    for state in (skipped, last):
+        assert all(np.isfinite(v).all() for k, v in state.items() if v.dtype.kind == "f")
+    assert not np.array_equal(last["['params']['norm']['scale']"], before["['params']['norm']['scale']"])  # and it kept learning
+
+
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_checkpoint(pairs, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, set(range(3, 100)))
+    with pytest.raises(AsftError, match=r"step 5: 3 consecutive steps had a non-finite loss or gradient \(skipped\); last good checkpoint: .*checkpoints/4$"):  # 4 holds the weights of 2
+        train(config(tmp_path / "nan", pairs, "max_consecutive_skips=3", "save_steps=2", "max_steps=20"))
 
 
 def test_dpo_computes_reference_log_probs_once_and_starts_at_log_2(pairs, tmp_path):
