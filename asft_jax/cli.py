@@ -92,15 +92,21 @@ def _eval(args: argparse.Namespace) -> None:
     from asft_jax.sources import resolve
 
     src = resolve(args.model)
+    hparams = {k: getattr(args, k) for k in ("beta", "lam", "gamma", "normalize") if getattr(args, k) is not None}
+    if args.objective:
+        from asft_jax.losses import HPARAMS
+
+        foreign = sorted(set(hparams) - set(HPARAMS[args.objective]))
+        if foreign:
+            raise AsftError(f"--{foreign[0]} does not apply to --objective {args.objective} (its hyperparameters: {', '.join(HPARAMS[args.objective]) or 'none'})")
     pairs, skipped, max_length = _read_pairs(args, src)
     if args.objective:
         require_reference(args.objective, pairs)  # before any weights load
     mesh = _mesh(args)
     model, params = _load_model(src, args.dtype, mesh)
-    results = list(score_pairs(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, total=len(pairs)))
+    results = list(score_pairs(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout, total=len(pairs)))
     summary = summarize(results, skipped)
     if args.objective:
-        hparams = {k: v for k, v in (("beta", args.beta), ("lam", args.lam), ("gamma", args.gamma)) if v is not None}
         summary.update(objective_summary(args.objective, pairs, results, **hparams))
     if args.generate:
         from asft_jax.evaluate import generation_summary
@@ -218,8 +224,9 @@ def _data_reference(args: argparse.Namespace) -> None:
     src = resolve(args.model)
     pairs, skipped, max_length = _read_pairs(args, src)
     mesh = _mesh(args)
-    model, params = _load_model(src, "float32", mesh)
-    n = write_pairs(args.output, attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length))
+    model, params = _load_model(src, args.dtype, mesh)
+    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout)
+    n = write_pairs(args.output, scored)
     print(f"wrote {n} pairs with reference log-probs to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
@@ -231,7 +238,9 @@ def _fetch_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from asft_jax.data.formats import FORMATS
+    from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.tokenize import TRUNCATIONS
+    from asft_jax.losses import IPO_NORMALIZE, LOSSES
 
     parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
         p.add_argument("--strict", action="store_true", help="stop at the first bad record")
         p.add_argument("--limit", type=int, default=None, help="read only the first N records")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (a DPO reference: the run's, for rewards that start at 0)")
+        p.add_argument("--layout", default="packed_shared_prefix", choices=LAYOUTS, help="batch layout, as data.layout in training (default: packed_shared_prefix)")
         mesh_args(p)
 
     def mesh_args(p: argparse.ArgumentParser) -> None:
@@ -272,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair (and BLEU/ROUGE with --generate)")
     pair_args(p, "per-pair results (.jsonl)", False)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--objective", choices=["asft", "sft", "orpo", "simpo", "dpo", "ipo", "hinge"], help="also report this objective's loss and metrics")
+    p.add_argument("--objective", choices=LOSSES, help="also report this objective's loss and metrics")
     p.add_argument("--beta", type=float, help="objective hyperparameter (default: the objective's)")
     p.add_argument("--lam", type=float, help="objective hyperparameter (default: the objective's)")
     p.add_argument("--gamma", type=float, help="objective hyperparameter (default: the objective's)")
+    p.add_argument("--normalize", choices=IPO_NORMALIZE, help="ipo: summed (default) or per-token mean log-ratios (TRL's)")
     p.add_argument("--generate", action="store_true", help="also generate a response to each prompt; BLEU-4 and ROUGE-L against the chosen responses")
     p.add_argument("--generate-pairs", type=int, default=None, help="with --generate: only the first N pairs (default: all)")
     sampling_args(p, 256)

@@ -113,6 +113,8 @@ def test_objective_loss_equals_the_float64_formula(hf_llama, tmp_path, capsys):
     assert summary["objective_metrics"]["log_odds_ratio"] == pytest.approx(metrics["log_odds_ratio"].mean(), rel=1e-5)
     code, _, err = run_eval(capsys, "--model", folder, "--data", data, "--objective", "dpo")
     assert code == 1 and "needs ref_chosen_logps" in err
+    code, _, err = run_eval(capsys, "--model", folder, "--data", data, "--objective", "asft", "--gamma", "1")
+    assert code == 1 and "--gamma does not apply to --objective asft (its hyperparameters: lam, beta)" in err
 
 
 def test_eval_generate_scores_bleu_and_rouge_of_greedy_answers(tiny_chat_model, tmp_path, capsys):

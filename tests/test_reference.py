@@ -12,13 +12,14 @@ import pytest
 from test_evaluate import torch_response_logps, write_jsonl
 
 from asft_jax.cli import main
-from asft_jax.data.batching import pack_rows
+from asft_jax.data.packing import layout_batch
 from asft_jax.data.records import RecordSource
 from asft_jax.evaluate import read_eval_pairs
-from asft_jax.logprobs import sequence_logps
+from asft_jax.logprobs import pair_logps
 from asft_jax.losses import SequenceLogps, preference_loss
 from asft_jax.model import Llama
 from asft_jax.sources import resolve
+from asft_jax.train_step import micro_loss
 
 
 @pytest.fixture
@@ -41,8 +42,10 @@ def test_cli_attaches_reference_logps_that_match_transformers(hf_llama, pairs_fi
         assert w["ref_rejected_logps"] == pytest.approx(torch_response_logps(torch_model, rec["prompt_input_ids"], rec["rejected_input_ids"]), abs=5e-3)
 
 
-def test_dpo_starts_at_log_2_with_reference_equal_to_policy(hf_llama, pairs_file, tmp_path):
-    """At step 0 the policy is the reference, so every DPO-family margin is zero."""
+@pytest.mark.parametrize("layout", ["packed", "packed_shared_prefix"])
+def test_dpo_starts_at_log_2_with_reference_equal_to_policy(hf_llama, pairs_file, tmp_path, layout):
+    """At step 0 the policy is the reference, so every DPO-family margin is zero: the reference pass
+    (default layout) and the train step's function on another batch agree."""
     folder, _ = hf_llama()
     data, _ = pairs_file
     out = str(tmp_path / "with_ref.jsonl")
@@ -50,18 +53,16 @@ def test_dpo_starts_at_log_2_with_reference_equal_to_policy(hf_llama, pairs_file
     pairs = read_eval_pairs(RecordSource(out), None, 128, 1024)
     src = resolve(folder)
     model, params = Llama(src.config), src.load_params()
-    rows = {k: jnp.asarray(v) for k, v in pack_rows(pairs, len(pairs), max(map(len, pairs))).items()}
-    sums, counts = sequence_logps(model, params, rows["tokens"], rows["segment_ids"], rows["response_mask"])
-    n = len(pairs)
-    chosen, rejected = SequenceLogps(sums[:n], counts[:n]), SequenceLogps(sums[n:], counts[n:])
-    ref_c = SequenceLogps(jnp.asarray([p.ref_chosen for p in pairs]), counts[:n])
-    ref_r = SequenceLogps(jnp.asarray([p.ref_rejected for p in pairs]), counts[n:])
-    loss, metrics = preference_loss("dpo", chosen, rejected, ref_chosen=ref_c, ref_rejected=ref_r, beta=0.1)
-    np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
+    batch = jax.tree.map(lambda x: jnp.asarray(x[0]), layout_batch(pairs[::-1], layout, 64))  # other order, other rows
+    loss, metrics = micro_loss(model, "dpo", {"beta": 0.1}, params, batch)
+    np.testing.assert_allclose(loss / len(pairs), np.log(2), rtol=1e-6)
     assert abs(float(metrics["rewards/margins"])) < 1e-6
     # and the gradient is the policy's alone: the reference enters as constants
-    grads = jax.grad(lambda c: preference_loss("dpo", SequenceLogps(c, counts[:n]), rejected, ref_chosen=ref_c, ref_rejected=ref_r)[0].sum())(chosen.sum)
-    np.testing.assert_allclose(grads, -0.05, rtol=1e-6)  # -beta * sigmoid(0)
+    sums, counts = pair_logps(model, params, batch), batch["counts"]
+    refs = {"ref_chosen": SequenceLogps(batch["ref_logps"][:, 0], counts[:, 0]), "ref_rejected": SequenceLogps(batch["ref_logps"][:, 1], counts[:, 1])}
+    rejected = SequenceLogps(sums[:, 1], counts[:, 1])
+    grads = jax.grad(lambda c: preference_loss("dpo", SequenceLogps(c, counts[:, 0]), rejected, **refs)[0].sum())(sums[:, 0])
+    np.testing.assert_allclose(grads, -0.05, rtol=1e-5)  # -beta * sigmoid(0)
 
 
 def test_bad_reference_values_are_skipped(tmp_path):

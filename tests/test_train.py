@@ -14,7 +14,7 @@ import pytest
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
-from asft_jax.train import train
+from asft_jax.train import resolve_data_paths, train
 
 TINY_INIT = "{vocab_size: 128, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
 
@@ -41,7 +41,7 @@ SINGLE_DEVICE = """
 import jax, sys
 jax.config.update("jax_num_cpu_devices", 1)
 from asft_jax.config import load_config
-from asft_jax.train import train
+from asft_jax.train import resolve_data_paths, train
 train(load_config(None, sys.argv[1:]))
 """
 
@@ -119,6 +119,43 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
         config(tmp_path / "e", pairs, "batch_size=x")
     with pytest.raises(AsftError, match=r"object-store URLs are not supported yet"):
         load_config(None, [f"data.path={pairs}", "output_dir=gs://bucket/run", "model.init={vocab_size: 8}"])
+    for bad in ("0", "-4", "64", "100"):  # data.max_length is 64
+        with pytest.raises(AsftError, match=rf"data.max_prompt_length {bad} must be positive and below data.max_length 64"):
+            config(tmp_path / "f", pairs, f"data.max_prompt_length={bad}")
+    with pytest.raises(AsftError, match=r"data.truncation 'left' is not one of head_and_tail, keep_end, drop"):
+        config(tmp_path / "g", pairs, "data.truncation=left")
+    with pytest.raises(AsftError, match=r"^config: objective.gamma does not apply to asft \(its hyperparameters: lam, beta\)$"):
+        config(tmp_path / "h", pairs, "objective.gamma=0.5")
+    with pytest.raises(AsftError, match=r"objective.normalize does not apply to dpo \(its hyperparameters: beta\)"):
+        config(tmp_path / "i", pairs, "objective.name=dpo", "objective.normalize=mean")
+    assert config(tmp_path / "j", pairs, "objective.name=ipo", "objective.normalize=mean").objective.hparams() == {"normalize": "mean"}
+
+
+def test_a_missing_data_path_is_an_error_naming_it_unless_declared_optional(pairs, tmp_path, caplog):
+    missing = str(tmp_path / "typo.jsonl")
+    with pytest.raises(AsftError, match=rf"^config: data.path '{missing}': no such data file$"):
+        train(config(tmp_path / "a", missing))
+    with pytest.raises(AsftError, match=r"data.eval_path 'data/typo.jsonl': no such data file; set data.path_optional: true to read data.fallback instead"):
+        train(config(tmp_path / "b", pairs, "data.eval_path=data/typo.jsonl", "data.fallback=org/name", "eval_steps=1"))
+    cfg = config(tmp_path / "c", missing, f"data.fallback={pairs}", "data.path_optional=true")
+    with caplog.at_level("WARNING"):
+        resolved = resolve_data_paths(cfg)
+    assert resolved.data.path == pairs and f"{missing} not found; data.path_optional is set, so reading {pairs} instead" in caplog.text
+    assert resolve_data_paths(config(tmp_path / "d", pairs, "data.fallback=org/name", "data.path_optional=true")).data.path == pairs
+
+
+def test_skipped_records_are_counted_in_the_metrics_or_stop_a_strict_run(pairs, tmp_path):
+    with open(pairs) as f:
+        good = f.readlines()
+    bad = ["{not json\n", json.dumps({"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [2]}) + "\n", "[1, 2]\n"]
+    data = tmp_path / "some_bad.jsonl"
+    data.write_text("".join(good[:5] + bad + good[5:30]))
+    train(config(tmp_path / "counted", str(data), "data.shuffle=false", "max_steps=2"))
+    rows = curve(tmp_path / "counted")
+    assert rows[-1]["data/skipped_records"] == 3
+    assert {k: v for k, v in rows[-1].items() if k.startswith("data/skipped/")} == {"data/skipped/unparsable_json": 1, "data/skipped/empty_response": 1, "data/skipped/not_an_object": 1}
+    with pytest.raises(AsftError, match=rf"^{data}:6: unparsable json$"):
+        train(config(tmp_path / "strict", str(data), "data.shuffle=false", "data.strict=true"))
 
 
 def poison_steps(monkeypatch, steps: set[int]) -> None:
@@ -183,6 +220,23 @@ def test_dpo_computes_reference_log_probs_once_and_starts_at_log_2(pairs, tmp_pa
     stamp = os.path.getmtime(reference)
     train(config(out, pairs, "objective.name=dpo", "objective.beta=0.1", "max_steps=3"))
     assert os.path.getmtime(reference) == stamp and [r["step"] for r in curve(out)] == [1, 2, 3]
+
+
+def test_bf16_dpo_rewards_start_at_zero_and_dpo_runs_are_evaluated(pairs, tmp_path):
+    """The reference pass computes what the step computes (same function, layout and compute dtype),
+    so step 1's implicit rewards are zero up to one bfloat16 rounding of the sums (2^-8 relative);
+    the eval split gets its own cached reference log-probs."""
+    out = tmp_path / "dpo"
+    train(config(out, pairs, "objective.name=dpo", "model.dtype=bfloat16", "max_steps=2", f"data.eval_path={pairs}", "eval_steps=2", "data.eval_pairs=16"))
+    rows = curve(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/loss" in rows[0] and "eval/loss" in rows[2]
+    for prefix, row in (("", rows[1]), ("eval/", rows[0])):
+        bound = 0.1 * 2**-8 * abs(row[f"{prefix}logps/chosen"])  # beta x one bfloat16 rounding of the summed log-probs
+        assert abs(row[f"{prefix}rewards/chosen"]) <= bound and abs(row[f"{prefix}rewards/rejected"]) <= bound, (prefix, row)
+        assert row[f"{prefix}loss"] == pytest.approx(np.log(2), abs=0.1 * bound)
+    assert rows[2]["eval/rewards/margins"] != 0.0  # the policy moved away from the reference
+    with open(out / "reference_logps_eval.jsonl") as f:
+        assert len(f.readlines()) == 16
 
 
 def test_evaluation_during_training(pairs, tmp_path):
