@@ -126,13 +126,13 @@ def padded_batch(seqs: list[list[int]], left: list[bool]) -> tuple[np.ndarray, n
 
 
 def direct_pair_logps(model, params, pairs) -> np.ndarray:
-    """Per-pair response log-prob sums ``[pairs, 2]`` (float64), each sequence run alone through the
-    full-vocabulary logits: no packing, no chunking, no gathering of scored positions."""
-    out = []
-    for pair in pairs:
-        for response in (pair.chosen, pair.rejected):
-            ids = np.asarray([pair.prompt + response])
-            logits = np.asarray(model.apply({"params": params}, ids), np.float64)[0]
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-            out.append(sum(logp[len(pair.prompt) + j - 1, t] for j, t in enumerate(response)))
-    return np.asarray(out).reshape(-1, 2)
+    """Per-pair response log-prob sums ``[pairs, 2]`` (float64) from full-vocabulary logits, each
+    sequence in its own row (right-padded: causal attention keeps the padding out of its positions),
+    with no packing, chunking or gathering of scored positions."""
+    seqs = [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
+    tokens, _ = padded_batch([prompt + response for prompt, response in seqs], [False] * len(seqs))
+    logits = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    sums = [sum(logp[row, len(prompt) + j - 1, t] for j, t in enumerate(response)) for row, (prompt, response) in enumerate(seqs)]
+    return np.asarray(sums).reshape(-1, 2)

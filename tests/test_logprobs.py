@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, direct_pair_logps
+from conftest import TINY, direct_pair_logps, padded_batch
 
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pretokenized import TokenizedPair
@@ -67,13 +67,16 @@ def test_pair_logps_sum_response_tokens_only(tied):
     def chunked(p):
         return pair_logps(model, p, rows, chunk=8, vocab_chunk=48)
 
-    def naive(p):  # each sequence alone, full logits
-        sums = []
-        for pair in pairs:
-            for response in (pair.chosen, pair.rejected):
-                logp = jax.nn.log_softmax(model.apply({"params": p}, jnp.asarray([pair.prompt + response])).astype(jnp.float32)[0])
-                sums.append(sum(logp[len(pair.prompt) + j - 1, t] for j, t in enumerate(response)))
-        return jnp.stack(sums).reshape(-1, 2)
+    seqs = [(pair.prompt, r) for pair in pairs for r in (pair.chosen, pair.rejected)]
+    tokens, _ = padded_batch([prompt + response for prompt, response in seqs], [False] * len(seqs))
+    scored = np.zeros(tokens.shape, np.float32)  # 1 where position t - 1 predicts a response token t
+    for row, (prompt, response) in enumerate(seqs):
+        scored[row, len(prompt) - 1 : len(prompt) + len(response) - 1] = 1
+
+    def naive(p):  # one sequence per row, full logits
+        logp = jax.nn.log_softmax(model.apply({"params": p}, tokens).astype(jnp.float32))
+        picked = jnp.take_along_axis(logp[:, :-1], jnp.asarray(tokens)[:, 1:, None], -1)[..., 0]
+        return (picked * scored[:, :-1]).sum(-1).reshape(-1, 2)
 
     sums = chunked(params)
     np.testing.assert_allclose(sums, direct_pair_logps(model, params, pairs), rtol=1e-5)
