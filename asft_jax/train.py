@@ -75,21 +75,76 @@ class Run:
     eval_data: DataConfig | None
 
 
-def _model(cfg: TrainConfig):
-    """(model, its source or None for random init, tokenizer or None)."""
-    dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(cfg.model.param_dtype)
-    if cfg.model.source is not None:
-        src = resolve(cfg.model.source)
-        return Llama(src.config, dtype, param_dtype, cfg.model.remat_policy, cfg.model.attention), src, src.tokenizer()
+def compute_dtype(name: str, platform: str) -> jnp.dtype:
+    """``model.dtype`` for ``platform``: ``auto`` is float32 on CPU (bf16 matmuls are slow there),
+    bfloat16 on GPU and TPU."""
+    return jnp.dtype(("float32" if platform == "cpu" else "bfloat16") if name == "auto" else name)
+
+
+def build_model(cfg: TrainConfig, config: LlamaConfig, platform: str) -> Llama:
+    """The config's model for the architecture ``config``, computing in its dtype for ``platform``."""
+    m = cfg.model
+    return Llama(config, compute_dtype(m.dtype, platform), jnp.dtype(m.param_dtype), m.remat_policy, m.attention)
+
+
+def init_config(cfg: TrainConfig) -> LlamaConfig:
+    """The architecture of a randomly initialised model (``model.init``)."""
     try:
-        config = LlamaConfig(**cfg.model.init)
+        return LlamaConfig(**cfg.model.init)
     except TypeError as e:
         raise AsftError(f"config: model.init: {e}") from None
+
+
+def _model(cfg: TrainConfig):
+    """(model, its source or None for random init, tokenizer or None)."""
+    if cfg.model.source is not None:
+        src = resolve(cfg.model.source)
+        return build_model(cfg, src.config, jax.default_backend()), src, src.tokenizer()
     tokenizer = resolve(cfg.model.tokenizer).tokenizer() if cfg.model.tokenizer else None
-    return Llama(config, dtype, param_dtype, cfg.model.remat_policy, cfg.model.attention), None, tokenizer
+    return build_model(cfg, init_config(cfg), jax.default_backend()), None, tokenizer
+
+
+def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
+    if cfg.batch_size % split:
+        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
+
+
+def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
+    """``(optimizer, schedule, state shardings, abstract state)``: the train state's shapes, dtypes
+    and shardings on ``mesh`` (``jax.ShapeDtypeStruct`` leaves), built without any weights."""
+    abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    param_shards = param_shardings(model, mesh)
+    tx, schedule = make_optimizer(cfg.learning_rate, cfg.max_steps, **dataclasses.asdict(cfg.optimizer))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh))
+    shardings = TrainState(replicated(mesh), param_shards, opt_shardings)
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
+        shardings,
+    )
+    return tx, schedule, shardings, state
+
+
+def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainState, mesh: jax.sharding.Mesh):
+    """``(train_step, eval_step)`` jitted with their shardings: ``train_step(state, batch) -> (state,
+    metrics)`` (the state donated), ``eval_step(params, batch) -> (loss, metrics)`` summed over the
+    first micro-batch's pairs."""
+    hparams = cfg.objective.hparams()
+    batch = micro_batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(model, cfg.objective.name, hparams, tx, schedule),
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)),
+        in_shardings=(shardings.params, batch),
+        out_shardings=replicated(mesh),
+    )
+    return train_step, eval_step
 
 
 def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, split: str = "train") -> str:
@@ -218,26 +273,11 @@ class MetricsLog:
 
 def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
-    if cfg.batch_size % split:
-        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
+    check_batch_split(cfg, mesh)
     model, src, tokenizer = _model(cfg)
-    abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    param_shards = param_shardings(model, mesh)
-    tx, schedule = make_optimizer(
-        cfg.learning_rate, cfg.max_steps, **{f.name: getattr(cfg.optimizer, f.name) for f in dataclasses.fields(cfg.optimizer)}
-    )
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh))
-    state_shardings = TrainState(replicated(mesh), param_shards, opt_shardings)
-
+    tx, schedule, state_shardings, abstract = abstract_state(cfg, model, mesh)
     checkpointer = Checkpointer(cfg.output_dir, cfg.max_to_keep)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
-        state_shardings,
-    )
-    restored = checkpointer.restore_latest(abstract_state)
+    restored = checkpointer.restore_latest(abstract)
     new_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=state_shardings)
     if restored is not None:
         step, state, data_state = restored
@@ -245,9 +285,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     else:
         data_state = None
         if src is not None:
-            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=placer(param_shards))
+            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=placer(state_shardings.params))
         else:
-            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=param_shards)()
+            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params)()
         state = new_state(params)
 
     train_data = _data_config(cfg, mesh, "train")
@@ -266,18 +306,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
-    hparams = cfg.objective.hparams()
-    batch_sh = micro_batch_sharding(mesh)
-    step_fn = jax.jit(
-        make_train_step(model, cfg.objective.name, hparams, tx, schedule),
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
-    eval_fn = None
-    if eval_data:
-        eval_fn = jax.jit(lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)), in_shardings=(param_shards, batch_sh))
-    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn, eval_data), checkpointer, data
+    step_fn, eval_fn = jit_steps(cfg, model, tx, schedule, state_shardings, mesh)
+    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data), checkpointer, data
 
 
 def evaluate(run: Run) -> dict[str, float]:
