@@ -22,6 +22,7 @@ from asft_jax.logprobs import pair_logps
 from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
 from asft_jax.sharding import (
+    activate,
     from_every_host,
     make_mesh,
     micro_batch_sharding,
@@ -92,7 +93,7 @@ def score_pairs(
         out_shardings=replicated(mesh),  # every process reads all results
     )
     start, seen_tokens = time.perf_counter(), 0
-    with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+    with activate(mesh), tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
         for batch in _batches(pairs, batch_size):
             rows = layout_batch(batch + batch[-1:] * (batch_size - len(batch)), layout, max_length, row_multiple=split)
             rows.pop("ref_logps", None)

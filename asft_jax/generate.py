@@ -24,6 +24,7 @@ from asft_jax.data.batching import bucket_for, bucket_lengths
 from asft_jax.errors import AsftError
 from asft_jax.model import KVCache, Llama
 from asft_jax.sharding import (
+    activate,
     batch_sharding,
     from_every_host,
     param_shardings,
@@ -130,7 +131,7 @@ class Generator:
     def __init__(self, model: Llama, params: Any, mesh: Mesh, stop_ids: Sequence[int], sampling: SamplingConfig, batch_size: int = 8):
         split = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // split) * split  # rows shard evenly over the batch axes
-        self.model, self.params, self.sampling = model, params, sampling
+        self.model, self.params, self.sampling, self.mesh = model, params, sampling, mesh
         self.max_prompt = model.config.max_position_embeddings - sampling.max_new_tokens
         if self.max_prompt < 1:
             raise AsftError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's context of {model.config.max_position_embeddings}")
@@ -148,7 +149,7 @@ class Generator:
         s = self.sampling
         key = jax.random.key(s.seed)
         start, new_tokens = time.perf_counter(), 0
-        with tqdm(total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+        with activate(self.mesh), tqdm(total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
             for first in range(0, len(prompts), self.batch_size):
                 batch = [p[-self.max_prompt :] for p in prompts[first : first + self.batch_size]]
                 self.truncated += sum(len(p) > self.max_prompt for p in prompts[first : first + self.batch_size])

@@ -8,6 +8,7 @@ state sharded), ``tensor`` (heads, MLP and vocabulary split across devices). Bat
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -33,6 +34,15 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
 )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Binds the model's logical-axis annotations (``nn.with_logical_constraint``) to ``mesh`` by
+    ``LOGICAL_RULES`` while functions are traced: outside this context flax drops them silently.
+    Enter it around every jit call (or ``lower``) that traces the model."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, devices: int) -> tuple[int, int, int]:
@@ -75,6 +85,25 @@ def logical_shardings(logical_specs, shapes, mesh: Mesh):
         shapes,
         is_leaf=lambda s: isinstance(s, PartitionSpec),
     )
+
+
+def replicated_dims(model: Llama, mesh: Mesh) -> list[str]:
+    """Parameter dimensions the rules shard but ``mesh`` cannot divide, so they are replicated:
+    ``"layers/attn/k/kernel [30, 576, 3, 64]: dim 2 (3) not split over tensor (2)"``."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    mesh_specs = nn.logical_to_mesh(param_logical_axes(model), LOGICAL_RULES)
+    out = []
+    flat_specs = jax.tree_util.tree_leaves(mesh_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], flat_specs, strict=True):
+        fitted = _fit(spec, x.shape, mesh)
+        for i, (wanted, got) in enumerate(zip(tuple(spec), tuple(fitted))):
+            if wanted is not None and got is None:
+                names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+                size = math.prod(mesh.shape[a] for a in names)
+                if size > 1:
+                    name = "/".join(k.key for k in path)
+                    out.append(f"{name} {list(x.shape)}: dim {i} ({x.shape[i]}) not split over {'x'.join(names)} ({size})")
+    return out
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

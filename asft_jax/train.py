@@ -43,11 +43,13 @@ from asft_jax.errors import AsftError
 from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
+    activate,
     make_mesh,
     micro_batch_sharding,
     param_shardings,
     placer,
     replicated,
+    replicated_dims,
 )
 from asft_jax.sources import resolve
 from asft_jax.train_step import (
@@ -271,10 +273,14 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def setup(cfg: TrainConfig) -> tuple[Run, Checkpointer, PairBatches]:
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:
+    """Model, state (restored or fresh), data pipeline and jitted steps of a run. Call it, and the
+    steps, inside ``sharding.activate(mesh)``."""
+    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_split(cfg, mesh)
     model, src, tokenizer = _model(cfg)
+    for line in replicated_dims(model, mesh):
+        log.info("replicated, the mesh cannot divide it: %s", line)
     tx, schedule, state_shardings, abstract = abstract_state(cfg, model, mesh)
     checkpointer = Checkpointer(cfg.output_dir, cfg.max_to_keep)
     restored = checkpointer.restore_latest(abstract)
@@ -367,13 +373,19 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     ``on_step(step)`` is called after each optimizer step (tests use it to deliver a SIGTERM).
     """
     initialize(cfg.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    with activate(mesh):  # the model's sharding annotations bind while the steps are traced
+        return _train(cfg, mesh, on_step)
+
+
+def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], None] | None) -> dict[str, float]:
     writer = jax.process_index() == 0
     cfg = resolve_data_paths(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if writer:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    run, checkpointer, data = setup(cfg)
+    run, checkpointer, data = setup(cfg, mesh)
     start_step = int(run.state.step)
     preemption = _Preemption()
     metrics_log = MetricsLog(cfg, writer)

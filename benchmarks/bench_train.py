@@ -63,6 +63,7 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
+    from asft_jax.sharding import activate, make_mesh
     from asft_jax.train import global_batch, setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
@@ -74,7 +75,9 @@ def run_one(args, layout: str, objective: str) -> dict:
         f"data.max_length={args.max_length}", f"batch_size={args.pairs}", f"objective.name={objective}", f"max_steps={args.steps + 1}",
         f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat_policy={args.remat}",
     ])
-    run, _, batches = setup(cfg)  # DPO-family objectives: the reference pass over the pairs happens here, off the clock
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    with activate(mesh):  # DPO-family objectives: the reference pass over the pairs happens here, off the clock
+        run, _, batches = setup(cfg, mesh)
     host, tokens = [], []
     for _ in range(args.steps + 1):
         host.append(next(batches))
@@ -88,7 +91,8 @@ def run_one(args, layout: str, objective: str) -> dict:
     for b in on_device:
         if shape(b) not in compiled:
             start = time.perf_counter()
-            compiled[shape(b)] = run.step_fn.lower(run.state, b).compile()
+            with activate(mesh):  # the model's sharding annotations bind, as in asft train
+                compiled[shape(b)] = run.step_fn.lower(run.state, b).compile()
             compile_s.append(time.perf_counter() - start)
 
     state, times = run.state, []

@@ -30,8 +30,17 @@ REMAT_POLICIES = {
 }
 
 
+class _ParamAxes(nn.LogicallyPartitioned):
+    """A parameter's logical axis names, read by ``param_logical_axes``. Unlike flax's box it adds no
+    sharding constraint when unboxed under a mesh: parameters are placed by ``param_shardings`` (jit's
+    in_shardings), and ``DenseGeneral`` unboxes its kernel flattened, where the names do not fit."""
+
+    def unbox(self, apply_constraint: bool = True) -> Any:
+        return self.value
+
+
 def _logical(init, *names: str):
-    return nn.with_logical_partitioning(init, names)
+    return lambda *args, **kwargs: _ParamAxes(init(*args, **kwargs), names)
 
 
 def segment_positions(segment_ids: Array) -> Array:
