@@ -12,7 +12,13 @@ from conftest import TINY
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.sharding import activate, make_mesh, micro_batch_sharding, param_shardings, replicated_dims
+from asft_jax.sharding import (
+    activate,
+    make_mesh,
+    micro_batch_sharding,
+    param_shardings,
+    replicated_dims,
+)
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
 
 UNEVEN = {**TINY, "num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 60}  # SmolLM2's 9/3 heads, in small
