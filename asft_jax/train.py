@@ -343,10 +343,10 @@ def _skip_metrics(counts: dict[str, int]) -> dict[str, float]:
     return {"data/skipped_records": sum(counts.values()), **{f"data/skipped/{k}": v for k, v in counts.items()}}
 
 
-def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, previous: dict, last_good: str) -> None:
+def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, skipped_before: int, last_good: str) -> None:
     """Warns when steps were skipped since the last log (a non-finite loss or gradient leaves the
     weights unchanged); stops the run after ``max_consecutive_skips`` in a row."""
-    new = row["skipped_steps"] - previous.get("skipped_steps", 0)
+    new = int(row["skipped_steps"]) - skipped_before
     if new > 0:
         log.warning("step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)", step, new)
     if row["consecutive_skips"] >= cfg.max_consecutive_skips:
@@ -391,6 +391,7 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     metrics_log = MetricsLog(cfg, writer)
     last: dict[str, float] = {}
     last_saved = start_step if start_step else None
+    skipped_steps = int(run.state.opt_state.total_notfinite)  # as of the last log (or the restored step)
     tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
         metrics_log.write(last := {"step": 0, **evaluate(run)})
@@ -410,7 +411,8 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
                 row.update(_skip_metrics(skipped_records(data)))
-                _check_skipped_steps(cfg, done, row, last, f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet")
+                _check_skipped_steps(cfg, done, row, skipped_steps, f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet")
+                skipped_steps = int(row["skipped_steps"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
                 row.update(evaluate(run))
