@@ -184,15 +184,12 @@ LOSSES: dict[str, Callable] = {
 NEEDS_REFERENCE = frozenset({"dpo", "ipo", "hinge"})
 
 
-def _keyword_defaults(fn: Callable) -> dict[str, Any]:
-    """The parameters of ``fn`` that have defaults: its hyperparameters (log-probs have none)."""
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.default is not inspect.Parameter.empty}
-
-
-# Each objective's hyperparameter keywords and their defaults, read from the loss signatures so that
-# they cannot drift from what the functions accept: {"asft": ("lam", "beta"), "sft": (), ...}.
-HPARAMS: dict[str, tuple[str, ...]] = {name: tuple(_keyword_defaults(fn)) for name, fn in LOSSES.items()}
-HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {name: _keyword_defaults(fn) for name, fn in LOSSES.items()}
+# Each objective's hyperparameter keywords (the loss parameters with defaults; log-probs have none),
+# read from the signatures so that they cannot drift: {"asft": ("lam", "beta"), "sft": (), ...}.
+HPARAMS: dict[str, tuple[str, ...]] = {
+    name: tuple(p.name for p in inspect.signature(fn).parameters.values() if p.default is not inspect.Parameter.empty)
+    for name, fn in LOSSES.items()
+}
 
 
 def preference_loss(
