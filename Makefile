@@ -12,7 +12,7 @@ install:
 
 install-test:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test,tpu]"
 
 DEMO_RUN ?= runs/smollm2_135m_hh_asft
 

@@ -1,4 +1,4 @@
-"""The ``asft`` command line: ``train | export | eval | generate | report | data {tokenize,inspect,reference} | fetch-demo``."""
+"""The ``asft`` command line: ``train | compile | export | eval | generate | report | data {tokenize,inspect,reference} | fetch-demo``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,25 @@ def _train(args: argparse.Namespace) -> None:
     if cfg.export_dir:
         print(f"exported model (transformers.from_pretrained): {cfg.export_dir}", file=sys.stderr)
     print(json.dumps({"output_dir": cfg.output_dir, **last}))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from asft_jax.aot import main, parse_topology
+    from asft_jax.config import load_config
+
+    overrides, topology = [], args.topology
+    rest = iter(args.overrides)  # argparse cannot take --topology between two positionals: picked out here
+    for arg in rest:
+        if arg == "--topology":
+            topology = next(rest, None)
+        elif arg.startswith("--topology="):
+            topology = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    if not topology:
+        raise AsftError("compile: --topology is required (e.g. --topology v5p-8)")
+    parse_topology(topology)  # a typo is reported before anything else
+    main(load_config(args.config, overrides), topology)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -250,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-6 objective.lam=0.5 mesh.fsdp=2")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("compile", help="compile a config's train step for a TPU topology (no TPU needed): memory per chip, FLOPs, estimated step time")
+    p.add_argument("--topology", help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64) or raw topology (v5p:4x4x4, v5e:2x2); required")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, as for train")
+    p.set_defaults(run=_compile)
 
     p = sub.add_parser("export", help="write a transformers-loadable HF folder")
     p.add_argument("--model", required=True, help=model_help)

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 
+os.environ["JAX_PLATFORMS"] = "cpu"  # with libtpu installed (the tpu extra), subprocesses too stay on the CPU
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh

@@ -154,12 +154,20 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, segment_ids: Array | None, kv: tuple[Array, Array] | None = None, index: Array | None = None
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array,
+        segment_ids: Array | None,
+        kv: tuple[Array, Array] | None = None,
+        index: Array | None = None,
+        branch_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, slots, kv_heads,
         head_dim]`` each), the new keys and values are written at slot ``index`` and attention runs
-        over all slots (always the XLA path). ``segment_ids`` is None where ``mask`` is more than
-        causal-within-segments (the shared-prefix layout). Returns the output and the updated ``kv``."""
+        over all slots (always the XLA path). ``segment_ids`` (and ``branch_ids`` in the shared-prefix
+        layout) are what the splash kernel needs to rebuild ``mask``; ``segment_ids`` is None with a
+        cache. Returns the output and the updated ``kv``."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
@@ -176,13 +184,13 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (kk, v)
 
-        impl = attention.resolve(self.implementation, segments_only=segment_ids is not None, length=x.shape[1])
-        if kv is not None or impl == "xla":
+        impl = attention.resolve(self.implementation, length=x.shape[1])
+        if kv is not None or segment_ids is None or impl == "xla":
             out = attention.xla_attention(q, kk, v, mask)
         elif impl == "dot_product":
             out = attention.dot_product_attention(q, kk, v, mask)
         else:
-            out = attention.splash_attention(q, kk, v, segment_ids)
+            out = attention.splash_attention(q, kk, v, segment_ids, branch_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         o = _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out.reshape(b * t, h, d))
         return o.reshape(b, t, e), kv
@@ -212,11 +220,18 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, segment_ids: Array | None, kv: tuple[Array, Array] | None, index: Array | None
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array,
+        segment_ids: Array | None,
+        kv: tuple[Array, Array] | None,
+        index: Array | None,
+        branch_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(normed, positions, mask, segment_ids, kv, index)
+        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(normed, positions, mask, segment_ids, kv, index, branch_ids)
         h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
@@ -260,7 +275,7 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),  # x carried, kv scanned per layer
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype, self.attention)
@@ -287,8 +302,9 @@ class Llama(nn.Module):
             cache, cache_positions, mask = cache.extend(segment_ids)
         positions = cache_positions if positions is None else positions
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
-        kernel_segments = segment_ids if branch_ids is None and cache is None else None
-        x, kv = self.layers(x, positions, mask, kernel_segments, kv, index)
+        kernel_segments = segment_ids if cache is None else None  # the splash kernel's mask inputs
+        kernel_branches = branch_ids if cache is None else None
+        x, kv = self.layers(x, positions, mask, kernel_segments, kv, index, kernel_branches)
         x = self.norm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache._replace(k=kv[0], v=kv[1]))

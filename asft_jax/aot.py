@@ -1,0 +1,335 @@
+"""``asft compile``: the config's train and eval steps compiled ahead of time for a TPU topology.
+
+No TPU, weights, data or network needed: libtpu (``pip install ".[tpu]"``) describes the topology's
+devices (``jax.experimental.topologies.get_topology_desc``), the train state and the largest batch
+the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and XLA's TPU compiler
+reports memory (``memory_analysis``) and cost (``cost_analysis``) per device. Estimates, not
+measurements: see the README, "Compile for a TPU topology".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from asft_jax.errors import AsftError
+
+GIB = 1024**3
+HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of HBM: room for the runtime, fragmentation, and XLA's estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    kind: str
+    hbm_gib: float
+    bf16_tflops: float  # dense peak, per chip
+    hbm_gbps: float  # GB/s (10^9 bytes), per chip
+    source: str
+
+
+# Per chip, from Google's Cloud TPU system-architecture pages (retrieved 2026-11):
+# https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e ("chip specifications": HBM capacity,
+# HBM bandwidth, peak bf16 compute).
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 275, 1200, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
+}
+_GENERATIONS = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+ACCEPTED = (
+    "Cloud TPU types v4-N and v5p-N (N TensorCores, 2 per chip, N = 8, 16, 32, ...), v5litepod-N / v5e-N and v6e-N "
+    f"(N chips: {', '.join(map(str, _SHAPES_2D))}), or raw topologies v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB"
+)
+
+
+def _shape_3d(chips: int) -> tuple[int, ...]:
+    """v4 / v5p slice shapes as Cloud TPU lists them: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...
+    (the smallest axis doubles, the last of equals first)."""
+    dims = [2, 2, 1]
+    while math.prod(dims) < chips:
+        i = max(j for j in range(3) if dims[j] == min(dims))
+        dims[i] *= 2
+    return tuple(dims)
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    """``"v5p-128"`` -> ``("v5p", (4, 4, 4))``; ``"v5e:2x2"`` -> ``("v5e", (2, 2))`` (no libtpu needed)."""
+    raw = re.fullmatch(r"(v4|v5p|v5|v5e|v5litepod|v6e):(\d+(?:x\d+)+)", name.strip().lower())
+    typed = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
+    if raw:
+        gen, dims = _GENERATIONS[raw[1]], tuple(int(d) for d in raw[2].split("x"))
+        if len(dims) != (3 if gen in ("v4", "v5p") else 2) or min(dims) < 1:
+            raise AsftError(f"topology {name!r}: {gen} topologies have {3 if gen in ('v4', 'v5p') else 2} axes; accepted: {ACCEPTED}")
+        return gen, dims
+    if typed:
+        gen, n = _GENERATIONS[typed[1]], int(typed[2])
+        if gen in ("v4", "v5p"):
+            if n < 8 or n & (n - 1):
+                raise AsftError(f"topology {name!r}: {gen}-N counts TensorCores (2 per chip), N a power of two >= 8; accepted: {ACCEPTED}")
+            return gen, _shape_3d(n // 2)
+        if n not in _SHAPES_2D:
+            raise AsftError(f"topology {name!r}: no such {gen} slice; accepted: {ACCEPTED}")
+        return gen, _SHAPES_2D[n]
+    raise AsftError(f"unknown topology {name!r}; accepted: {ACCEPTED}")
+
+
+@dataclasses.dataclass
+class Topology:
+    name: str  # as libtpu was asked, e.g. "v5p:4x4x4"
+    chip: Chip
+    chips: int
+    devices: list  # abstract TPU devices (v4 describes each TensorCore as a device: 2 per chip)
+
+    @property
+    def devices_per_chip(self) -> int:
+        return len(self.devices) // self.chips
+
+
+def topology(name: str) -> Topology:
+    """The abstract devices of a TPU topology (libtpu's description; no TPU needed)."""
+    gen, dims = parse_topology(name)
+    raw = f"{gen}:{'x'.join(map(str, dims))}"
+    # libtpu takes a machine-wide lock unless told otherwise; no TPU is opened here, so several
+    # compiles (and a test run beside them) may share the host
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401  (a clear message instead of "unknown backend tpu")
+        from jax.experimental import topologies
+    except ImportError:
+        raise AsftError('asft compile needs libtpu: pip install -e ".[tpu]"') from None
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw)
+    except Exception as e:  # noqa: BLE001 (slices smaller than a 2x2x1 host need their own host bounds)
+        if "not divisible" not in str(e):
+            raise AsftError(f"topology {raw}: libtpu refused it ({str(e).splitlines()[0]})") from None
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims)))
+    return Topology(raw, CHIPS[gen], math.prod(dims), list(desc.devices))
+
+
+def model_architecture(cfg):
+    """The config's ``LlamaConfig`` without weights: ``model.init``; a local model (folder, file, run,
+    or a Hub id already in the cache); else the built-in table of well-known Hub ids."""
+    from asft_jax.model.presets import preset
+    from asft_jax.sources import resolve
+    from asft_jax.train import init_config
+
+    if cfg.model.source is None:
+        return init_config(cfg)
+    src = cfg.model.source
+    if os.path.exists(src):
+        return resolve(src).config
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(src, "config.json")
+    except Exception:  # noqa: BLE001 (not a valid repo id)
+        cached = None
+    if isinstance(cached, str):
+        return resolve(os.path.dirname(cached)).config
+    found = preset(src)
+    if found is None:
+        raise AsftError(f"model.source {src!r}: not local and not a built-in architecture (asft_jax/model/presets.py); pass a local model folder with its config.json")
+    return found
+
+
+def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
+    """The largest step the pipeline can produce: ``batch_size`` pairs at ``data.max_length``, laid
+    out as training does. Of the two extremes, a prompt of ``max_prompt_length`` (default half) with
+    responses filling the rest, and a 1-token prompt with ``max_length - 1``-token responses (longer
+    rows in the shared-prefix layout, more scored positions for the LM head), the larger."""
+    from asft_jax.data.packing import layout_batch
+    from asft_jax.data.pretokenized import TokenizedPair
+    from asft_jax.losses import NEEDS_REFERENCE
+
+    d = cfg.data
+    ref = (0.0, 0.0) if cfg.objective.name in NEEDS_REFERENCE else (None, None)
+    row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+    best = None
+    for prompt in (d.max_prompt_length or d.max_length // 2, 1):
+        response = d.max_length - prompt
+        pairs = [TokenizedPair(i, [1] * prompt, [1] * response, [1] * response, *ref) for i in range(cfg.batch_size)]
+        batch = layout_batch(pairs, d.layout, d.max_length, cfg.micro_batches, row_multiple)
+        size = (batch["tokens"].size, batch["score_positions"].size)
+        if best is None or size > best[0]:
+            best = (size, batch)
+    return best[1]
+
+
+def model_flops(config, batch: dict) -> float:
+    """Useful FLOPs of one forward + backward over a laid-out batch: ``6 N`` per computed token, ``N``
+    the matmul parameters (attention and MLP projections of every layer, plus the LM head; not the
+    embedding lookup), plus ``12 x layers x heads x head_dim`` per (query, key) pair the mask lets
+    through (QK^T and PV, forward 2 + backward 4 FLOPs each; a token at position p sees p + 1 keys).
+    Rematerialisation's recomputation is not useful work and is not counted."""
+    c = config
+    h, k, d, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    per_layer = e * h * d * 2 + e * k * d * 2 + 3 * e * c.intermediate_size
+    matmul = c.num_hidden_layers * per_layer + e * c.vocab_size
+    real = batch["segment_ids"] > 0
+    tokens = int(real.sum())
+    attended = int((batch["positions"] + 1)[real].sum())
+    return 6.0 * matmul * tokens + 12.0 * c.num_hidden_layers * h * d * attended
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct`` s (every device holds equal shards)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _peak(compiled) -> int:
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return max(total, getattr(m, "peak_memory_in_bytes", 0) or 0)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost) or {}
+
+
+def _larger_slice(topo: Topology, factor: float) -> str:
+    gen = next(g for g, c in CHIPS.items() if c is topo.chip)
+    chips = topo.chips * 2 ** max(1, math.ceil(math.log2(max(factor, 1.0))))
+    if gen in ("v4", "v5p"):
+        return f"{gen}-{2 * chips}"
+    return f"{gen}-{chips}" if chips in _SHAPES_2D else f"a larger {gen} slice ({chips} chips: several slices)"
+
+
+def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, budget_gib: float) -> str:
+    """The first thing to change when a step does not fit, cheapest first: shard the replicated
+    parameters and AdamW state (costs communication only), more micro-batches (same math, smaller
+    activations), stronger rematerialisation (recomputes the forward), then more chips (costs chips)."""
+    from asft_jax.model.llama import REMAT_POLICIES
+
+    replicated_state = mesh.shape["fsdp"] * mesh.shape["tensor"] < len(topo.devices)
+    if replicated_state and cfg.mesh.fsdp != -1 and state_gib > 0.25 * budget_gib:
+        return "set mesh.fsdp=-1 (and mesh.data=1): parameters and AdamW state are replicated over the data axis"
+    if peak_gib is not None and peak_gib - state_gib > state_gib:  # activations dominate
+        per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+        if per_shard % (2 * cfg.micro_batches) == 0:
+            return f"set micro_batches={2 * cfg.micro_batches} (smaller activations, same update)"
+        strength = ["none", "dots", "dots_no_batch", "full"]  # what is saved for the backward: all, all matmuls, matmuls without batch dims, nothing
+        assert set(strength) == set(REMAT_POLICIES)
+        stronger = strength[strength.index(cfg.model.remat_policy) + 1 :]
+        if stronger:
+            return f"set model.remat_policy={stronger[0]} (recompute more of the forward in the backward)"
+    need = (peak_gib if peak_gib is not None else state_gib) / budget_gib
+    return f"use more chips: {_larger_slice(topo, need)} (with mesh.fsdp=-1)"
+
+
+def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
+    """Compiles ``cfg``'s train and eval steps for ``topology_name``; returns the report (see the
+    README). Raises ``AsftError`` (one line) when the config cannot run there or does not fit."""
+    from asft_jax.model import attention
+    from asft_jax.sharding import (
+        activate,
+        make_mesh,
+        micro_batch_sharding,
+        replicated_dims,
+    )
+    from asft_jax.train import abstract_state, build_model, check_batch_split, jit_steps
+
+    topo = topology(topology_name)
+    chip, dpc = topo.chip, topo.devices_per_chip
+    budget_gib = (1 - HEADROOM) * chip.hbm_gib
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
+    check_batch_split(cfg, mesh)
+    model = build_model(cfg, model_architecture(cfg), "tpu")
+    tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
+    state_gib = _bytes_per_device(state) * dpc / GIB
+    replicated = replicated_dims(model, mesh)
+    base = {"topology": topo.name, "chip": chip.kind, "chips": topo.chips, "devices": len(topo.devices), "mesh": dict(mesh.shape)}
+    if state_gib > budget_gib:  # no compile needed to know
+        raise AsftError(
+            f"does not fit {topo.name}: parameters and AdamW state alone need {state_gib:.2f} GiB per chip, "
+            f"has {budget_gib:.1f} of {chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); first: {advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
+        )
+    batch = max_batch(cfg, mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh)) for k, v in batch.items()}
+    train_step, eval_step = jit_steps(cfg, model, tx, schedule, shardings, mesh)
+    with activate(mesh):  # TPU devices in context: attention picks its TPU kernel (attention.target_platform)
+        resolved = attention.resolve(cfg.model.attention, length=batch["tokens"].shape[-1])
+        start = time.perf_counter()
+        lowered = train_step.lower(state, abstract_batch)
+        lower_s = time.perf_counter() - start
+        train = lowered.compile()
+        compile_s = time.perf_counter() - start
+        evaluated = eval_step.lower(state.params, abstract_batch).compile()
+        eval_compile_s = time.perf_counter() - start - compile_s
+    cost = _cost(train)
+    xla_flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    useful = model_flops(model.config, batch)
+    # XLA's cost analysis counts a loop body once (measured: a 8-step lax.scan reports 1/8 of its
+    # FLOPs), and the layers and the micro-batches are loops, so the roofline takes the larger of it
+    # and the model FLOPs; the memory term reads and writes the train state at least once.
+    flops_device = max(xla_flops_device, useful / len(topo.devices))
+    traffic_device = max(bytes_device, 2.0 * _bytes_per_device(state))
+    step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
+    peak_gib = _peak(train) * dpc / GIB
+    report = {
+        **base,
+        "attention": resolved,
+        "layout": cfg.data.layout,
+        "batch_shape": {"micro_batches": int(batch["tokens"].shape[0]), "rows": int(batch["tokens"].shape[1]), "length": int(batch["tokens"].shape[2])},
+        "hbm_per_chip_gib": chip.hbm_gib,
+        "headroom": HEADROOM,
+        "params": model.config.num_params,
+        "params_and_optimizer_per_chip_gib": state_gib,
+        "peak_per_chip_gib": peak_gib,
+        "eval_peak_per_chip_gib": _peak(evaluated) * dpc / GIB,
+        "fits": peak_gib <= budget_gib,
+        "flops_per_step": xla_flops_device * len(topo.devices),
+        "flops_per_step_note": "XLA cost analysis, all chips; loop bodies (layers, micro-batches) counted once",
+        "bytes_accessed_per_chip": bytes_device * dpc,
+        "model_flops_per_step": useful,
+        "estimated_step_s": step_s,
+        "estimated_mfu": useful / (topo.chips * chip.bf16_tflops * 1e12 * step_s),
+        "lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
+        "eval_compile_s": round(eval_compile_s, 2),
+        "replicated_param_dims": replicated,
+    }
+    if not report["fits"]:
+        report["error"] = (
+            f"does not fit {topo.name}: needs {peak_gib:.2f} GiB per chip, has {budget_gib:.1f} of {chip.hbm_gib} GiB "
+            f"({HEADROOM:.0%} headroom); first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
+        )
+    return report
+
+
+def table(report: dict) -> str:
+    rows = [
+        ("topology", f"{report['topology']} ({report['chips']} x {report['chip']}, {report['devices']} devices)"),
+        ("mesh", " x ".join(f"{k} {v}" for k, v in report["mesh"].items())),
+        ("batch (largest)", "{micro_batches} x {rows} rows x {length}".format(**report["batch_shape"]) + f" ({report['layout']}), attention {report['attention']}"),
+        ("parameters", f"{report['params'] / 1e6:,.1f} M"),
+        ("params + AdamW per chip", f"{report['params_and_optimizer_per_chip_gib']:.3f} GiB"),
+        ("train step peak per chip", f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']} (fits: {report['fits']}, {report['headroom']:.0%} headroom)"),
+        ("eval step peak per chip", f"{report['eval_peak_per_chip_gib']:.3f} GiB"),
+        ("model FLOPs per step", f"{report['model_flops_per_step']:.3e} (XLA, loops once: {report['flops_per_step']:.3e})"),
+        ("estimated step (roofline)", f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%}"),
+        ("compile", f"train {report['compile_s']:.1f} s (lower {report['lower_s']:.1f} s), eval {report['eval_compile_s']:.1f} s"),
+    ]
+    rows += [("replicated", r) for r in report["replicated_param_dims"]]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(cfg, topology_name: str) -> None:
+    """The ``asft compile`` command: table to stderr, the JSON report as the last stdout line."""
+    report = compile_steps(cfg, topology_name)
+    print(table(report), file=sys.stderr)
+    print(json.dumps(report))
+    if "error" in report:
+        raise AsftError(report["error"])

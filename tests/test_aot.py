@@ -1,0 +1,132 @@
+"""``asft compile``: TPU ahead-of-time compilation of the train step on abstract devices (libtpu)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from asft_jax.aot import parse_topology
+from asft_jax.errors import AsftError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_INIT = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + ", max_position_embeddings: 128}"
+BASE = [f"model.init={TINY_INIT}", "data.path=unused.jsonl", "batch_size=8", "data.max_length=64", "mesh.data=1", "mesh.fsdp=-1"]
+
+needs_libtpu = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")'
+)
+
+
+CONFIG = os.path.join(REPO, "configs", "tiny_random_asft.yaml")  # with BASE's shape, batch and mesh overrides
+
+
+def compile_cli(topology: str, *overrides: str, base=BASE) -> tuple[int, dict | None, str]:
+    """Runs ``asft compile`` in a fresh process (as a user would); (exit code, JSON report or None, stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "asft_jax", "compile", CONFIG, "--topology", topology, *base, *overrides],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    return done.returncode, json.loads(lines[-1]) if lines else None, done.stderr
+
+
+def tiny_params() -> int:
+    """Parameters of the TINY shape, counted from the architecture (untied head)."""
+    v, e, f, n, h, k = (TINY[x] for x in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"))
+    d = e // h
+    layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e  # q, k+v, o, gate/up/down, two norms
+    return v * e + n * layer + e + e * v  # embedding, layers, final norm, LM head
+
+
+def test_topology_names():
+    assert parse_topology("v5p-128") == ("v5p", (4, 4, 4))  # 128 TensorCores = 64 chips
+    assert parse_topology("v5p-8") == ("v5p", (2, 2, 1))
+    assert parse_topology("v4-32") == ("v4", (2, 2, 4))  # 16 chips
+    assert parse_topology("v4-256") == ("v4", (4, 4, 8))
+    assert parse_topology("v5e-256") == ("v5e", (16, 16))
+    assert parse_topology("v5litepod-8") == ("v5e", (2, 4))
+    assert parse_topology("v6e-64") == ("v6e", (8, 8))
+    assert parse_topology("v6e-1") == ("v6e", (1, 1))
+    assert parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
+    assert parse_topology("v5e:2x2") == ("v5e", (2, 2))
+    for bad in ("v7-8", "v5p-12", "v6e-3", "v5e:2x2x2", "tpu"):
+        with pytest.raises(AsftError, match="accepted: "):
+            parse_topology(bad)
+
+
+def test_unknown_topology_is_one_line(capsys):
+    from asft_jax.cli import main
+
+    assert main(["compile", "unused.yaml", "--topology", "v7x-8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("asft: error: unknown topology 'v7x-8'; accepted: ") and "v5p-N" in err[0]
+
+
+@needs_libtpu
+def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
+    rc, four, err = compile_cli("v5p:2x2x1")
+    assert rc == 0, err[-2000:]
+    assert four["topology"] == "v5p:2x2x1" and four["chips"] == 4 and four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert four["attention"] in ("splash", "xla") and four["fits"] is True and four["hbm_per_chip_gib"] == 95
+    n = tiny_params()
+    assert four["params"] == n
+    # float32 parameters + two float32 AdamW moments, split over 4 chips by fsdp (a dimension 4 does not divide stays whole)
+    assert four["params_and_optimizer_per_chip_gib"] == pytest.approx(n * (4 + 8) / 4 / 2**30, rel=0.15)
+    assert 0 < four["params_and_optimizer_per_chip_gib"] < four["peak_per_chip_gib"] < 1
+    assert 0 < four["eval_peak_per_chip_gib"] < four["peak_per_chip_gib"]
+    assert four["flops_per_step"] > 0 and four["model_flops_per_step"] > 0 and four["estimated_step_s"] > 0
+    assert 0 < four["estimated_mfu"] <= 1 and four["compile_s"] > 0 and four["replicated_param_dims"] == []
+    rc, eight, err = compile_cli("v5p-16")  # 8 chips, 2x2x2
+    assert rc == 0, err[-2000:]
+    assert eight["chips"] == 8 and eight["mesh"]["fsdp"] == 8
+    assert eight["peak_per_chip_gib"] < four["peak_per_chip_gib"]
+    assert eight["params_and_optimizer_per_chip_gib"] < four["params_and_optimizer_per_chip_gib"]
+
+
+@needs_libtpu
+def test_dpo_compiles_with_packed_layout():
+    rc, report, err = compile_cli("v5e:2x2", "objective.name=dpo", "data.layout=packed")
+    assert rc == 0, err[-2000:]
+    assert report["chip"] == "TPU v5e" and report["chips"] == 4 and report["fits"] is True
+
+
+@needs_libtpu
+def test_too_big_for_a_small_slice_is_one_line():
+    # Llama-3.2-3B (built-in architecture, no download): 3.2 B float32 parameters + AdamW = 36 GiB on one 16 GiB v5e chip
+    big = ["model.source=meta-llama/Llama-3.2-3B", "model.init=null", "data.path=unused.jsonl", "batch_size=8", "data.max_length=64"]
+    rc, report, err = compile_cli("v5e:1x1", base=big)
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and report is None
+    assert last.startswith("asft: error: does not fit v5e:1x1: parameters and AdamW state alone need 35.") and "v5e-4" in last, last
+    rc, _, err = compile_cli("v5e:2x2", "mesh.data=-1", base=big)  # replicated over 4 chips: shard it first
+    assert rc == 1 and "first: set mesh.fsdp=-1" in err.strip().splitlines()[-1]
+
+
+@needs_libtpu
+def test_peak_over_hbm_names_the_shortfall(monkeypatch):
+    import dataclasses
+
+    from asft_jax import aot
+    from asft_jax.config import load_config
+
+    monkeypatch.setitem(aot.CHIPS, "v5p", dataclasses.replace(aot.CHIPS["v5p"], hbm_gib=0.01))  # a 10 MiB chip
+    cfg = load_config(CONFIG, BASE)
+    report = aot.compile_steps(cfg, "v5p-8")
+    assert report["fits"] is False
+    assert report["error"].startswith("does not fit v5p:2x2x1: needs 0.0") and "per chip, has 0.0 of 0.01 GiB (10% headroom); first: " in report["error"]
+    with pytest.raises(AsftError, match="does not fit"):
+        aot.main(cfg, "v5p-8")
+
+
+def test_batch_that_does_not_split_is_one_line(capsys):
+    pytest.importorskip("libtpu", reason='libtpu is not installed (pip install -e ".[tpu]")')
+    from asft_jax.cli import main
+
+    assert main(["compile", CONFIG, "--topology", "v5p:2x2x1", *BASE, "batch_size=6"]) == 1
+    assert "batch_size 6 is not divisible by data x fsdp x micro_batches = 4" in capsys.readouterr().err
