@@ -12,7 +12,7 @@ the data axis. ``--shape`` uses random weights of a named shape (``benchmarks/co
 batch shape first (``compile s`` is the first shape's), then ``--steps`` steps are timed after one
 warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, prompt + rejected),
 the same count for every layout; ``step s`` is the median, tokens/s and MFU are totals over the
-timed steps. MFU counts useful FLOPs (``common.model_flops``) against the chip's dense bf16 peak,
+timed steps. MFU counts useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak,
 where known. One table is printed; ``--json`` receives every number.
 """
 
@@ -34,12 +34,12 @@ from common import (  # benchmarks/ is on sys.path
     PEAK_BF16,
     SHAPES,
     ULTRAFEEDBACK,
-    model_flops,
     peak_rss_mib,
     real_pairs,
     synthetic_pairs,
 )
 
+from asft_jax.aot import model_flops
 from asft_jax.data.packing import LAYOUTS
 
 COLUMNS = [

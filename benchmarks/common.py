@@ -63,17 +63,3 @@ def pair_tokens(pairs: list[TokenizedPair]) -> int:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def model_flops(config, batch: dict) -> float:
-    """Useful FLOPs of one forward + backward over a laid-out batch: ``6 x matmul parameters`` per
-    computed token (LM head included, embedding lookup not), plus ``12 x heads x head_dim`` per layer
-    for each (query, key) pair the mask lets through (a token at position p sees p + 1 keys)."""
-    c = config
-    h, k, d, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    per_layer = e * h * d * 2 + e * k * d * 2 + 3 * e * c.intermediate_size
-    matmul = c.num_hidden_layers * per_layer + e * c.vocab_size
-    real = batch["segment_ids"] > 0
-    tokens = int(real.sum())
-    attended = int((batch["positions"] + 1)[real].sum())
-    return 6.0 * matmul * tokens + 12.0 * c.num_hidden_layers * h * d * attended

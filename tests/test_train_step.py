@@ -83,7 +83,7 @@ def test_micro_batches_give_the_full_batch_step(layout):
     assert_grads_close(two.params, one.params, RTOL)
 
 
-@pytest.mark.parametrize(("attention", "layout"), [("dot_product", "packed_shared_prefix"), ("dot_product", "packed"), ("splash", "packed"), ("splash", "padded")])
+@pytest.mark.parametrize(("attention", "layout"), [("dot_product", "packed_shared_prefix"), ("dot_product", "packed"), ("splash", "packed_shared_prefix"), ("splash", "packed"), ("splash", "padded")])
 def test_fused_attention_paths_match_xla(attention, layout):
     config = LlamaConfig(**TINY)
     reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
