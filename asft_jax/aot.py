@@ -24,6 +24,7 @@ import numpy as np
 from asft_jax.errors import AsftError
 
 GIB = 1024**3
+REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
 HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of HBM: room for the runtime, fragmentation, and XLA's estimate
 
 
@@ -272,8 +273,11 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     useful = model_flops(model.config, batch)
     # XLA's cost analysis counts a loop body once (measured: a 8-step lax.scan reports 1/8 of its
     # FLOPs), and the layers and the micro-batches are loops, so the roofline takes the larger of it
-    # and the model FLOPs; the memory term reads and writes the train state at least once.
-    flops_device = max(xla_flops_device, useful / len(topo.devices))
+    # and the FLOPs executed: the model FLOPs plus what rematerialisation recomputes (``full``: the
+    # forward again, 2 of the 6 per parameter and token); the memory term reads and writes the
+    # train state at least once.
+    executed = useful * REMAT_RECOMPUTE[cfg.model.remat_policy]
+    flops_device = max(xla_flops_device, executed / len(topo.devices))
     traffic_device = max(bytes_device, 2.0 * _bytes_per_device(state))
     step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
     peak_gib = _peak(train) * dpc / GIB
