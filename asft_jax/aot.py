@@ -229,6 +229,23 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
     return f"use more chips: {_larger_slice(topo, need)} (with mesh.fsdp=-1)"
 
 
+def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, budget_gib: float):
+    """``lowered.compile()``; XLA's TPU compiler refuses a program whose temporaries exceed HBM
+    (RESOURCE_EXHAUSTED), which becomes the one-line shortfall."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or need is None:
+            raise
+        peak_gib = state_gib + float(need[1]) * topo.devices_per_chip
+        raise AsftError(
+            f"does not fit {topo.name}: needs about {peak_gib:.2f} GiB per chip (train state {state_gib:.2f} + XLA's temporaries "
+            f"{float(need[1]):.2f}), has {budget_gib:.1f} of {topo.chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); "
+            f"first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
+        ) from None
+
+
 def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     """Compiles ``cfg``'s train and eval steps for ``topology_name``; returns the report (see the
     README). Raises ``AsftError`` (one line) when the config cannot run there or does not fit."""
@@ -264,9 +281,9 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         start = time.perf_counter()
         lowered = train_step.lower(state, abstract_batch)
         lower_s = time.perf_counter() - start
-        train = lowered.compile()
+        train = _compile_or_shortfall(lowered, cfg, topo, mesh, state_gib, budget_gib)
         compile_s = time.perf_counter() - start
-        evaluated = eval_step.lower(state.params, abstract_batch).compile()
+        evaluated = _compile_or_shortfall(eval_step.lower(state.params, abstract_batch), cfg, topo, mesh, state_gib, budget_gib)
         eval_compile_s = time.perf_counter() - start - compile_s
     cost = _cost(train)
     xla_flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
