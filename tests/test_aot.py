@@ -25,11 +25,11 @@ needs_libtpu = pytest.mark.skipif(
 CONFIG = os.path.join(REPO, "configs", "tiny_random_asft.yaml")  # with BASE's shape, batch and mesh overrides
 
 
-def compile_cli(topology: str, *overrides: str, base=BASE) -> tuple[int, dict | None, str]:
+def compile_cli(topology: str, *overrides: str, base=BASE, config=CONFIG) -> tuple[int, dict | None, str]:
     """Runs ``asft compile`` in a fresh process (as a user would); (exit code, JSON report or None, stderr)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-m", "asft_jax", "compile", CONFIG, "--topology", topology, *base, *overrides],
+        [sys.executable, "-m", "asft_jax", "compile", config, "--topology", topology, *base, *overrides],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False,
     )
     lines = done.stdout.strip().splitlines()
@@ -106,6 +106,16 @@ def test_too_big_for_a_small_slice_is_one_line():
     assert last.startswith("asft: error: does not fit v5e:1x1: parameters and AdamW state alone need 35.") and "v5e-4" in last, last
     rc, _, err = compile_cli("v5e:2x2", "mesh.data=-1", base=big)  # replicated over 4 chips: shard it first
     assert rc == 1 and "first: set mesh.fsdp=-1" in err.strip().splitlines()[-1]
+
+
+@needs_libtpu
+def test_the_70b_recipe_on_too_small_a_slice_is_one_line():
+    rc, _, err = compile_cli("v5p-16", base=[], config=os.path.join(REPO, "configs", "llama3_70b_instruct_ultrafeedback_asft.yaml"))
+    last = err.strip().splitlines()[-1]
+    v, e, f, n, h, k, d = 128256, 8192, 28672, 80, 64, 8, 128  # Llama-3.1-70B's config.json
+    params = 2 * v * e + n * (2 * e * h * d + 2 * e * k * d + 3 * e * f + 2 * e) + e  # embedding + head, layers, final norm
+    # float32 parameters + two AdamW moments = 12 bytes each, over 8 chips
+    assert rc == 1 and f"alone need {params * 12 / 8 / 2**30:.2f} GiB per chip" in last and "use more chips: v5p-32" in last, last
 
 
 @needs_libtpu
