@@ -312,7 +312,7 @@ class Llama(nn.Module):
     def head(self, hidden: Array) -> Array:
         """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""
         logits = self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return nn.with_logical_constraint(logits, ("batch", *("length",) * (logits.ndim - 2), "vocab"))  # [b, v] when decoding
 
 
 def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
