@@ -190,6 +190,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Problems that would otherwise surface deep inside a compile or a long run."""
     from asft_jax.data.packing import LAYOUTS
+    from asft_jax.data.records import parse_selection
     from asft_jax.data.tokenize import TRUNCATIONS
     from asft_jax.losses import HPARAMS, LOSSES
     from asft_jax.model.attention import IMPLEMENTATIONS
@@ -219,6 +220,9 @@ def validate(cfg: TrainConfig) -> None:
         raise AsftError(f"config: model.param_dtype {cfg.model.param_dtype!r} is not float32, bfloat16 or float16")
     if not cfg.data.path:
         raise AsftError("config: data.path is required")
+    for spec in (cfg.data.path, cfg.data.eval_path):
+        if spec:
+            parse_selection(spec)  # a malformed `#part=...` selection fails here, before any loading
     if "://" in cfg.output_dir:
         raise AsftError(f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host mounts (NFS, or the bucket through gcsfuse)")
     if cfg.optimizer.schedule not in ("linear", "cosine"):

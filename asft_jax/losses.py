@@ -123,7 +123,8 @@ def _dpo_family(link: Callable[[Array], Array], beta: float, chosen, rejected, r
 
     ``normalize="sum"``: summed log-probs. ``"mean"``: policy and reference sums both divided by the
     policy's response-token counts (the reference scored the same tokens, so its own ``count`` is not
-    read). ``logps/*`` and ``rewards/*`` report whichever log-probs and log-ratios the loss used.
+    read). ``logps/*`` and ``rewards/*`` report whichever log-probs and log-ratios the loss used;
+    ``logps/*_mean`` are always per-token means, the unit the reference-free objectives report.
     """
     cw, cl = chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum
     pw, pl = chosen.sum, rejected.sum
@@ -139,6 +140,8 @@ def _dpo_family(link: Callable[[Array], Array], beta: float, chosen, rejected, r
         "rewards/margins": (beta * (cw - cl)).mean(),
         "rewards/accuracies": (cw > cl).astype(jnp.float32).mean(),
         "nll_loss": -chosen.mean.mean(),
+        "logps/chosen_mean": chosen.mean.mean(),
+        "logps/rejected_mean": rejected.mean.mean(),
     }
 
 

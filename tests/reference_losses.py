@@ -89,6 +89,8 @@ def reference(name, sw, nw, sl, nl, rsw=None, rsl=None, **hp):
         metrics = {
             "logps/chosen": pw,
             "logps/rejected": pl,
+            "logps/chosen_mean": lw,
+            "logps/rejected_mean": ll,
             "nll_loss": -lw,
             "rewards/chosen": beta * cw,
             "rewards/rejected": beta * cl,

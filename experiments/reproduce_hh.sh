@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The small-scale reproduction of the ASFT paper's HH-RLHF study (docs/reproduction/README.md).
+#
+#   bash experiments/reproduce_hh.sh          train the five recipes (resuming any interrupted run),
+#                                             score, generate, answer MT-Bench, write the results
+#   bash experiments/reproduce_hh.sh --check  retrain ASFT's first 3 steps in a temporary directory
+#                                             and compare its losses with the committed metrics.jsonl
+#
+# Everything a step writes is skipped on a rerun once its output exists. ASFT_DATA overrides the
+# shared data folder (default ../shared/data); OBJECTIVES="asft dpo" limits the study.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=${ASFT_DATA:-../shared/data}
+HELDOUT="$DATA/hh-rlhf/helpful-base/test.jsonl.gz#part=heldout,holdout=0.15,seed=0"
+TRAIN="$DATA/hh-rlhf/helpful-base/test.jsonl.gz#part=train,holdout=0.15,seed=0,limit=256"
+HARMLESS="$DATA/hh-rlhf/harmless-base/test.jsonl.gz"
+MT_BENCH="$DATA/mt_bench/question.jsonl"
+OBJECTIVES=${OBJECTIVES:-"asft dpo sft orpo simpo"}
+RUNS=runs/repro
+DOCS=docs/reproduction
+STUDY="python experiments/reproduce_hh.py"
+DATA_ARGS=(data.path="$TRAIN" data.eval_path="$HELDOUT")
+
+if [[ "${1:-}" == "--check" ]]; then
+  exec $STUDY check configs/repro/smollm2_hh_asft.yaml "$DOCS/smollm2_hh_asft/metrics.jsonl" "${DATA_ARGS[@]}"
+fi
+
+# 1. Training: each run resumes from its newest checkpoint if one exists.
+for obj in $OBJECTIVES; do
+  name=smollm2_hh_$obj
+  if [[ ! -f "$RUNS/$name/done" ]]; then
+    $STUDY timed "$RUNS/$name/resources.jsonl" -- asft train "configs/repro/$name.yaml" "${DATA_ARGS[@]}"
+    touch "$RUNS/$name/done"
+  fi
+done
+
+# 2. Held-out scoring and generation for the starting model and every trained one: the first 100
+#    held-out helpful-base pairs (scored, and greedy answers scored with BLEU-4 / ROUGE-L against the
+#    chosen responses), the first 100 harmless-base pairs (scored), and MT-Bench's 80 questions
+#    (both turns, FastChat's answer format, for judging elsewhere).
+score() {  # score MODEL OUT_DIR MODEL_ID
+  mkdir -p "$2"
+  if [[ ! -f "$2/heldout_eval.json" ]]; then
+    asft eval --model "$1" --data "$HELDOUT" --limit 100 --batch-size 8 --generate --max-new-tokens 64 \
+      --output "$2/heldout_eval.jsonl" | tail -n 1 > "$2/heldout_eval.json.partial"
+    mv "$2/heldout_eval.json.partial" "$2/heldout_eval.json"
+  fi
+  if [[ ! -f "$2/harmless_eval.json" ]]; then
+    asft eval --model "$1" --data "$HARMLESS" --limit 100 --batch-size 8 \
+      --output "$2/harmless_eval.jsonl" | tail -n 1 > "$2/harmless_eval.json.partial"
+    mv "$2/harmless_eval.json.partial" "$2/harmless_eval.json"
+  fi
+  if [[ ! -f "$2/mt_bench_answers.jsonl" ]]; then
+    asft generate --model "$1" --prompts "$MT_BENCH" --model-id "$3" --max-new-tokens 128 --batch-size 16 \
+      --output "$2/mt_bench_answers.jsonl.partial"
+    mv "$2/mt_bench_answers.jsonl.partial" "$2/mt_bench_answers.jsonl"
+  fi
+}
+score demo:smollm2 "$DOCS/smollm2_base" smollm2_base
+for obj in $OBJECTIVES; do
+  name=smollm2_hh_$obj
+  score "$RUNS/$name" "$DOCS/$name" "$name"
+  cp "$RUNS/$name/metrics.jsonl" "$RUNS/$name/resources.jsonl" "$DOCS/$name/"
+done
+
+# 3. Results: the curves of every run overlaid, results.json, and claim (a)'s plot.
+asft report $(for obj in $OBJECTIVES; do echo "$RUNS/smollm2_hh_$obj"; done) --output "$DOCS/report"
+$STUDY summarize "$DOCS" $OBJECTIVES
