@@ -16,21 +16,21 @@ HELDOUT="$DATA/hh-rlhf/helpful-base/test.jsonl.gz#part=heldout,holdout=0.15,seed
 TRAIN="$DATA/hh-rlhf/helpful-base/test.jsonl.gz#part=train,holdout=0.15,seed=0,limit=256"
 HARMLESS="$DATA/hh-rlhf/harmless-base/test.jsonl.gz"
 MT_BENCH="$DATA/mt_bench/question.jsonl"
-OBJECTIVES=${OBJECTIVES:-"asft dpo sft orpo simpo"}
+read -ra OBJECTIVES <<< "${OBJECTIVES:-asft dpo sft orpo simpo}"
 RUNS=runs/repro
 DOCS=docs/reproduction
-STUDY="python experiments/reproduce_hh.py"
+STUDY=(python experiments/reproduce_hh.py)
 DATA_ARGS=(data.path="$TRAIN" data.eval_path="$HELDOUT")
 
 if [[ "${1:-}" == "--check" ]]; then
-  exec $STUDY check configs/repro/smollm2_hh_asft.yaml "$DOCS/smollm2_hh_asft/metrics.jsonl" "${DATA_ARGS[@]}"
+  exec "${STUDY[@]}" check configs/repro/smollm2_hh_asft.yaml "$DOCS/smollm2_hh_asft/metrics.jsonl" "${DATA_ARGS[@]}"
 fi
 
 # 1. Training: each run resumes from its newest checkpoint if one exists.
-for obj in $OBJECTIVES; do
+for obj in "${OBJECTIVES[@]}"; do
   name=smollm2_hh_$obj
   if [[ ! -f "$RUNS/$name/done" ]]; then
-    $STUDY timed "$RUNS/$name/resources.jsonl" -- asft train "configs/repro/$name.yaml" "${DATA_ARGS[@]}"
+    "${STUDY[@]}" timed "$RUNS/$name/resources.jsonl" -- asft train "configs/repro/$name.yaml" "${DATA_ARGS[@]}"
     touch "$RUNS/$name/done"
   fi
 done
@@ -58,12 +58,12 @@ score() {  # score MODEL OUT_DIR MODEL_ID
   fi
 }
 score demo:smollm2 "$DOCS/smollm2_base" smollm2_base
-for obj in $OBJECTIVES; do
+for obj in "${OBJECTIVES[@]}"; do
   name=smollm2_hh_$obj
   score "$RUNS/$name" "$DOCS/$name" "$name"
   cp "$RUNS/$name/metrics.jsonl" "$RUNS/$name/resources.jsonl" "$DOCS/$name/"
 done
 
 # 3. Results: the curves of every run overlaid, results.json, and claim (a)'s plot.
-asft report $(for obj in $OBJECTIVES; do echo "$RUNS/smollm2_hh_$obj"; done) --output "$DOCS/report"
-$STUDY summarize "$DOCS" $OBJECTIVES
+asft report "${OBJECTIVES[@]/#/$RUNS/smollm2_hh_}" --output "$DOCS/report"
+"${STUDY[@]}" summarize "$DOCS" "${OBJECTIVES[@]}"

@@ -1,8 +1,10 @@
-"""The reproduction recipes (configs/repro/smollm2_hh_*.yaml) are one experiment with five objectives."""
+"""The reproduction study: its recipes (configs/repro/smollm2_hh_*.yaml) are one experiment with five
+objectives, and its driver (experiments/reproduce_hh.sh) is sound shell."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 from asft_jax.config import load_config, to_dict
 from asft_jax.data.records import RecordSource
@@ -28,8 +30,15 @@ def test_recipes_differ_only_in_objective_and_run_directory():
 
 def test_training_pairs_are_all_consumed_and_none_is_evaluated(shared_data):
     cfg = recipe("asft")
-    local = lambda spec: spec.replace("../shared/data", shared_data)  # noqa: E731
+    local = lambda spec: spec.replace("../shared/data", shared_data)
     train, held = RecordSource(local(cfg.data.path)), RecordSource(local(cfg.data.eval_path))
     assert cfg.max_steps * cfg.batch_size == len(train)  # one epoch: every run sees the same pairs
     train_text = {train[k]["chosen"] for k in range(len(train))}
     assert not train_text & {held[k]["chosen"] for k in range(cfg.data.eval_pairs)}
+
+
+def test_driver_parses_and_passes_shellcheck():
+    path = os.path.join(REPO, "experiments", "reproduce_hh.sh")
+    assert subprocess.run(["bash", "-n", path], check=False).returncode == 0
+    checked = subprocess.run(["shellcheck", path], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout
