@@ -151,6 +151,32 @@ def plot_claim_a(docs: str, objectives: list[str], path: str) -> None:
     plt.close(fig)
 
 
+def table(results: dict) -> str:
+    """The README's results table (markdown) from ``results.json``."""
+    def cell(before: float, after: float) -> str:
+        return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+
+    lines = [
+        "| objective | held-out chosen (per token) | held-out rejected | accuracy | margin | BLEU-4 | ROUGE-L | harmless-base chosen | harmless-base rejected | harmless accuracy | tokens/s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = results["starting_model"]
+    h, m = base["heldout"], base["harmless_base"]
+    lines.append(
+        f"| starting model | {h['logps/chosen']:.3f} | {h['logps/rejected']:.3f} | {h['rewards/accuracies']:.2f} | {h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "
+        f"| {m['logps/chosen']:.3f} | {m['logps/rejected']:.3f} | {m['rewards/accuracies']:.2f} | | |"
+    )
+    for obj, r in results["objectives"].items():
+        h, m = r["heldout"], r["harmless_base"]
+        lines.append(
+            f"| {obj} | {cell(h['logps/chosen']['step_0'], h['logps/chosen']['final'])} | {cell(h['logps/rejected']['step_0'], h['logps/rejected']['final'])} "
+            f"| {h['rewards/accuracies']:.2f} | {h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "
+            f"| {cell(m['logps/chosen']['step_0'], m['logps/chosen']['final'])} | {cell(m['logps/rejected']['step_0'], m['logps/rejected']['final'])} "
+            f"| {m['rewards/accuracies']:.2f} | {r['train_tokens_per_second']['median']:.1f} | {r['peak_rss_gib']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarize(docs: str, objectives: list[str]) -> int:
     base = {
         "heldout": _scored(_eval_json(os.path.join(docs, "smollm2_base", "heldout_eval.json"))),
@@ -166,6 +192,7 @@ def summarize(docs: str, objectives: list[str]) -> int:
         json.dump(results, f, indent=1)
         f.write("\n")
     plot_claim_a(docs, objectives, os.path.join(docs, "claim_a.png"))
+    print(table(results))
     print(f"wrote {docs}/results.json and {docs}/claim_a.png")
     return 0
 
