@@ -2,7 +2,8 @@
 # The small-scale reproduction of the ASFT paper's HH-RLHF study (docs/reproduction/README.md).
 #
 #   bash experiments/reproduce_hh.sh          train the five recipes (resuming any interrupted run),
-#                                             score, generate, answer MT-Bench, write the results
+#                                             score and generate on held-out pairs, write the results,
+#                                             answer MT-Bench
 #   bash experiments/reproduce_hh.sh --check  retrain ASFT's first 3 steps in a temporary directory
 #                                             and compare its losses with the committed metrics.jsonl
 #
@@ -35,35 +36,40 @@ for obj in "${OBJECTIVES[@]}"; do
   fi
 done
 
-# 2. Held-out scoring and generation for the starting model and every trained one: the first 100
-#    held-out helpful-base pairs (scored, and greedy answers scored with BLEU-4 / ROUGE-L against the
-#    chosen responses), the first 100 harmless-base pairs (scored), and MT-Bench's 80 questions
-#    (both turns, FastChat's answer format, for judging elsewhere).
-score() {  # score MODEL OUT_DIR MODEL_ID
+# 2. Held-out scores of the starting model and every trained one: the first 100 held-out helpful-base
+#    pairs (scored, and greedy answers to their prompts scored with BLEU-4 / ROUGE-L against the chosen
+#    responses) and the first 100 harmless-base pairs (scored).
+score() {  # score MODEL OUT_DIR
   mkdir -p "$2"
   if [[ ! -f "$2/heldout_eval.json" ]]; then
-    asft eval --model "$1" --data "$HELDOUT" --limit 100 --batch-size 8 --generate --max-new-tokens 64 \
+    asft eval --model "$1" --data "$HELDOUT" --limit 100 --batch-size 32 --generate --max-new-tokens 64 \
       --output "$2/heldout_eval.jsonl" | tail -n 1 > "$2/heldout_eval.json.partial"
     mv "$2/heldout_eval.json.partial" "$2/heldout_eval.json"
   fi
   if [[ ! -f "$2/harmless_eval.json" ]]; then
-    asft eval --model "$1" --data "$HARMLESS" --limit 100 --batch-size 8 \
+    asft eval --model "$1" --data "$HARMLESS" --limit 100 --batch-size 16 \
       --output "$2/harmless_eval.jsonl" | tail -n 1 > "$2/harmless_eval.json.partial"
     mv "$2/harmless_eval.json.partial" "$2/harmless_eval.json"
   fi
-  if [[ ! -f "$2/mt_bench_answers.jsonl" ]]; then
-    asft generate --model "$1" --prompts "$MT_BENCH" --model-id "$3" --max-new-tokens 128 --batch-size 16 \
-      --output "$2/mt_bench_answers.jsonl.partial"
-    mv "$2/mt_bench_answers.jsonl.partial" "$2/mt_bench_answers.jsonl"
-  fi
 }
-score demo:smollm2 "$DOCS/smollm2_base" smollm2_base
+score demo:smollm2 "$DOCS/smollm2_base"
 for obj in "${OBJECTIVES[@]}"; do
   name=smollm2_hh_$obj
-  score "$RUNS/$name" "$DOCS/$name" "$name"
+  score "$RUNS/$name" "$DOCS/$name"
   cp "$RUNS/$name/metrics.jsonl" "$RUNS/$name/resources.jsonl" "$DOCS/$name/"
 done
 
 # 3. Results: the curves of every run overlaid, results.json, and claim (a)'s plot.
 asft report "${OBJECTIVES[@]/#/$RUNS/smollm2_hh_}" --output "$DOCS/report"
 "${STUDY[@]}" summarize "$DOCS" "${OBJECTIVES[@]}"
+
+# 4. MT-Bench: every trained model answers the 80 questions, both turns, in FastChat's answer format
+#    (for judging elsewhere: FastChat's gen_judgment.py).
+for obj in "${OBJECTIVES[@]}"; do
+  out="$DOCS/smollm2_hh_$obj/mt_bench_answers.jsonl"
+  if [[ ! -f "$out" ]]; then
+    asft generate --model "$RUNS/smollm2_hh_$obj" --prompts "$MT_BENCH" --model-id "smollm2_hh_$obj" \
+      --max-new-tokens 128 --batch-size 40 --output "$out.partial"
+    mv "$out.partial" "$out"
+  fi
+done
