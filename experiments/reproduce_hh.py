@@ -83,6 +83,16 @@ def _scored(summary: dict) -> dict:
     return {k: summary[k] for k in keep if k in summary}
 
 
+def _after_training(docs: str, name: str, file: str, base: dict) -> dict | None:
+    """One ``asft eval`` summary of the trained model, its log-probs paired with the starting model's
+    as step 0; None while the driver has not written it yet (a partial study)."""
+    path = os.path.join(docs, name, file)
+    if not os.path.isfile(path):
+        return None
+    final = _eval_json(path)
+    return {**_scored(final), **{f"logps/{side}": {"step_0": base[f"logps/{side}"], "final": final[f"logps/{side}"]} for side in ("chosen", "rejected")}}
+
+
 def _run_summary(docs: str, name: str, base: dict) -> dict:
     rows = read_metrics(os.path.join(docs, name, "metrics.jsonl"))
     evals = {s: r for s, r in rows.items() if "eval/loss" in r}
@@ -91,8 +101,6 @@ def _run_summary(docs: str, name: str, base: dict) -> dict:
     speeds = sorted(r["tokens_per_second"] for r in train_rows)
     with open(os.path.join(docs, name, "resources.jsonl")) as f:
         resources = [json.loads(line) for line in f if line.strip()]
-    heldout = _eval_json(os.path.join(docs, name, "heldout_eval.json"))
-    harmless = _eval_json(os.path.join(docs, name, "harmless_eval.json"))
     return {
         "training_eval": {  # in-training evaluation: the first held-out pairs (data.eval_pairs), truncated as in training
             "steps": sorted(evals),
@@ -106,16 +114,8 @@ def _run_summary(docs: str, name: str, base: dict) -> dict:
         },
         # `asft eval` of the final model: per-token mean log-probs of untruncated pairs, one definition
         # for every objective (accuracy: chosen mean log-prob above rejected); step_0 is the starting model
-        "heldout": {
-            **_scored(heldout),
-            "logps/chosen": {"step_0": base["heldout"]["logps/chosen"], "final": heldout["logps/chosen"]},
-            "logps/rejected": {"step_0": base["heldout"]["logps/rejected"], "final": heldout["logps/rejected"]},
-        },
-        "harmless_base": {
-            **_scored(harmless),
-            "logps/chosen": {"step_0": base["harmless_base"]["logps/chosen"], "final": harmless["logps/chosen"]},
-            "logps/rejected": {"step_0": base["harmless_base"]["logps/rejected"], "final": harmless["logps/rejected"]},
-        },
+        "heldout": _after_training(docs, name, "heldout_eval.json", base["heldout"]),
+        "harmless_base": _after_training(docs, name, "harmless_eval.json", base["harmless_base"]),
         "train_tokens_per_second": {"median": speeds[len(speeds) // 2], "min": speeds[0], "max": speeds[-1]},
         "peak_rss_gib": max(r["peak_rss_gib"] for r in resources),
         "train_wall_s": round(sum(r["wall_s"] for r in resources), 1),
@@ -168,6 +168,9 @@ def table(results: dict) -> str:
     )
     for obj, r in results["objectives"].items():
         h, m = r["heldout"], r["harmless_base"]
+        if h is None or m is None:
+            lines.append(f"| {obj} | not scored yet | | | | | | | | | {r['train_tokens_per_second']['median']:.1f} | {r['peak_rss_gib']:.2f} |")
+            continue
         lines.append(
             f"| {obj} | {cell(h['logps/chosen']['step_0'], h['logps/chosen']['final'])} | {cell(h['logps/rejected']['step_0'], h['logps/rejected']['final'])} "
             f"| {h['rewards/accuracies']:.2f} | {h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "

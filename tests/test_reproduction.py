@@ -87,3 +87,8 @@ def test_summary_compares_per_token_likelihoods_whatever_each_objective_logs(tmp
     assert dpo["train_tokens_per_second"]["median"] == 80.0  # step 1 (compiling) left out
     assert (dpo["peak_rss_gib"], dpo["train_wall_s"]) == (4.0, 15.0)
     assert (tmp_path / "claim_a.png").stat().st_size > 10_000
+
+    (tmp_path / "smollm2_hh_asft" / "harmless_eval.json").unlink()  # a study whose scoring is unfinished
+    assert summarize(str(tmp_path), ["dpo", "asft"]) == 0
+    partial = json.loads((tmp_path / "results.json").read_text())["objectives"]["asft"]
+    assert partial["harmless_base"] is None and partial["heldout"]["logps/chosen"] == {"step_0": -2.0, "final": -1.8}
