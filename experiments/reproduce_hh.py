@@ -36,14 +36,10 @@ def timed(log: str, cmd: list[str]) -> int:
 
 
 def read_metrics(path: str) -> dict[int, dict]:
-    """{step: merged row} of a metrics.jsonl (a resumed run's repeated step: the later row wins)."""
-    rows: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows.setdefault(int(row["step"]), {}).update(row)
-    return dict(sorted(rows.items()))
+    """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated step: the later row wins)."""
+    from asft_jax.report import read_run
+
+    return read_run(os.path.dirname(path) or ".")[2]
 
 
 def check(config: str, committed: str, overrides: list[str]) -> int:
