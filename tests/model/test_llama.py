@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,15 +26,17 @@ CASES = {
 
 
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    # Positions count real tokens only, as ours do (a left-padded row starts at position 0).
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(tokens),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions),
-        )
-    return out.logits.float().numpy()
+    """transformers' logits for each row's real tokens, run alone and in float64, laid out like
+    ``tokens`` (zeros at padding). Float64 keeps the reference free of float32 kernel choices (a
+    3e-3 difference confined to one row was seen once on a CI machine), and running each sequence
+    unpadded makes it the definition of what padding must not change."""
+    model = copy.deepcopy(model).double()
+    out = np.zeros((*tokens.shape, model.config.vocab_size))
+    for i in range(len(tokens)):
+        real = mask[i].astype(bool)
+        with torch.no_grad():
+            out[i, real] = model(input_ids=torch.tensor(tokens[i, real][None])).logits[0].numpy()
+    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -48,7 +52,8 @@ def test_logits_match_transformers_with_left_and_right_padding(hf_llama, case):
     ref = hf_logits(torch_model, tokens, mask)
 
     real = mask.astype(bool)
-    assert np.abs(ours - ref)[real].max() <= 1e-4
+    err = np.where(real[..., None], np.abs(ours - ref), 0.0)
+    assert err.max() <= 1e-4, f"max |ours - float64 reference| per row: {err.max(axis=(1, 2))}"
     assert (ours.argmax(-1) == ref.argmax(-1))[real].all()
 
 
