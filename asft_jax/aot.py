@@ -121,8 +121,8 @@ def topology(name: str) -> Topology:
 def model_architecture(cfg):
     """The config's ``LlamaConfig`` without weights: ``model.init``; a local model (folder, file, run,
     or a Hub id already in the cache); else the built-in table of well-known Hub ids."""
+    from asft_jax.io import resolve
     from asft_jax.model.presets import preset
-    from asft_jax.sources import resolve
     from asft_jax.train import init_config
 
     if cfg.model.source is None:

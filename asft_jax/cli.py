@@ -53,7 +53,7 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from asft_jax.export import export_model
+    from asft_jax.io.export import export_model
 
     start = time.perf_counter()
     files = export_model(args.model, args.output, dtype=args.dtype)
@@ -71,11 +71,11 @@ def _load_model(src, dtype: str, mesh):
     import jax.numpy as jnp
 
     from asft_jax.model import Llama
-    from asft_jax.sharding import param_shardings, placer
+    from asft_jax.sharding import param_shardings
 
     model = Llama(src.config, dtype=jnp.dtype(dtype))
     start = time.perf_counter()
-    params = src.load_params(place=placer(param_shardings(model, mesh)))
+    params = src.load_params(shardings=param_shardings(model, mesh))
     print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, params
 
@@ -108,7 +108,7 @@ def _eval(args: argparse.Namespace) -> None:
         score_pairs,
         summarize,
     )
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     src = resolve(args.model)
     hparams = {k: getattr(args, k) for k in ("beta", "lam", "gamma", "normalize") if getattr(args, k) is not None}
@@ -146,8 +146,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from asft_jax.generate import Generator, stop_token_ids
+    from asft_jax.io import resolve
     from asft_jax.prompts import answer, output_record, read_conversations
-    from asft_jax.sources import resolve
 
     src = resolve(args.model)
     tokenizer = src.tokenizer()
@@ -181,7 +181,7 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     from asft_jax.data.pretokenized import write_pairs
     from asft_jax.data.records import RecordSource
     from asft_jax.data.tokenize import Encoder
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
@@ -198,7 +198,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
     from asft_jax.data.pipeline import detect_source_format, encode_record
     from asft_jax.data.records import BadRecord, RecordSource
     from asft_jax.data.tokenize import Encoder
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
@@ -237,8 +237,8 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 def _data_reference(args: argparse.Namespace) -> None:
     from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.io import resolve
     from asft_jax.reference import attach_reference_logps
-    from asft_jax.sources import resolve
 
     src = resolve(args.model)
     pairs, skipped, max_length = _read_pairs(args, src)
@@ -250,7 +250,8 @@ def _data_reference(args: argparse.Namespace) -> None:
 
 
 def _fetch_demo(args: argparse.Namespace) -> None:
-    from asft_jax.demo import demo_gguf, demo_hf_folder
+    from asft_jax.io.demo import demo_gguf
+    from asft_jax.io.export import demo_hf_folder
 
     print(demo_hf_folder() if args.hf else demo_gguf())
 

@@ -126,13 +126,6 @@ def param_shardings(model: Llama, mesh: Mesh):
     return logical_shardings(param_logical_axes(model), abstract, mesh)
 
 
-def placer(shardings):
-    """``place(path, array)`` for ``ModelSource.load_params``: puts each parameter, named by its
-    ``/``-joined path, on its devices as it is read."""
-    flat = {"/".join(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-    return lambda path, array: jax.device_put(array, flat[path])
-
-
 def from_every_host(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a value that every process holds whole (each places its own shards)."""
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

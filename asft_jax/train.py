@@ -40,6 +40,7 @@ from asft_jax.data.records import RecordSource, is_readable_spec
 from asft_jax.data.tokenize import Encoder
 from asft_jax.distributed import all_hosts, barrier, initialize
 from asft_jax.errors import AsftError
+from asft_jax.io import resolve
 from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
@@ -47,11 +48,9 @@ from asft_jax.sharding import (
     make_mesh,
     micro_batch_sharding,
     param_shardings,
-    placer,
     replicated,
     replicated_dims,
 )
-from asft_jax.sources import resolve
 from asft_jax.train_step import (
     TrainState,
     make_optimizer,
@@ -291,7 +290,7 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
     else:
         data_state = None
         if src is not None:
-            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=placer(state_shardings.params))
+            params = src.load_params(jnp.dtype(cfg.model.param_dtype), shardings=state_shardings.params)
         else:
             params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params)()
         state = new_state(params)
@@ -466,8 +465,8 @@ def host_data_state(saved: dict, process_index: int, process_count: int) -> dict
 def _export(cfg: TrainConfig, run: Run) -> None:
     """The trained weights as an HF folder (with the source's tokenizer and generation config);
     every process takes part in gathering the parameters, process 0 writes."""
-    from asft_jax.export import export_model
-    from asft_jax.hf import export_params
+    from asft_jax.io.export import export_model
+    from asft_jax.io.hf import export_params
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -50,7 +50,7 @@ COLUMNS = [
 
 def _write_pairs(args, path: str) -> None:
     from asft_jax.data.pretokenized import write_pairs
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     count = args.pairs * (args.steps + 1)
     if args.synthetic:
@@ -152,7 +152,7 @@ def main() -> None:
     if args.shape and not args.synthetic:
         raise SystemExit("--shape has no tokenizer: add --synthetic")
     if not args.shape and args.model is None:
-        from asft_jax.demo import demo_gguf
+        from asft_jax.io.demo import demo_gguf
 
         args.model = demo_gguf()
     if args.one:

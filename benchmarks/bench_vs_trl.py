@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def trl_records(args) -> list[dict]:
     """The pairs ours trains on, as the chat-templated strings TRL tokenizes itself."""
-    from asft_jax.demo import demo_gguf
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
+    from asft_jax.io.demo import demo_gguf
 
     tok = resolve(demo_gguf()).tokenizer()
     pairs = real_pairs(tok, args.pairs * (args.steps + 1), args.max_length)
@@ -52,7 +52,7 @@ def run_trl(args, which: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from asft_jax.demo import demo_hf_folder
+    from asft_jax.io.export import demo_hf_folder
 
     folder = demo_hf_folder()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -11,8 +11,8 @@ import os
 import time
 
 from asft_jax.data.pipeline import DataConfig, PairBatches
-from asft_jax.demo import demo_gguf
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
+from asft_jax.io.demo import demo_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -79,7 +79,7 @@ def shared_data() -> str:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     """The real SmolLM2-135M-Instruct GGUF, fetched into the cache on first use."""
-    from asft_jax.demo import demo_gguf
+    from asft_jax.io.demo import demo_gguf
 
     return demo_gguf()
 
@@ -88,7 +88,7 @@ def smollm2_gguf() -> str:
 def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> str:
     """HF folder: a tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template
     (fast end-to-end runs of the text paths; the outputs are random text)."""
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     folder = str(tmp_path_factory.mktemp("tiny_chat"))
     make_hf_llama(folder, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)

@@ -119,9 +119,9 @@ def test_objective_loss_equals_the_float64_formula(hf_llama, tmp_path, capsys):
 
 def test_eval_generate_scores_bleu_and_rouge_of_greedy_answers(tiny_chat_model, tmp_path, capsys):
     from asft_jax.generate import Generator, SamplingConfig, stop_token_ids
+    from asft_jax.io import resolve
     from asft_jax.model import Llama
     from asft_jax.sharding import make_mesh
-    from asft_jax.sources import resolve
     from asft_jax.text_metrics import bleu4, rouge_l
 
     records = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."} for i in range(5)]

@@ -11,9 +11,9 @@ from conftest import TINY
 
 from asft_jax.errors import AsftError
 from asft_jax.generate import Generator, SamplingConfig, sample_next, stop_token_ids
+from asft_jax.io import resolve
 from asft_jax.model import Llama
-from asft_jax.sharding import make_mesh, param_shardings, placer
-from asft_jax.sources import resolve
+from asft_jax.sharding import make_mesh, param_shardings
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def prompts(seed: int = 0, lengths=(7, 30, 1, 18, 45)) -> list[list[int]]:
 def generator(src, sampling: SamplingConfig, stops=(), mesh=None, batch_size: int = 4) -> Generator:
     mesh = mesh or make_mesh()
     model = Llama(src.config)
-    params = src.load_params(place=placer(param_shardings(model, mesh)))
+    params = src.load_params(shardings=param_shardings(model, mesh))
     return Generator(model, params, mesh, stops, sampling, batch_size)
 
 

@@ -10,6 +10,7 @@ import pytest
 from asft_jax.cli import main
 from asft_jax.data.records import BadRecord
 from asft_jax.errors import AsftError
+from asft_jax.io import resolve
 from asft_jax.prompts import (
     Conversation,
     answer,
@@ -18,7 +19,6 @@ from asft_jax.prompts import (
     render,
     to_conversation,
 )
-from asft_jax.sources import resolve
 
 
 def write_jsonl(path, records) -> str:

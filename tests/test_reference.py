@@ -15,10 +15,10 @@ from asft_jax.cli import main
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.records import RecordSource
 from asft_jax.evaluate import read_eval_pairs
+from asft_jax.io import resolve
 from asft_jax.logprobs import pair_logps
 from asft_jax.losses import SequenceLogps, preference_loss
 from asft_jax.model import Llama
-from asft_jax.sources import resolve
 from asft_jax.train_step import micro_loss
 
 

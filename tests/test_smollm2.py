@@ -14,9 +14,9 @@ import torch
 from conftest import padded_batch
 from test_evaluate import run_eval, torch_response_logps
 
-from asft_jax.export import export_model
+from asft_jax.io import resolve
+from asft_jax.io.export import export_model
 from asft_jax.model import Llama
-from asft_jax.sources import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, 
 MEMORY_PROBE = """
 import sys, threading, time
 import jax
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 def anon():  # resident anonymous memory: excludes the memory-mapped weight files
     with open("/proc/self/status") as f:

@@ -252,7 +252,7 @@ def test_evaluation_during_training(pairs, tmp_path):
 
 def test_a_run_directory_is_a_model_source(pairs, tmp_path, capsys):
     from asft_jax.cli import main
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     out = tmp_path / "run"
     train(config(out, pairs, "save_steps=2", "max_steps=4", f"export_dir={tmp_path / 'hf'}"))

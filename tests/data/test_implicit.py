@@ -12,7 +12,7 @@ from asft_jax.cli import main
 from asft_jax.data.formats import detect_format, normalize
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 def forms(rec: dict) -> dict[str, dict]:

@@ -13,7 +13,7 @@ import pytest
 
 from asft_jax.data.pipeline import DataConfig, PairBatches
 from asft_jax.errors import AsftError
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ RESUME = """
 import json, sys
 import numpy as np
 from asft_jax.data.pipeline import DataConfig, PairBatches
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 model, data, state_in, out = sys.argv[1:5]
 p = PairBatches(DataConfig(data, max_length=128, batch_size=4, seed=7, num_epochs=2), resolve(model).tokenizer())
 if state_in != "-":

@@ -15,7 +15,7 @@ from asft_jax.data.packing import layout_batch
 from asft_jax.data.records import BadRecord
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 @pytest.fixture(scope="module")

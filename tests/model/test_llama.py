@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import TINY, padded_batch
 
+from asft_jax.io import resolve
 from asft_jax.model import KVCache, Llama, LlamaConfig, init_params, param_logical_axes
-from asft_jax.sources import resolve
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 

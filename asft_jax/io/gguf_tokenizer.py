@@ -25,7 +25,7 @@ _SPECIAL_TYPES = (3, 4)  # llama.cpp token types CONTROL and USER_DEFINED
 
 
 def gguf_tokenizer(gguf, path: str):
-    """A transformers ``PreTrainedTokenizerFast`` for a ``GGUFModel``'s metadata."""
+    """A transformers ``PreTrainedTokenizerFast`` for a ``GGUFTensors``' metadata."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     kind = gguf.field("tokenizer.ggml.model")

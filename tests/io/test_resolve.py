@@ -9,7 +9,8 @@ import huggingface_hub
 import pytest
 
 from asft_jax.errors import AsftError
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
+from asft_jax.io.hf import HFFolder
 
 
 def test_hub_id_is_downloaded_then_read_as_a_folder(hf_llama, monkeypatch):
@@ -23,7 +24,7 @@ def test_hub_id_is_downloaded_then_read_as_a_folder(hf_llama, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     src = resolve("some-org/tiny-llama")
     assert asked[0][0] == "some-org/tiny-llama" and "*.safetensors" in asked[0][1]
-    assert src.kind == "hf" and src.path == folder and src.config.num_hidden_layers == 2
+    assert isinstance(src, HFFolder) and src.path == folder and src.config.num_hidden_layers == 2
 
 
 def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
@@ -46,7 +47,7 @@ def test_gguf_load_and_export_run_without_torch(smollm2_gguf, tmp_path):
     script = f"""
 import sys
 sys.modules["torch"] = None  # `import torch` fails and find_spec("torch") says absent
-from asft_jax.export import export_model
+from asft_jax.io.export import export_model
 files = export_model({smollm2_gguf!r}, {str(tmp_path / "out")!r})
 assert "model.safetensors" in files and "tokenizer.json" in files, files
 assert sys.modules["torch"] is None and not any(m.startswith("torch.") for m in sys.modules)

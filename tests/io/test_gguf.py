@@ -11,9 +11,9 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf_writer import llama_cpp_permute, write_gguf
 
 from asft_jax.errors import AsftError
-from asft_jax.gguf_io import dequantize, unpermute_qk
+from asft_jax.io import resolve
+from asft_jax.io.gguf import dequantize, unpermute_qk
 from asft_jax.model import Llama
-from asft_jax.sources import resolve
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])

@@ -14,9 +14,9 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from asft_jax.errors import AsftError
-from asft_jax.export import export_model
+from asft_jax.io import resolve
+from asft_jax.io.export import export_model
 from asft_jax.model import LlamaConfig
-from asft_jax.sources import resolve
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 ROUND_TRIP_CASES = {
