@@ -32,4 +32,5 @@ test: install-test
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	ruff check asft_jax tests benchmarks
+	ruff check asft_jax tests benchmarks experiments
+	ruff format --check asft_jax tests benchmarks experiments

@@ -92,7 +92,9 @@ class Checkpointer:
             try:
                 restored = self._restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
-                log.warning("checkpoint %s/%d cannot be restored (%s); trying the one before", self.directory, step, _cause(e))
+                log.warning(
+                    "checkpoint %s/%d cannot be restored (%s); trying the one before", self.directory, step, _cause(e)
+                )
                 bad.append(step)
                 continue
             self._set_aside(bad)
@@ -142,13 +144,19 @@ def read_params(run_dir: str, step: int | None, abstract_params: Any, host: bool
         step_dir = os.path.join(run_dir, "checkpoints", str(candidate))
         legacy = _is_legacy(step_dir)
         if host:
-            restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract_params)
+            restore_args = jax.tree.map(
+                lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract_params
+            )
         else:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-        item, restore_args = ({"params": abstract_params}, {"params": restore_args}) if legacy else (abstract_params, restore_args)
+        item, restore_args = (
+            ({"params": abstract_params}, {"params": restore_args}) if legacy else (abstract_params, restore_args)
+        )
         path = os.path.join(step_dir, "state" if legacy else "params")
         try:
-            out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=legacy))
+            out = checkpointer.restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=legacy)
+            )
         except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
             if step is not None:
                 raise AsftError(f"{step_dir}: cannot be restored ({_cause(e)})") from None

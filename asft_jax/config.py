@@ -60,7 +60,11 @@ class ObjectiveConfig:
 
     def hparams(self) -> dict[str, float | str]:
         """The hyperparameters set, as keyword arguments of the objective's loss function."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
 
 
 @dataclasses.dataclass
@@ -117,7 +121,11 @@ class TrainConfig:
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Checks ``value`` against a field's annotation (resolving ``X | None``)."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
     if value is None:
         if type(None) in options:
             return None
@@ -199,13 +207,19 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.objective.name not in LOSSES:
         raise AsftError(f"config: objective.name {cfg.objective.name!r} is not one of {', '.join(LOSSES)}")
     if (cfg.model.source is None) == (cfg.model.init is None):
-        raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
+        raise AsftError(
+            "config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)"
+        )
     foreign = sorted(set(cfg.objective.hparams()) - set(HPARAMS[cfg.objective.name]))
     if foreign:
         accepted = ", ".join(HPARAMS[cfg.objective.name]) or "none"
-        raise AsftError(f"config: objective.{foreign[0]} does not apply to {cfg.objective.name} (its hyperparameters: {accepted})")
+        raise AsftError(
+            f"config: objective.{foreign[0]} does not apply to {cfg.objective.name} (its hyperparameters: {accepted})"
+        )
     if cfg.model.remat_policy not in REMAT_POLICIES:
-        raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+        raise AsftError(
+            f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}"
+        )
     if cfg.model.attention not in IMPLEMENTATIONS:
         raise AsftError(f"config: model.attention {cfg.model.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if cfg.data.layout not in LAYOUTS:
@@ -213,7 +227,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.truncation not in TRUNCATIONS:
         raise AsftError(f"config: data.truncation {cfg.data.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     if cfg.data.max_prompt_length is not None and not 0 < cfg.data.max_prompt_length < cfg.data.max_length:
-        raise AsftError(f"config: data.max_prompt_length {cfg.data.max_prompt_length} must be positive and below data.max_length {cfg.data.max_length}")
+        raise AsftError(
+            f"config: data.max_prompt_length {cfg.data.max_prompt_length} must be positive and below data.max_length "
+            f"{cfg.data.max_length}"
+        )
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise AsftError(f"config: model.dtype {cfg.model.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.model.param_dtype not in ("float32", "bfloat16", "float16"):
@@ -224,7 +241,10 @@ def validate(cfg: TrainConfig) -> None:
         if spec:
             parse_selection(spec)  # a malformed `#part=...` selection fails here, before any loading
     if "://" in cfg.output_dir:
-        raise AsftError(f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host mounts (NFS, or the bucket through gcsfuse)")
+        raise AsftError(
+            f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every "
+            "host mounts (NFS, or the bucket through gcsfuse)"
+        )
     if cfg.optimizer.schedule not in ("linear", "cosine"):
         raise AsftError(f"config: optimizer.schedule {cfg.optimizer.schedule!r} is not linear or cosine")
     for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps", "max_consecutive_skips"):

@@ -93,7 +93,10 @@ def score_pairs(
         out_shardings=replicated(mesh),  # every process reads all results
     )
     start, seen_tokens = time.perf_counter(), 0
-    with activate(mesh), tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+    with (
+        activate(mesh),
+        tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar,
+    ):
         for batch in _batches(pairs, batch_size):
             rows = layout_batch(batch + batch[-1:] * (batch_size - len(batch)), layout, max_length, row_multiple=split)
             rows.pop("ref_logps", None)
@@ -136,7 +139,9 @@ def summarize(results: list[dict], skipped: collections.Counter) -> dict:
 def require_reference(name: str, pairs: list[TokenizedPair]) -> None:
     """DPO-family objectives need every pair's reference log-probs."""
     if name in NEEDS_REFERENCE and any(p.ref_chosen is None for p in pairs):
-        raise AsftError(f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)")
+        raise AsftError(
+            f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)"
+        )
 
 
 def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict], **hparams: float) -> dict:
@@ -154,9 +159,17 @@ def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict]
             "ref_rejected": SequenceLogps(np.array([p.ref_rejected for p in pairs], np.float32), ones),
         }
     _, metrics = preference_loss(
-        name, SequenceLogps(col("chosen_logps_sum"), col("chosen_tokens")), SequenceLogps(col("rejected_logps_sum"), col("rejected_tokens")), **refs, **hparams
+        name,
+        SequenceLogps(col("chosen_logps_sum"), col("chosen_tokens")),
+        SequenceLogps(col("rejected_logps_sum"), col("rejected_tokens")),
+        **refs,
+        **hparams,
     )
-    return {"objective": name, "loss": float(metrics.pop("loss")), "objective_metrics": {k: float(v) for k, v in metrics.items()}}
+    return {
+        "objective": name,
+        "loss": float(metrics.pop("loss")),
+        "objective_metrics": {k: float(v) for k, v in metrics.items()},
+    }
 
 
 def generation_summary(generated: list[str], references: list[str], sampling) -> dict:

@@ -43,8 +43,12 @@ class Conversation:
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     )
 
 
@@ -109,7 +113,11 @@ def answer(
             c = conversations[i]
             contexts[i].append({"role": "user", "content": c.turns[k]})
             try:
-                prompts.append(tokenizer.encode(c.turns[k], add_special_tokens=True) if c.verbatim else render(tokenizer, contexts[i], chat))
+                prompts.append(
+                    tokenizer.encode(c.turns[k], add_special_tokens=True)
+                    if c.verbatim
+                    else render(tokenizer, contexts[i], chat)
+                )
             except BadRecord as bad:
                 raise AsftError(f"prompt {i + 1}, turn {k + 1}: {bad.reason.replace('_', ' ')}") from None
         for i, ids in zip(active, generate(prompts)):

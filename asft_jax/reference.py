@@ -16,7 +16,9 @@ from asft_jax.evaluate import score_pairs
 from asft_jax.model import Llama
 
 
-def attach_reference_logps(model: Llama, params: dict, pairs: Iterable[TokenizedPair], **scoring) -> Iterator[TokenizedPair]:
+def attach_reference_logps(
+    model: Llama, params: dict, pairs: Iterable[TokenizedPair], **scoring
+) -> Iterator[TokenizedPair]:
     """Yields each pair with ``ref_chosen`` / ``ref_rejected`` set to the summed log-probs that
     ``params`` give its chosen and rejected response tokens.
 

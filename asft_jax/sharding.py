@@ -102,7 +102,9 @@ def replicated_dims(model: Llama, mesh: Mesh) -> list[str]:
                 size = math.prod(mesh.shape[a] for a in names)
                 if size > 1:
                     name = "/".join(k.key for k in path)
-                    out.append(f"{name} {list(x.shape)}: dim {i} ({x.shape[i]}) not split over {'x'.join(names)} ({size})")
+                    out.append(
+                        f"{name} {list(x.shape)}: dim {i} ({x.shape[i]}) not split over {'x'.join(names)} ({size})"
+                    )
     return out
 
 

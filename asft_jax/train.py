@@ -59,7 +59,10 @@ from asft_jax.train_step import (
 )
 
 log = logging.getLogger(__name__)
-REFERENCE_FILES = {"train": "reference_logps.jsonl", "eval": "reference_logps_eval.jsonl"}  # DPO family, in the run directory
+REFERENCE_FILES = {
+    "train": "reference_logps.jsonl",
+    "eval": "reference_logps_eval.jsonl",
+}  # DPO family, in the run directory
 
 
 @dataclasses.dataclass
@@ -108,7 +111,9 @@ def _model(cfg: TrainConfig):
 def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
     if cfg.batch_size % split:
-        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
+        raise AsftError(
+            f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}"
+        )
 
 
 def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
@@ -118,7 +123,9 @@ def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
     param_shards = param_shardings(model, mesh)
     tx, schedule = make_optimizer(cfg.learning_rate, cfg.max_steps, **dataclasses.asdict(cfg.optimizer))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh))
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh)
+    )
     shardings = TrainState(replicated(mesh), param_shards, opt_shardings)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -148,7 +155,9 @@ def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainStat
     return train_step, eval_step
 
 
-def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, split: str = "train") -> str:
+def _reference_data(
+    cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, split: str = "train"
+) -> str:
     """For DPO-family objectives: the ``split`` (``train`` or ``eval``) pairs with the starting
     model's log-probs (``reference.attach_reference_logps``, in the run's compute dtype and layout),
     cached in the run directory; for ``eval``, only the pairs ``evaluate`` reads."""
@@ -166,7 +175,9 @@ def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any,
     pairs = list(pairs if split == "train" else itertools.islice(pairs, _eval_batches(cfg) * cfg.batch_size))
     log.info("computing reference log-probs for %d %s pairs once (cached in %s)", len(pairs), split, path)
     per_forward = cfg.batch_size // cfg.micro_batches  # what one forward of the train step holds
-    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=per_forward, max_length=d.max_length, layout=d.layout)
+    scored = attach_reference_logps(
+        model, params, pairs, mesh=mesh, batch_size=per_forward, max_length=d.max_length, layout=d.layout
+    )
     if jax.process_index() == 0:
         write_pairs(path + ".partial", scored)
         os.replace(path + ".partial", path)
@@ -187,9 +198,14 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     sharding = micro_batch_sharding(mesh)
     micro, local_pairs = batch["counts"].shape[:2]
     global_pairs = local_pairs * jax.process_count()
-    offset = min(idx[1].start or 0 for idx in sharding.addressable_devices_indices_map((micro, global_pairs, 2)).values())
+    offset = min(
+        idx[1].start or 0 for idx in sharding.addressable_devices_indices_map((micro, global_pairs, 2)).values()
+    )
     slots = batch["target_slots"]
-    batch = {**batch, "target_slots": np.where(slots < 2 * local_pairs, slots + 2 * offset, 2 * global_pairs).astype(np.int32)}
+    batch = {
+        **batch,
+        "target_slots": np.where(slots < 2 * local_pairs, slots + 2 * offset, 2 * global_pairs).astype(np.int32),
+    }
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
@@ -203,14 +219,20 @@ def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
     ``data.path_optional`` is set, in which case ``data.fallback`` (e.g. the Hub id of the same data)
     replaces it, and the eval path with the eval split, and the switch is announced on its own line."""
     d = cfg.data
-    missing = {key: path for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)) if path and not is_readable_spec(path)}
+    missing = {
+        key: path
+        for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path))
+        if path and not is_readable_spec(path)
+    }
     if not missing:
         return cfg
     if not (d.path_optional and d.fallback):
         key, path = next(iter(missing.items()))
         hint = "; set data.path_optional: true to read data.fallback instead" if d.fallback else ""
         raise AsftError(f"config: {key} {path!r}: no such data file{hint}")
-    log.warning("%s not found; data.path_optional is set, so reading %s instead", " and ".join(missing.values()), d.fallback)
+    log.warning(
+        "%s not found; data.path_optional is set, so reading %s instead", " and ".join(missing.values()), d.fallback
+    )
     path = d.fallback if "data.path" in missing else d.path
     eval_path = d.fallback if "data.eval_path" in missing else d.eval_path
     return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, eval_path=eval_path))
@@ -221,12 +243,22 @@ def _data_config(cfg: TrainConfig, mesh: jax.sharding.Mesh, split: str) -> DataC
     (file order, one pass)."""
     d = cfg.data
     make = functools.partial(
-        DataConfig, format=d.format, max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-        batch_size=cfg.batch_size, strict=d.strict, num_threads=d.num_threads, layout=d.layout, row_multiple=_row_multiple(mesh),
+        DataConfig,
+        format=d.format,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation=d.truncation,
+        batch_size=cfg.batch_size,
+        strict=d.strict,
+        num_threads=d.num_threads,
+        layout=d.layout,
+        row_multiple=_row_multiple(mesh),
     )
     if split == "eval":
         return make(d.eval_path, d.eval_split, shuffle=False, num_epochs=1)
-    return make(d.path, d.split, seed=cfg.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, micro_batches=cfg.micro_batches)
+    return make(
+        d.path, d.split, seed=cfg.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, micro_batches=cfg.micro_batches
+    )
 
 
 def _eval_batches(cfg: TrainConfig) -> int:
@@ -292,7 +324,9 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
         if src is not None:
             params = src.load_params(jnp.dtype(cfg.model.param_dtype), shardings=state_shardings.params)
         else:
-            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params)()
+            params = jax.jit(
+                lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params
+            )()
         state = new_state(params)
 
     train_data = _data_config(cfg, mesh, "train")
@@ -301,18 +335,33 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
         log.warning("data.eval_path is set but eval_steps is 0: the run will not be evaluated")
     if cfg.objective.name in NEEDS_REFERENCE:
         splits = ["train"] + (["eval"] if eval_data else [])
-        missing = [REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))]
+        missing = [
+            REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))
+        ]
         if restored is not None and missing:
-            raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its {' and '.join(missing)} (computed from the starting weights)")
-        train_data = dataclasses.replace(train_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh), format="pretokenized")
+            raise AsftError(
+                f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its {' and '.join(missing)} (computed "
+                "from the starting weights)"
+            )
+        train_data = dataclasses.replace(
+            train_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh), format="pretokenized"
+        )
         if eval_data:
-            eval_data = dataclasses.replace(eval_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh, "eval"), format="pretokenized")
+            eval_data = dataclasses.replace(
+                eval_data,
+                path=_reference_data(cfg, model, state.params, tokenizer, mesh, "eval"),
+                format="pretokenized",
+            )
     data = PairBatches(train_data, tokenizer, vocab_size=model.config.vocab_size)
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
     step_fn, eval_fn = jit_steps(cfg, model, tx, schedule, state_shardings, mesh)
-    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data), checkpointer, data
+    return (
+        Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data),
+        checkpointer,
+        data,
+    )
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -347,9 +396,16 @@ def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, skipped_before:
     weights unchanged); stops the run after ``max_consecutive_skips`` in a row."""
     new = int(row["skipped_steps"]) - skipped_before
     if new > 0:
-        log.warning("step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)", step, new)
+        log.warning(
+            "step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)",
+            step,
+            new,
+        )
     if row["consecutive_skips"] >= cfg.max_consecutive_skips:
-        raise AsftError(f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient (skipped); last good checkpoint: {last_good}")
+        raise AsftError(
+            f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient "
+            f"(skipped); last good checkpoint: {last_good}"
+        )
 
 
 class _Preemption:
@@ -394,7 +450,9 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
         metrics_log.write(last := {"step": 0, **evaluate(run)})
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer)
+    bar = tqdm(
+        total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer
+    )
     try:
         for step in range(start_step, cfg.max_steps):
             try:
@@ -410,7 +468,13 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
                 row.update(_skip_metrics(skipped_records(data)))
-                _check_skipped_steps(cfg, done, row, skipped_steps, f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet")
+                _check_skipped_steps(
+                    cfg,
+                    done,
+                    row,
+                    skipped_steps,
+                    f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet",
+                )
                 skipped_steps = int(row["skipped_steps"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
@@ -420,9 +484,16 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
             bar.update(1)
             if on_step is not None:
                 on_step(done)
-            stop = any(all_hosts(preemption.requested))  # every host stops at the same step (a SIGTERM reaches them at different times)
+            stop = any(
+                all_hosts(preemption.requested)
+            )  # every host stops at the same step (a SIGTERM reaches them at different times)
             if done % cfg.save_steps == 0 or done == cfg.max_steps or stop:
-                checkpointer.save(done, run.state, {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())}, to_dict(cfg))
+                checkpointer.save(
+                    done,
+                    run.state,
+                    {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())},
+                    to_dict(cfg),
+                )
                 last_saved = done
             if stop:
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
@@ -453,13 +524,21 @@ def host_data_state(saved: dict, process_index: int, process_count: int) -> dict
     try:
         consumed = sum(int(h["items"]["next_index"]) for h in hosts)
     except (KeyError, TypeError):
-        raise AsftError(f"checkpoint: cannot map the data position of {saved_count} processes onto {process_count}") from None
-    log.warning("resuming a %d-process run on %d processes: %d records consumed in all", saved_count, process_count, consumed)
+        raise AsftError(
+            f"checkpoint: cannot map the data position of {saved_count} processes onto {process_count}"
+        ) from None
+    log.warning(
+        "resuming a %d-process run on %d processes: %d records consumed in all", saved_count, process_count, consumed
+    )
     first = process_index == 0
     skipped = collections.Counter()
     for h in hosts:
         skipped.update(h["skipped"])
-    return {"items": {"next_index": consumed // process_count}, "skipped": dict(skipped) if first else {}, "first": hosts[0]["first"] if first else {}}
+    return {
+        "items": {"next_index": consumed // process_count},
+        "skipped": dict(skipped) if first else {},
+        "first": hosts[0]["first"] if first else {},
+    }
 
 
 def _export(cfg: TrainConfig, run: Run) -> None:

@@ -19,7 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = os.path.join(os.environ.get("ASFT_DATA") or os.path.join(REPO, "..", "shared", "data"), "ultrafeedback", "train.jsonl")
+    data = os.path.join(
+        os.environ.get("ASFT_DATA") or os.path.join(REPO, "..", "shared", "data"), "ultrafeedback", "train.jsonl"
+    )
     parser.add_argument("--data", default=data)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--max-length", type=int, default=1024)
@@ -33,7 +35,10 @@ def main() -> None:
         n = sum(1 for _ in batches)
         seconds = time.perf_counter() - start
         records = n * args.batch_size + sum(batches.skipped.values())
-        print(f"threads={threads}: {records / seconds:.0f} records/s ({n} batches of {args.batch_size} pairs in {seconds:.2f} s)")
+        print(
+            f"threads={threads}: {records / seconds:.0f} records/s ({n} batches of {args.batch_size} pairs in "
+            f"{seconds:.2f} s)"
+        )
 
 
 if __name__ == "__main__":

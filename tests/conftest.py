@@ -91,7 +91,9 @@ def tiny_chat_model(tmp_path_factory, smollm2_gguf) -> str:
     from asft_jax.io import resolve
 
     folder = str(tmp_path_factory.mktemp("tiny_chat"))
-    make_hf_llama(folder, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    make_hf_llama(
+        folder, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, max_position_embeddings=512
+    )
     resolve(smollm2_gguf).tokenizer().save_pretrained(folder)
     return folder
 
@@ -103,7 +105,14 @@ def pairs(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     with open(path, "w") as f:
         for _ in range(256):
-            rec = {k: rng.integers(1, 128, int(rng.integers(lo, hi))).tolist() for k, lo, hi in (("prompt_input_ids", 3, 20), ("chosen_input_ids", 2, 24), ("rejected_input_ids", 2, 24))}
+            rec = {
+                k: rng.integers(1, 128, int(rng.integers(lo, hi))).tolist()
+                for k, lo, hi in (
+                    ("prompt_input_ids", 3, 20),
+                    ("chosen_input_ids", 2, 24),
+                    ("rejected_input_ids", 2, 24),
+                )
+            }
             f.write(json.dumps(rec) + "\n")
     return str(path)
 
@@ -134,5 +143,8 @@ def direct_pair_logps(model, params, pairs) -> np.ndarray:
     logits = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens), np.float64)
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    sums = [sum(logp[row, len(prompt) + j - 1, t] for j, t in enumerate(response)) for row, (prompt, response) in enumerate(seqs)]
+    sums = [
+        sum(logp[row, len(prompt) + j - 1, t] for j, t in enumerate(response))
+        for row, (prompt, response) in enumerate(seqs)
+    ]
     return np.asarray(sums).reshape(-1, 2)

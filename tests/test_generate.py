@@ -45,8 +45,12 @@ def test_greedy_matches_transformers_generate_on_a_sharded_mesh(tiny):
     for ids, mine in zip(prompts(), got):
         with torch.no_grad():
             out = torch_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
-                do_sample=False, eos_token_id=5, pad_token_id=0,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=5,
+                pad_token_id=0,
             )
         assert mine == out[0, len(ids) :].tolist()
 
@@ -63,7 +67,9 @@ def test_rows_stop_at_their_first_stop_token(tiny):
 
 def test_sampling_is_reproducible_and_depends_on_the_seed(tiny):
     src, _ = tiny
-    sample = lambda seed: list(generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts()))
+    sample = lambda seed: list(
+        generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts())
+    )
     first = sample(1)
     assert sample(1) == first
     assert sample(2) != first

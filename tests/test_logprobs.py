@@ -61,7 +61,9 @@ def test_pair_logps_sum_response_tokens_only(tied):
     params = init_params(model, jax.random.key(1))
     rng = np.random.default_rng(2)
     lengths = ((8, 12, 5), (5, 9, 14), (1, 3, 2))
-    pairs = [TokenizedPair(i, *(rng.integers(0, TINY["vocab_size"], n).tolist() for n in ns)) for i, ns in enumerate(lengths)]
+    pairs = [
+        TokenizedPair(i, *(rng.integers(0, TINY["vocab_size"], n).tolist() for n in ns)) for i, ns in enumerate(lengths)
+    ]
     rows = jax.tree.map(lambda x: jnp.asarray(x[0]), layout_batch(pairs, "padded", 64))
 
     def chunked(p):

@@ -24,11 +24,24 @@ def runs(tmp_path_factory) -> list[str]:
     rng = np.random.default_rng(0)
     data = root / "pairs.jsonl"
     with open(data, "w") as f:
-        f.writelines(json.dumps({k: rng.integers(1, 128, int(rng.integers(3, 12))).tolist() for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}) + "\n" for _ in range(64))
+        f.writelines(
+            json.dumps(
+                {
+                    k: rng.integers(1, 128, int(rng.integers(3, 12))).tolist()
+                    for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+                }
+            )
+            + "\n"
+            for _ in range(64)
+        )
     dirs = []
     for name in [*RUN_COLORS, "dpo"]:
         out = str(root / name)
-        train(config(out, str(data), f"objective.name={name}", "eval_steps=3", f"data.eval_path={data}", "data.eval_pairs=8"))
+        train(
+            config(
+                out, str(data), f"objective.name={name}", "eval_steps=3", f"data.eval_path={data}", "data.eval_pairs=8"
+            )
+        )
         dirs.append(out)
     return dirs
 
@@ -63,13 +76,22 @@ def test_summed_logps_get_their_own_panel(runs, tmp_path):
 
 def test_report_table_holds_each_runs_final_eval(runs, tmp_path):
     write_report(runs[:2], str(tmp_path))
-    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    table = [
+        line
+        for line in (tmp_path / "report.md").read_text().splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == ["run", "objective", "step", "source", *METRICS]
     for run, line in zip(runs[:2], table[1:]):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
         last_eval = [r for r in curve(run) if "eval/loss" in r][-1]
-        assert (cells["run"], cells["objective"], cells["step"], cells["source"]) == (os.path.basename(run), os.path.basename(run), "6", "eval")
+        assert (cells["run"], cells["objective"], cells["step"], cells["source"]) == (
+            os.path.basename(run),
+            os.path.basename(run),
+            "6",
+            "eval",
+        )
         for m in METRICS:
             assert float(cells[m]) == pytest.approx(last_eval[f"eval/{m}"], abs=5e-5)
 
@@ -84,5 +106,7 @@ def test_smoothing_is_a_debiased_moving_average():
 
     values = [4.0, 0.0, 2.0]
     # by hand: (1 - w) * sum(w^(i-j) x_j) / (1 - w^i) with w = 0.5
-    assert ema(values, 0.5) == pytest.approx([4.0, (0.25 * 4 + 0.5 * 0) / 0.75, (0.125 * 4 + 0.25 * 0 + 0.5 * 2) / 0.875])
+    assert ema(values, 0.5) == pytest.approx(
+        [4.0, (0.25 * 4 + 0.5 * 0) / 0.75, (0.125 * 4 + 0.25 * 0 + 0.5 * 2) / 0.875]
+    )
     assert ema(values, 0.0) == values

@@ -83,12 +83,24 @@ def test_micro_batches_give_the_full_batch_step(layout):
     assert_grads_close(two.params, one.params, RTOL)
 
 
-@pytest.mark.parametrize(("attention", "layout"), [("dot_product", "packed_shared_prefix"), ("dot_product", "packed"), ("splash", "packed_shared_prefix"), ("splash", "packed"), ("splash", "padded")])
+@pytest.mark.parametrize(
+    ("attention", "layout"),
+    [
+        ("dot_product", "packed_shared_prefix"),
+        ("dot_product", "packed"),
+        ("splash", "packed_shared_prefix"),
+        ("splash", "packed"),
+        ("splash", "padded"),
+    ],
+)
 def test_fused_attention_paths_match_xla(attention, layout):
     config = LlamaConfig(**TINY)
     reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
     params = init_params(reference, jax.random.key(1))
-    pairs = [*random_pairs(6, seed=6), TokenizedPair(6, list(range(1, 41)), list(range(2, 32)), list(range(3, 63)))]  # rows of 128
+    pairs = [
+        *random_pairs(6, seed=6),
+        TokenizedPair(6, list(range(1, 41)), list(range(2, 32)), list(range(3, 63))),
+    ]  # rows of 128
     loss, sums, grads = loss_sums_grads(reference, params, pairs, layout, "asft")
     got_loss, got_sums, got_grads = loss_sums_grads(fused, params, pairs, layout, "asft")
     np.testing.assert_allclose(got_sums, sums, rtol=RTOL)

@@ -124,7 +124,10 @@ class PairBatches:
         if cfg.layout not in LAYOUTS:
             raise AsftError(f"data.layout {cfg.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if (cfg.batch_size // process_count) % cfg.micro_batches:
-            raise AsftError(f"batch_size {cfg.batch_size} does not split into {cfg.micro_batches} micro-batches on each of the {process_count} hosts")
+            raise AsftError(
+                f"batch_size {cfg.batch_size} does not split into {cfg.micro_batches} micro-batches on each of the "
+                f"{process_count} hosts"
+            )
         self.cfg = cfg
         self.source = RecordSource(cfg.path, cfg.split)
         self.format = cfg.format or detect_source_format(self.source)

@@ -168,9 +168,17 @@ class GGUFTensors:
         """Llama 3.1 GGUFs store llama3 rope scaling as per-frequency factors: accept them when
         Llama 3.1's published parameters reproduce them, since the file does not carry those."""
         factors = dequantize(t.data, t.tensor_type.name, (int(t.n_elements),))
-        llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        llama31 = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         candidate = LlamaConfig(**{**self.config.__dict__, "rope_scaling": llama31})
-        if factors.shape == (self.config.head_dim // 2,) and np.allclose(factors, _llama3_factors(candidate), rtol=1e-4):
+        if factors.shape == (self.config.head_dim // 2,) and np.allclose(
+            factors, _llama3_factors(candidate), rtol=1e-4
+        ):
             self.config = candidate
         else:
             raise AsftError(f"{self.path}: rope_freqs.weight does not match Llama 3.1 rope scaling; cannot recover it")

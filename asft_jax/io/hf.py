@@ -32,12 +32,24 @@ HF_NAMES: dict[str, str] = {
     "lm_head/kernel": "lm_head.weight",
     "layers/attn_norm/scale": _LAYER + "input_layernorm.weight",
     "layers/mlp_norm/scale": _LAYER + "post_attention_layernorm.weight",
-    **{f"layers/attn/{p}/{kind}": f"{_LAYER}self_attn.{p}_proj.{hf}" for p in "qkvo" for kind, hf in (("kernel", "weight"), ("bias", "bias"))},
-    **{f"layers/mlp/{p}/{kind}": f"{_LAYER}mlp.{p}_proj.{hf}" for p in ("gate", "up", "down") for kind, hf in (("kernel", "weight"), ("bias", "bias"))},
+    **{
+        f"layers/attn/{p}/{kind}": f"{_LAYER}self_attn.{p}_proj.{hf}"
+        for p in "qkvo"
+        for kind, hf in (("kernel", "weight"), ("bias", "bias"))
+    },
+    **{
+        f"layers/mlp/{p}/{kind}": f"{_LAYER}mlp.{p}_proj.{hf}"
+        for p in ("gate", "up", "down")
+        for kind, hf in (("kernel", "weight"), ("bias", "bias"))
+    },
 }
 # HF names that may sit in a checkpoint without being parameters of the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+EXPORT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 class TensorSource(Protocol):
@@ -123,7 +135,10 @@ def params_from_tensors(
                 raise AsftError(f"{source.where}: tensor {name!r} is missing")
             hf = source.get(name)
             if hf.shape != hf_shape(path, inner):
-                raise AsftError(f"{source.where}: tensor {name!r} has shape {list(hf.shape)}, the config implies {list(hf_shape(path, inner))}")
+                raise AsftError(
+                    f"{source.where}: tensor {name!r} has shape {list(hf.shape)}, the config implies "
+                    f"{list(hf_shape(path, inner))}"
+                )
             value = to_ours(path, hf, inner)
             if stacked:
                 out[i] = value
@@ -158,7 +173,12 @@ def hf_tensor_specs(params: dict, config: LlamaConfig, dtype: np.dtype) -> Itera
                     lambda v=value, i=i, p=path: to_hf(p, np.asarray(jax.device_get(v[i]))),
                 )
         else:
-            yield TensorSpec(HF_NAMES[path], hf_shape(path, leaf.shape), dtype, lambda v=value, p=path: to_hf(p, np.asarray(jax.device_get(v))))
+            yield TensorSpec(
+                HF_NAMES[path],
+                hf_shape(path, leaf.shape),
+                dtype,
+                lambda v=value, p=path: to_hf(p, np.asarray(jax.device_get(v))),
+            )
 
 
 class SafetensorsFolder:
@@ -264,7 +284,10 @@ class HFFolder(TensorModel):
         return next((name for name, dt in EXPORT_DTYPES.items() if dt == stored), "float32")
 
     def has_tokenizer(self) -> bool:
-        return any(os.path.isfile(os.path.join(self.path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        return any(
+            os.path.isfile(os.path.join(self.path, f))
+            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        )
 
     def _tokenizer(self):
         from transformers import AutoTokenizer

@@ -54,7 +54,9 @@ class RunSource:
         if shardings is None and not host:
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
         if shardings is not None:
-            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+            )
         return read_params(self.path, self.step, abstract, host=host)[1]
 
     def has_tokenizer(self) -> bool:

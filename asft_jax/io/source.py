@@ -52,5 +52,9 @@ def placer(shardings: Any = None, host: bool = False) -> Callable[[str, np.ndarr
 
 def token_ids(config: LlamaConfig) -> dict:
     """The special token ids a config knows, as generation-config entries."""
-    ids = (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id), ("pad_token_id", config.pad_token_id))
+    ids = (
+        ("bos_token_id", config.bos_token_id),
+        ("eos_token_id", config.eos_token_id),
+        ("pad_token_id", config.pad_token_id),
+    )
     return {k: v for k, v in ids if v is not None}

@@ -87,7 +87,9 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype: DType = jnp.float32) -> KVCache:
         shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
+        )
 
     def extend(self, segment_ids: Array) -> tuple[KVCache, Array, Array]:
         """Marks the slots of ``segment_ids`` ``[batch, t]`` (non-zero: real token) as written.
@@ -231,7 +233,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(normed, positions, mask, segment_ids, kv, index, branch_ids)
+        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(
+            normed, positions, mask, segment_ids, kv, index, branch_ids
+        )
         h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
@@ -275,7 +279,14 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),  # x carried, kv scanned per layer
+            in_axes=(
+                nn.broadcast,
+                nn.broadcast,
+                nn.broadcast,
+                0,
+                nn.broadcast,
+                nn.broadcast,
+            ),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype, self.attention)
@@ -312,7 +323,9 @@ class Llama(nn.Module):
     def head(self, hidden: Array) -> Array:
         """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""
         logits = self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return nn.with_logical_constraint(logits, ("batch", *("length",) * (logits.ndim - 2), "vocab"))  # [b, v] when decoding
+        return nn.with_logical_constraint(
+            logits, ("batch", *("length",) * (logits.ndim - 2), "vocab")
+        )  # [b, v] when decoding
 
 
 def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:

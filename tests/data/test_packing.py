@@ -31,7 +31,9 @@ def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
             for k in range(2):
                 slot = int(batch["target_slots"][micro, row, i, k])
                 if slot < 2 * batch["counts"].shape[1]:
-                    out.setdefault(slot, []).append((int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k])))
+                    out.setdefault(slot, []).append(
+                        (int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k]))
+                    )
     return out
 
 

@@ -51,7 +51,9 @@ def test_same_seed_same_batches_and_fixed_shapes(tokenizer, uf_train):
     assert same(first, second)
     assert not same(first, take(PairBatches(DataConfig(uf_train, max_length=256, batch_size=4, seed=4), tokenizer), 5))
     for b in first:  # the default layout: a shared prompt, several pairs per row
-        assert b["tokens"].shape[0] == 1 and b["tokens"].shape[2] in (64, 128, 256, 512) and b["counts"].shape == (1, 4, 2)
+        assert (
+            b["tokens"].shape[0] == 1 and b["tokens"].shape[2] in (64, 128, 256, 512) and b["counts"].shape == (1, 4, 2)
+        )
         assert (b["counts"] > 0).all()
     for b in take(PairBatches(dataclasses.replace(cfg, layout="padded"), tokenizer), 5):
         assert b["tokens"].shape[:2] == (1, 8) and b["tokens"].shape[2] in (64, 128, 256)
@@ -76,7 +78,12 @@ with open(out + ".state.json", "w") as f:
 
 def test_restored_state_in_a_fresh_process_continues_exactly(smollm2_gguf, uf_train, tmp_path, tokenizer):
     def run(state, out):
-        done = subprocess.run([sys.executable, "-c", RESUME, smollm2_gguf, uf_train, state, str(out)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", RESUME, smollm2_gguf, uf_train, state, str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         with np.load(str(out) + ".npz") as z:
             return [z[f"arr_{i}"] for i in range(3)]
@@ -110,7 +117,9 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(12)]
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batches = take_pairs(PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1), 9)
+    batches = take_pairs(
+        PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1), 9
+    )
     assert len(batches) == 8
     prompts = [tokenizer.decode(p.prompt) for b in batches for p in b]
     first, second = prompts[:12], prompts[12:]
@@ -119,12 +128,28 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
 
 def test_bad_lines_are_counted_or_stop_strict_mode(tokenizer, tmp_path):
     good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
-    lines = [good, "{broken", {"prompt": "x", "chosen": "a"}, {**good, "chosen": ""}, {**good, "rejected": 3}, {**good, "chosen": "5"}, good, good, good]
+    lines = [
+        good,
+        "{broken",
+        {"prompt": "x", "chosen": "a"},
+        {**good, "chosen": ""},
+        {**good, "rejected": 3},
+        {**good, "chosen": "5"},
+        good,
+        good,
+        good,
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in lines))
     p = PairBatches(DataConfig(str(path), max_length=64, batch_size=2, shuffle=False), tokenizer)
     assert len(list(p)) == 2
-    assert dict(p.skipped) == {"unparsable_json": 1, "missing_rejected": 1, "empty_response": 1, "non_string_rejected": 1, "identical_responses": 1}
+    assert dict(p.skipped) == {
+        "unparsable_json": 1,
+        "missing_rejected": 1,
+        "empty_response": 1,
+        "non_string_rejected": 1,
+        "identical_responses": 1,
+    }
     strict = PairBatches(DataConfig(str(path), max_length=64, batch_size=2, shuffle=False, strict=True), tokenizer)
     with pytest.raises(AsftError, match=rf"^{path}:2: unparsable json$"):
         list(strict)

@@ -62,9 +62,13 @@ def test_tiny_gguf_matches_transformers_gguf_loader(hf_llama, tmp_path, qtype):
 
 def test_unsupported_quantisation_is_reported(tmp_path):
     w = GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_shape=(4, 144), raw_dtype=GGMLQuantizationType.Q4_K)
+    w.add_tensor(
+        "blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_shape=(4, 144), raw_dtype=GGMLQuantizationType.Q4_K
+    )
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(AsftError, match=r"k\.gguf: tensor 'blk\.0\.attn_q\.weight' is quantised as Q4_K, .*supported: F32"):
+    with pytest.raises(
+        AsftError, match=r"k\.gguf: tensor 'blk\.0\.attn_q\.weight' is quantised as Q4_K, .*supported: F32"
+    ):
         resolve(str(tmp_path / "k.gguf"))
 
 
@@ -81,7 +85,13 @@ def test_damaged_gguf_is_reported(tmp_path):
         resolve(str(tmp_path / "bad.gguf"))
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def llama31_rope_freqs(hf_config) -> np.ndarray:

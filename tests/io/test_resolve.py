@@ -32,7 +32,9 @@ def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
         raise ConnectionError("no network\nlong details")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(AsftError, match=r"^some-org/model: not a local path, and downloading it from the Hub failed \(no network\)$"):
+    with pytest.raises(
+        AsftError, match=r"^some-org/model: not a local path, and downloading it from the Hub failed \(no network\)$"
+    ):
         resolve("some-org/model")
 
 

@@ -39,9 +39,15 @@ def make_run(out: str, init: dict, steps=(1, 2), legacy: bool = False) -> dict[i
         states[step] = TrainState(jnp.int32(step), params, tx.init(params))
     data = {"process_count": 1, "hosts": [{}]}
     if legacy:  # the layout before parameters were their own item: one "state" item
-        manager = ocp.CheckpointManager(os.path.join(out, "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
+        manager = ocp.CheckpointManager(
+            os.path.join(out, "checkpoints"), options=ocp.CheckpointManagerOptions(create=True)
+        )
         for step, state in states.items():
-            items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data), "config": ocp.args.JsonSave(to_dict(cfg))}
+            items = {
+                "state": ocp.args.StandardSave(state),
+                "data": ocp.args.JsonSave(data),
+                "config": ocp.args.JsonSave(to_dict(cfg)),
+            }
             manager.save(step, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
         manager.close()
@@ -73,7 +79,10 @@ def test_run_source_reads_each_steps_parameters(tmp_path, legacy):
 def test_legacy_checkpoint_still_resumes_training(tmp_path):
     out = str(tmp_path / "run")
     states = make_run(out, TINY, legacy=True)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), states[2])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        states[2],
+    )
     checkpointer = Checkpointer(out)
     step, state, data = checkpointer.restore_latest(abstract)
     checkpointer.close()
@@ -111,7 +120,8 @@ def _export_peak_rss(model: str, output: str) -> int:
     """Peak resident bytes of ``asft export --model MODEL`` in a fresh process."""
     script = (
         "import resource, subprocess, sys; "
-        f"subprocess.run([sys.executable, '-m', 'asft_jax', 'export', '--model', {model!r}, '--output', {output!r}], check=True); "
+        f"subprocess.run([sys.executable, '-m', 'asft_jax', 'export', '--model', {model!r}, '--output', {output!r}], "
+        "check=True); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -121,7 +131,15 @@ def _export_peak_rss(model: str, output: str) -> int:
 
 @pytest.mark.slow
 def test_exporting_a_run_holds_about_one_copy_of_the_parameters(tmp_path):
-    big = {**TINY, "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8}
+    big = {
+        **TINY,
+        "vocab_size": 8192,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    }
     states = make_run(str(tmp_path / "big"), big, steps=(1,))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(states[1].params))  # float32; AdamW adds twice this
     del states
