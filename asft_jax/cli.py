@@ -1,5 +1,5 @@
-"""The ``asft`` command line: ``train | compile | export | eval | generate | report | data "
-"{tokenize,inspect,reference} | fetch-demo``."""
+"""The ``asft`` command line: ``train | compile | export | eval | generate | report``,
+``data {tokenize,inspect,reference}`` and ``fetch-demo``."""
 
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ def timed(log: str, cmd: list[str]) -> int:
 
 
 def read_metrics(path: str) -> dict[int, dict]:
-    """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated step: the later "
-    "row wins)."""
+    """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated
+    step: the later row wins)."""
     from asft_jax.report import read_run
 
     return read_run(os.path.dirname(path) or ".")[2]

@@ -53,8 +53,8 @@ def common_prefix(a: list[int], b: list[int]) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """Normalised pairs -> ``TokenizedPair`` within ``max_length`` / ``max_prompt_length``, cut the ``truncation`` "
-    "way."""
+    """Normalised pairs -> ``TokenizedPair`` within ``max_length`` / ``max_prompt_length``, cut the
+    ``truncation`` way."""
 
     tokenizer: Any
     max_length: int

@@ -28,8 +28,8 @@ IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash")
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q ``[b, kv, group, t, d]`` (pre-scaled), k/v ``[b, kv, s, d]``, mask ``[b, 1, 1, t, s]`` -> ``[b, t, kv, "
-    "group, d]``."""
+    """q ``[b, kv, group, t, d]`` (pre-scaled), k/v ``[b, kv, s, d]``, mask ``[b, 1, 1, t, s]``
+    -> ``[b, t, kv, group, d]``."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
