@@ -123,7 +123,7 @@ def test_resume_onto_another_mesh(pairs, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(pairs, tmp_path, caplog):
     out = tmp_path / "run"
     train(config(out, pairs, "save_steps=2", "max_steps=4"))
-    latest = out / "checkpoints" / "4" / "state"
+    latest = out / "checkpoints" / "4" / "params"
     for root, _, files in os.walk(latest):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
@@ -156,7 +156,9 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
     with pytest.raises(AsftError, match=r"data.truncation 'left' is not one of head_and_tail, keep_end, drop"):
         config(tmp_path / "g", pairs, "data.truncation=left")
     with pytest.raises(
-        AsftError, match=r"^config: objective.gamma does not apply to asft \(its hyperparameters: lam, beta\)$"
+        AsftError,
+        match=r"^override 'objective.gamma=0.5': objective.gamma does not apply to asft "
+        r"\(its hyperparameters: lam, beta\)$",
     ):
         config(tmp_path / "h", pairs, "objective.gamma=0.5")
     with pytest.raises(AsftError, match=r"objective.normalize does not apply to dpo \(its hyperparameters: beta\)"):
@@ -230,7 +232,9 @@ def saved_state(out, step) -> dict:
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(os.path.join(out, "checkpoints")) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        items = ("params", "optimizer")
+        restored = manager.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in items}))
+        state = {k: restored[k] for k in items}
     return {
         jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
     }
