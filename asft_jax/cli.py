@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from asft_jax.errors import AsftError
 
 
@@ -19,15 +21,7 @@ def _train(args: argparse.Namespace) -> None:
     from asft_jax.train import train
 
     cfg = load_config(args.config, args.overrides)
-    last = train(cfg)
-    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/loss" in r]
-    for r in evals:
-        print(
-            f"step {r['step']:>5}  eval: loss {r['eval/loss']:.4f}  logps/chosen {r['eval/logps/chosen']:+.4f}  "
-            f"logps/rejected {r['eval/logps/rejected']:+.4f}  rewards/accuracies {r['eval/rewards/accuracies']:.3f}",
-            file=sys.stderr,
-        )
+    last = train(cfg)  # logs each evaluation as it is computed
     print(f"run directory: {cfg.output_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)", file=sys.stderr)
     if cfg.export_dir:
         print(f"exported model (transformers.from_pretrained): {cfg.export_dir}", file=sys.stderr)
@@ -484,10 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers' "PyTorch was not found" advisory: asft never needs torch (only tokenizers)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("asft_jax").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # library warnings too go through logging, hence above the progress bars
     try:
-        args.run(args)
+        with logging_redirect_tqdm():
+            args.run(args)
     except AsftError as e:
         print(f"asft: error: {e}", file=sys.stderr)
         return 1

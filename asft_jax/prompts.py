@@ -99,14 +99,16 @@ def render(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> list[i
 def answer(
     conversations: Sequence[Conversation],
     tokenizer: Any,
-    generate: Callable[[list[list[int]]], Iterator[list[int]]],
+    generate: Callable[[list[list[int]], str], Iterator[list[int]]],
     chat: bool,
 ) -> list[list[str]]:
     """The answers to every turn of every conversation (turn k of all conversations in one batch
-    stream, each with its own earlier answers in context). Decoded with special tokens stripped."""
+    stream, each with its own earlier answers in context). Decoded with special tokens stripped.
+    ``generate(prompts, label)`` decodes a batch stream; the label names the turn for its progress bar."""
     answers: list[list[str]] = [[] for _ in conversations]
     contexts = [list(c.history) for c in conversations]
-    for k in range(max(len(c.turns) for c in conversations)):
+    turns = max(len(c.turns) for c in conversations)
+    for k in range(turns):
         active = [i for i, c in enumerate(conversations) if len(c.turns) > k]
         prompts = []
         for i in active:
@@ -120,7 +122,7 @@ def answer(
                 )
             except BadRecord as bad:
                 raise AsftError(f"prompt {i + 1}, turn {k + 1}: {bad.reason.replace('_', ' ')}") from None
-        for i, ids in zip(active, generate(prompts)):
+        for i, ids in zip(active, generate(prompts, f"turn {k + 1} of {turns}" if turns > 1 else "generating")):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             answers[i].append(text)
             contexts[i].append({"role": "assistant", "content": text})

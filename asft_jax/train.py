@@ -378,6 +378,14 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
 
 
+def eval_line(step: int, row: dict[str, float]) -> str:
+    """One evaluation's headline numbers, for the log."""
+    return (
+        f"step {step}: eval loss {row['eval/loss']:.4f}, logps/chosen {row['eval/logps/chosen']:+.4f}, "
+        f"logps/rejected {row['eval/logps/rejected']:+.4f}, rewards/accuracies {row['eval/rewards/accuracies']:.3f}"
+    )
+
+
 def skipped_records(data: PairBatches) -> dict[str, int]:
     """Records skipped so far by every host's pipeline, by reason (a collective)."""
     total: collections.Counter = collections.Counter()
@@ -450,6 +458,7 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
         metrics_log.write(last := {"step": 0, **evaluate(run)})
+        log.info(eval_line(0, last))
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer
     )
@@ -479,6 +488,7 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
                 row.update(evaluate(run))
+                log.info(eval_line(done, row))
             if row:
                 metrics_log.write(last := {"step": done, **row})
             bar.update(1)

@@ -70,10 +70,12 @@ def test_bad_record_in_a_file_names_its_line(tmp_path):
 
 def test_second_turn_sees_the_first_answer(tokenizer):
     seen: list[list[int]] = []
+    labels: list[str] = []
     replies = iter(["Paris it is.", "Berlin.", "And then Rome."])
 
-    def fake_generate(batch):
+    def fake_generate(batch, label):
         seen.extend(batch)
+        labels.append(label)
         for _ in batch:
             yield tokenizer.encode(next(replies), add_special_tokens=False) + [
                 tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -87,6 +89,7 @@ def test_second_turn_sees_the_first_answer(tokenizer):
     ]
     answers = answer(convs, tokenizer, fake_generate, chat=True)
     assert answers == [["Paris it is.", "And then Rome."], ["Berlin."]]  # special tokens stripped
+    assert labels == ["turn 1 of 2", "turn 2 of 2"]  # each turn's progress bar says which it is
     second = [
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris it is."},

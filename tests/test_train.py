@@ -318,10 +318,14 @@ def test_bf16_dpo_rewards_start_at_zero_and_dpo_runs_are_evaluated(pairs, tmp_pa
         assert len(f.readlines()) == 16
 
 
-def test_evaluation_during_training(pairs, tmp_path):
+def test_evaluation_during_training(pairs, tmp_path, caplog):
     out = tmp_path / "eval"
-    train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
+    with caplog.at_level("INFO", logger="asft_jax"):
+        train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
     rows = curve(out)
+    logged = [r.getMessage() for r in caplog.records if ": eval loss " in r.getMessage()]
+    assert [m.split(":")[0] for m in logged] == ["step 0", "step 3", "step 6"]  # each as it was computed
+    assert f"eval loss {rows[0]['eval/loss']:.4f}," in logged[0]
     assert rows[0]["step"] == 0 and "eval/loss" in rows[0] and "loss" not in rows[0]
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
