@@ -286,6 +286,7 @@ def _fetch_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from asft_jax.data.config import DataConfig
     from asft_jax.data.formats import FORMATS
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.tokenize import TRUNCATIONS
@@ -425,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_report)
 
-    def fit_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens at most")
+    def fit_args(p: argparse.ArgumentParser) -> None:  # defaults: a training run's (the config's data section)
+        p.add_argument("--max-length", type=int, default=DataConfig.max_length, help="prompt + response tokens at most")
         p.add_argument(
             "--max-prompt-length",
             type=int,
@@ -436,10 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--truncation",
             choices=TRUNCATIONS,
-            default="head_and_tail",
+            default=DataConfig.truncation,
             help="a longer prompt keeps its head (BOS, system prompt, role header) and its end (head_and_tail, "
-            "default), "
-            "only its end (keep_end), or the pair is skipped (drop); responses keep their start",
+            "default), only its end (keep_end), or the pair is skipped (drop); responses keep their start",
         )
 
     p = sub.add_parser("data", help="data tools")

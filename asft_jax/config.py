@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from asft_jax.data.config import DataConfig
 from asft_jax.errors import AsftError
 
 
@@ -36,26 +37,6 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "auto"  # auto | xla | dot_product | splash (asft_jax.model.attention)
-
-
-@dataclasses.dataclass
-class DataConfigSection:
-    path: str = ""  # file or Hub dataset id
-    fallback: str | None = None  # read instead of a missing `path` / `eval_path`, only with path_optional
-    path_optional: bool = False  # true: a missing local `path` switches to `fallback` (announced); false: an error
-    split: str = "train"
-    format: str | None = None
-    eval_path: str | None = None
-    eval_split: str = "test"
-    eval_pairs: int = 64  # pairs of the eval split scored at each evaluation
-    max_length: int = 512
-    max_prompt_length: int | None = None  # None: max_length // 2
-    truncation: str = "head_and_tail"  # head_and_tail | keep_end | drop (asft_jax.data.tokenize)
-    strict: bool = False  # stop at the first bad record (file:line: reason) instead of skipping and counting
-    num_epochs: int | None = None  # None: repeat until max_steps
-    shuffle: bool = True
-    num_threads: int = 2
-    layout: str = "packed_shared_prefix"  # padded | packed | packed_shared_prefix (asft_jax.data.packing)
 
 
 @dataclasses.dataclass
@@ -120,10 +101,16 @@ class TrainConfig:
     export_dir: str | None = None  # write an HF folder at the end
     wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb` installed and logged in)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfigSection = dataclasses.field(default_factory=DataConfigSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    @property
+    def eval_batches(self) -> int:
+        """Batches of ``batch_size`` pairs one evaluation scores: ``data.eval_pairs``, rounded up."""
+        return -(-self.data.eval_pairs // self.batch_size)
+
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 

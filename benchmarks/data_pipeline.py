@@ -10,7 +10,8 @@ import argparse
 import os
 import time
 
-from asft_jax.data.pipeline import DataConfig, PairBatches
+from asft_jax.data.config import DataConfig
+from asft_jax.data.pipeline import PairBatches
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
 
@@ -29,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = resolve(demo_gguf()).tokenizer()
     for threads in args.threads:
-        cfg = DataConfig(args.data, max_length=args.max_length, batch_size=args.batch_size, num_threads=threads)
+        cfg = DataConfig(args.data, max_length=args.max_length, num_threads=threads, num_epochs=1)
         start = time.perf_counter()
-        batches = PairBatches(cfg, tokenizer)
+        batches = PairBatches(cfg, tokenizer, args.batch_size)
         n = sum(1 for _ in batches)
         seconds = time.perf_counter() - start
         records = n * args.batch_size + sum(batches.skipped.values())

@@ -14,9 +14,10 @@ import types
 import pytest
 from test_train import TINY_INIT, assert_curves_close, config, curve
 
+from asft_jax.data.pipeline import host_data_state
 from asft_jax.distributed import coordinates
 from asft_jax.errors import AsftError
-from asft_jax.train import host_data_state, train
+from asft_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "multiprocess_local.sh")

@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and those below; the README's Layout
 section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
-sharding) <- config <- io (checkpoints, model sources, export) <- inference (scoring, decoding,
+sharding) <- config <- io (checkpoints, model sources, export, metrics log) <- inference (scoring, decoding,
 prompts, metrics, reports) <- train (the loop, AOT compile) <- cli.
 Imports inside functions count too: a lazy import is still a dependency.
 """
@@ -20,7 +20,7 @@ LAYERS = [
     ("data", ["data"]),
     ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed"]),
     ("config", ["config"]),
-    ("io", ["checkpoint", "io"]),
+    ("io", ["checkpoint", "io", "metrics_log"]),
     ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
     ("train", ["train", "aot"]),
     ("cli", ["cli", "__main__"]),
