@@ -61,20 +61,6 @@ def _mesh(args: argparse.Namespace):
     return make_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor)
 
 
-def _load_model(src, dtype: str, mesh):
-    """The model in compute ``dtype`` and its parameters (float32), sharded over ``mesh`` as they load."""
-    import jax.numpy as jnp
-
-    from asft_jax.model import Llama
-    from asft_jax.sharding import param_shardings
-
-    model = Llama(src.config, dtype=jnp.dtype(dtype))
-    start = time.perf_counter()
-    params = src.load_params(shardings=param_shardings(model, mesh))
-    print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return model, params
-
-
 def _read_pairs(args: argparse.Namespace, src):
     """The valid pairs of ``args.data`` (untruncated), the skipped-record counts, and ``max_length``."""
     from asft_jax.data.pipeline import detect_source_format
@@ -97,59 +83,38 @@ def _sampling(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from asft_jax.evaluate import (
-        objective_summary,
-        require_reference,
-        score_pairs,
-        summarize,
-    )
-    from asft_jax.io import resolve
+    from asft_jax.evaluate import add_generations, evaluate_model, require_reference
+    from asft_jax.io import load_model, resolve
+    from asft_jax.losses import check_hparams
 
     src = resolve(args.model)
     hparams = {k: getattr(args, k) for k in ("beta", "lam", "gamma", "normalize") if getattr(args, k) is not None}
-    if args.objective:
-        from asft_jax.losses import HPARAMS
-
-        foreign = sorted(set(hparams) - set(HPARAMS[args.objective]))
-        if foreign:
-            raise AsftError(
-                f"--{foreign[0]} does not apply to --objective {args.objective} (its hyperparameters: "
-                f"{', '.join(HPARAMS[args.objective]) or 'none'})"
-            )
+    if args.objective and (problem := check_hparams(args.objective, hparams)):
+        raise AsftError(f"--{problem.replace(' to ', ' to --objective ', 1)}")
     pairs, skipped, max_length = _read_pairs(args, src)
     if args.objective:
         require_reference(args.objective, pairs)  # before any weights load
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
-    results = list(
-        score_pairs(
-            model,
-            params,
-            pairs,
-            mesh=mesh,
-            batch_size=args.batch_size,
-            max_length=max_length,
-            layout=args.layout,
-            total=len(pairs),
-        )
+    model, params = load_model(src, args.dtype, mesh)
+    results, summary = evaluate_model(
+        model,
+        params,
+        pairs,
+        skipped,
+        mesh=mesh,
+        batch_size=args.batch_size,
+        max_length=max_length,
+        layout=args.layout,
+        objective=args.objective,
+        hparams=hparams,
     )
-    summary = summarize(results, skipped)
-    if args.objective:
-        summary.update(objective_summary(args.objective, pairs, results, **hparams))
     if args.generate:
-        from asft_jax.evaluate import generation_summary
         from asft_jax.generate import Generator, stop_token_ids
 
-        tokenizer, sampling = src.tokenizer(), _sampling(args)
-        prompted = pairs[: args.generate_pairs or len(pairs)]
-        generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), sampling, args.batch_size)
-        texts = [
-            tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in prompted])
-        ]
-        refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in prompted]
-        for r, generated, reference in zip(results, texts, refs):
-            r.update(generated=generated, reference=reference)
-        summary.update(generation_summary(texts, refs, sampling))
+        tokenizer = src.tokenizer()
+        stops = stop_token_ids(src.config, tokenizer)
+        generator = Generator(model, params, mesh, stops, _sampling(args), args.batch_size)
+        add_generations(results, summary, pairs[: args.generate_pairs or len(pairs)], tokenizer, generator)
     with open(args.output or os.devnull, "w") as out:
         out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     print(json.dumps(summary))
@@ -157,26 +122,18 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from asft_jax.generate import Generator, stop_token_ids
-    from asft_jax.io import resolve
-    from asft_jax.prompts import answer, output_record, read_conversations
+    from asft_jax.io import load_model, resolve
+    from asft_jax.prompts import read_conversations, write_answers
 
     src = resolve(args.model)
     tokenizer = src.tokenizer()
     chat = bool(tokenizer.chat_template) and not args.no_chat_template
     conversations = read_conversations(args.prompts, chat)
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
+    model, params = load_model(src, args.dtype, mesh)
     generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), _sampling(args), args.batch_size)
     model_id = args.model_id or os.path.basename(os.path.normpath(src.path)).removesuffix(".gguf")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as out:  # chunk by chunk, so a crash keeps what was answered
-        for first in range(0, len(conversations), args.chunk):
-            chunk = conversations[first : first + args.chunk]
-            answers = answer(chunk, tokenizer, generator, chat)
-            out.writelines(
-                json.dumps(output_record(c, a, model_id), ensure_ascii=False) + "\n" for c, a in zip(chunk, answers)
-            )
-            out.flush()
+    write_answers(args.output, conversations, tokenizer, generator, chat, model_id, args.chunk)
     if generator.truncated:
         print(f"{generator.truncated} prompts were cut from the left to fit the context", file=sys.stderr)
     print(f"wrote {len(conversations)} answers ({model_id}) to {args.output}", file=sys.stderr)
@@ -210,67 +167,33 @@ def _data_tokenize(args: argparse.Namespace) -> None:
 
 
 def _data_inspect(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from asft_jax.data.pipeline import detect_source_format, encode_record
-    from asft_jax.data.records import BadRecord, RecordSource
-    from asft_jax.data.tokenize import Encoder
+    from asft_jax.data.inspect import inspect_records
+    from asft_jax.data.records import RecordSource
     from asft_jax.io import resolve
 
-    source = RecordSource(args.data)
-    fmt = args.format or detect_source_format(source)
     src = resolve(args.model)
-    tokenizer = src.tokenizer()
-    encoder = Encoder(
-        tokenizer, args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation
+    lines = inspect_records(
+        RecordSource(args.data),
+        args.format,
+        src.tokenizer(),
+        src.config.vocab_size,
+        args.max_length,
+        args.max_prompt_length,
+        args.truncation,
+        args.limit,
     )
-    untruncated = Encoder(tokenizer, 1 << 30, vocab_size=src.config.vocab_size)
-    skipped: collections.Counter = collections.Counter()
-    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "pair (prompt + longer response)": []}
-    truncated, example = 0, None
-    for i in range(min(len(source), args.limit or len(source))):
-        item = encode_record(source, fmt, untruncated, i)
-        if isinstance(item, BadRecord):
-            skipped[item.reason] += 1
-            continue
-        fitted = encode_record(source, fmt, encoder, i)
-        if isinstance(fitted, BadRecord):  # over the limits (drop), or responses identical once truncated
-            skipped[f"{args.truncation}: {fitted.reason}"] += 1
-            continue
-        for key, n in zip(lengths, (len(item.prompt), len(item.chosen), len(item.rejected), len(item))):
-            lengths[key].append(n)
-        truncated += fitted != item
-        example = example or fitted
-    print(
-        f"{source.name}: format {fmt}, {len(source)} records, {len(lengths['prompt'])} usable, skipped {dict(skipped)}"
-    )
-    print(
-        f"truncated ({args.truncation}) to max_length {args.max_length} / max_prompt_length {encoder.prompt_limit}: "
-        f"{truncated} pairs"
-    )
-    for key, values in lengths.items():
-        if values:
-            p = np.percentile(values, [50, 90, 99, 100]).astype(int)
-            print(f"  {key:32s} tokens: p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
-    if example is not None:
-        print(
-            f"example (record {source.location(example.index)}): [PROMPT]...[/PROMPT] is masked, [CHOSEN] and "
-            "[REJECTED] are trained"
-        )
-        print(f"[PROMPT]{tokenizer.decode(example.prompt)}[/PROMPT]")
-        print(f"[CHOSEN]{tokenizer.decode(example.chosen)}[/CHOSEN]")
-        print(f"[REJECTED]{tokenizer.decode(example.rejected)}[/REJECTED]")
+    print("\n".join(lines))
 
 
 def _data_reference(args: argparse.Namespace) -> None:
     from asft_jax.data.pretokenized import write_pairs
-    from asft_jax.io import resolve
+    from asft_jax.io import load_model, resolve
     from asft_jax.reference import attach_reference_logps
 
     src = resolve(args.model)
     pairs, skipped, max_length = _read_pairs(args, src)
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
+    model, params = load_model(src, args.dtype, mesh)
     scored = attach_reference_logps(
         model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout
     )

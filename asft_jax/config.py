@@ -246,7 +246,7 @@ def validate(cfg: TrainConfig) -> None:
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.records import parse_selection
     from asft_jax.data.tokenize import TRUNCATIONS
-    from asft_jax.losses import HPARAMS, LOSSES
+    from asft_jax.losses import LOSSES, check_hparams
     from asft_jax.model import LlamaConfig
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
@@ -266,13 +266,10 @@ def validate(cfg: TrainConfig) -> None:
         unknown = sorted(set(m.init) - set(fields))
         if unknown:
             raise ConfigError("model.init", f"model.init: unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
-    foreign = sorted(set(cfg.objective.hparams()) - set(HPARAMS[cfg.objective.name]))
-    if foreign:
-        accepted = ", ".join(HPARAMS[cfg.objective.name]) or "none"
-        raise ConfigError(
-            f"objective.{foreign[0]}",
-            f"objective.{foreign[0]} does not apply to {cfg.objective.name} (its hyperparameters: {accepted})",
-        )
+    problem = check_hparams(cfg.objective.name, cfg.objective.hparams())
+    if problem:
+        key = f"objective.{problem.split()[0]}"
+        raise ConfigError(key, f"objective.{problem}")
     one_of("model.remat_policy", m.remat_policy, REMAT_POLICIES)
     one_of("model.attention", m.attention, IMPLEMENTATIONS)
     one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -182,3 +182,46 @@ def generation_summary(generated: list[str], references: list[str], sampling) ->
         "rougeL": rouge_l(generated, references) if generated else None,
         "generation": dataclasses.asdict(sampling),
     }
+
+
+def evaluate_model(
+    model: Llama,
+    params: dict,
+    pairs: list[TokenizedPair],
+    skipped: collections.Counter,
+    *,
+    mesh: Mesh,
+    batch_size: int,
+    max_length: int,
+    layout: str,
+    objective: str | None = None,
+    hparams: dict | None = None,
+) -> tuple[list[dict], dict]:
+    """``asft eval``'s scoring: (one result per pair, the summary), with ``objective``'s loss and
+    metrics when given."""
+    results = list(
+        score_pairs(
+            model,
+            params,
+            pairs,
+            mesh=mesh,
+            batch_size=batch_size,
+            max_length=max_length,
+            layout=layout,
+            total=len(pairs),
+        )
+    )
+    summary = summarize(results, skipped)
+    if objective:
+        summary.update(objective_summary(objective, pairs, results, **(hparams or {})))
+    return results, summary
+
+
+def add_generations(results: list[dict], summary: dict, pairs: list[TokenizedPair], tokenizer, generator) -> None:
+    """Greedy (or sampled) answers to the pairs' prompts beside each result, and BLEU-4 / ROUGE-L
+    against the chosen responses in the summary. ``generator``: an ``asft_jax.generate.Generator``."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in pairs])]
+    refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in pairs]
+    for r, generated, reference in zip(results, texts, refs):
+        r.update(generated=generated, reference=reference)
+    summary.update(generation_summary(texts, refs, generator.sampling))

@@ -231,3 +231,11 @@ def preference_loss(
     else:
         loss, metrics = fn(chosen, rejected, **hparams)
     return loss, {"loss": loss.mean(), **metrics}
+
+
+def check_hparams(name: str, hparams: dict) -> str | None:
+    """Why ``hparams`` do not fit objective ``name`` (the first foreign one), or None if they do."""
+    foreign = sorted(set(hparams) - set(HPARAMS[name]))
+    if not foreign:
+        return None
+    return f"{foreign[0]} does not apply to {name} (its hyperparameters: {', '.join(HPARAMS[name]) or 'none'})"

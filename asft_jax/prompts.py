@@ -15,6 +15,8 @@ Chat models see their chat template with the generation prompt; without one (or 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -141,3 +143,25 @@ def output_record(conversation: Conversation, answers: list[str], model_id: str)
             "tstamp": time.time(),
         }
     return {**rec, "response": answers[0]}
+
+
+def write_answers(
+    path: str,
+    conversations: Sequence[Conversation],
+    tokenizer: Any,
+    generate: Callable[[list[list[int]], str], Iterator[list[int]]],
+    chat: bool,
+    model_id: str,
+    chunk: int,
+) -> None:
+    """Answers every conversation and writes one ``output_record`` per line to ``path``, ``chunk``
+    conversations at a time, so that a crash keeps what was answered."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as out:
+        for first in range(0, len(conversations), chunk):
+            part = conversations[first : first + chunk]
+            answers = answer(part, tokenizer, generate, chat)
+            out.writelines(
+                json.dumps(output_record(c, a, model_id), ensure_ascii=False) + "\n" for c, a in zip(part, answers)
+            )
+            out.flush()

@@ -7,7 +7,7 @@ the HF tensor naming) -> ``gguf`` (+ ``gguf_tokenizer``) -> ``run`` (training ru
 """
 
 from asft_jax.io.demo import DEMO
-from asft_jax.io.resolve import resolve
+from asft_jax.io.resolve import load_model, resolve
 from asft_jax.io.source import ModelSource
 
-__all__ = ["DEMO", "ModelSource", "resolve"]
+__all__ = ["DEMO", "ModelSource", "load_model", "resolve"]

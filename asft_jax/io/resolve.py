@@ -6,8 +6,13 @@ run directory or one of its checkpoints. Nothing here reads weights.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
+
+import jax
+import jax.numpy as jnp
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
@@ -16,7 +21,10 @@ from asft_jax.io.gguf import GGUFFile
 from asft_jax.io.hf import HFFolder
 from asft_jax.io.run import RunSource, find_run
 from asft_jax.io.source import ModelSource
-from asft_jax.model import LlamaConfig
+from asft_jax.model import Llama, LlamaConfig
+from asft_jax.sharding import param_shardings
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -55,3 +63,12 @@ def open_run(run_dir: str, step: int | None = None) -> RunSource:
     config = base.config if base is not None else LlamaConfig(**cfg.model.init)
     tokenizer = resolve(cfg.model.tokenizer) if cfg.model.tokenizer and base is None else None
     return RunSource(run_dir, step, cfg, config, base, tokenizer)
+
+
+def load_model(src: ModelSource, dtype: str, mesh: jax.sharding.Mesh) -> tuple[Llama, dict]:
+    """The model computing in ``dtype`` and its float32 parameters, sharded over ``mesh`` as they load."""
+    model = Llama(src.config, dtype=jnp.dtype(dtype))
+    start = time.perf_counter()
+    params = src.load_params(shardings=param_shardings(model, mesh))
+    log.info("loaded %s in %.1f s", src.path, time.perf_counter() - start)
+    return model, params
