@@ -163,7 +163,7 @@ def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     responses filling the rest, and a 1-token prompt with ``max_length - 1``-token responses (longer
     rows in the shared-prefix layout, more scored positions for the LM head), the larger."""
     from asft_jax.data.packing import layout_batch
-    from asft_jax.data.pretokenized import TokenizedPair
+    from asft_jax.data.pairs import TokenizedPair
     from asft_jax.losses import NEEDS_REFERENCE
 
     d = cfg.data
@@ -305,7 +305,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     }
     train_step, eval_step = jit_steps(cfg, model, tx, schedule, shardings, mesh)
     with activate(mesh):  # TPU devices in context: attention picks its TPU kernel (attention.target_platform)
-        resolved = attention.resolve(cfg.model.attention, length=batch["tokens"].shape[-1])
+        resolved = attention.choose(cfg.model.attention, length=batch["tokens"].shape[-1])
         start = time.perf_counter()
         lowered = train_step.lower(state, abstract_batch)
         lower_s = time.perf_counter() - start

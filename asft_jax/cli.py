@@ -147,8 +147,8 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
+    from asft_jax.data.pairs import write_pairs
     from asft_jax.data.pipeline import detect_source_format, encode_source
-    from asft_jax.data.pretokenized import write_pairs
     from asft_jax.data.records import RecordSource
     from asft_jax.data.tokenize import Encoder
     from asft_jax.io import resolve
@@ -186,7 +186,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
 
 
 def _data_reference(args: argparse.Namespace) -> None:
-    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.data.pairs import write_pairs
     from asft_jax.io import load_model, resolve
     from asft_jax.reference import attach_reference_logps
 

@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from asft_jax.data.packing import layout_batch
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import detect_source_format, encode_source
-from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 
 from asft_jax.config import TrainConfig
+from asft_jax.data.pairs import TokenizedPair, write_pairs
 from asft_jax.data.pipeline import detect_source_format, encode_source
-from asft_jax.data.pretokenized import TokenizedPair, write_pairs
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.distributed import barrier

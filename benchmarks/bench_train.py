@@ -58,7 +58,7 @@ COLUMNS = [
 
 
 def _write_pairs(args, path: str) -> None:
-    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.data.pairs import write_pairs
     from asft_jax.io import resolve
 
     count = args.pairs * (args.steps + 1)

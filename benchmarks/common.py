@@ -7,7 +7,7 @@ import resource
 
 import numpy as np
 
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY, direct_pair_logps, padded_batch
 
 from asft_jax.data.packing import layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.logprobs import pair_logps, token_logps
 from asft_jax.model import Llama, LlamaConfig, init_params
 

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import TINY
 
 from asft_jax.data.packing import layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
     activate,

@@ -12,7 +12,7 @@ from conftest import TINY, direct_pair_logps
 from data.test_packing import random_pairs
 
 from asft_jax.data.packing import LAYOUTS, layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.logprobs import pair_logps
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step, micro_loss
@@ -95,7 +95,7 @@ def test_micro_batches_give_the_full_batch_step(layout):
 )
 def test_fused_attention_paths_match_xla(attention, layout):
     config = LlamaConfig(**TINY)
-    reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
+    reference, fused = Llama(config, attention_impl="xla"), Llama(config, attention_impl=attention)
     params = init_params(reference, jax.random.key(1))
     pairs = [
         *random_pairs(6, seed=6),

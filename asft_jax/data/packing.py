@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from asft_jax.data.batching import bucket_for, bucket_lengths
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 
 LAYOUTS = ("padded", "packed", "packed_shared_prefix")
 ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "targets", "target_slots")  # built [rows, length(, 2)]

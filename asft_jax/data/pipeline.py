@@ -22,7 +22,7 @@ import numpy as np
 from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
 from asft_jax.data.packing import LAYOUTS, layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError

@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any
 
 from asft_jax.data.formats import ENCODED_AS, Pair
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord
 from asft_jax.errors import AsftError
 

@@ -259,7 +259,7 @@ def _shared_prefix_local(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def resolve(implementation: str, *, length: int) -> str:
+def choose(implementation: str, *, length: int) -> str:
     """The implementation used for one call: ``auto`` resolved, and ``splash`` replaced by ``xla``
     where the length is not a multiple of 128 (the kernel's blocks)."""
     if implementation not in IMPLEMENTATIONS:

@@ -186,7 +186,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (kk, v)
 
-        impl = attention.resolve(self.implementation, length=x.shape[1])
+        impl = attention.choose(self.implementation, length=x.shape[1])
         if kv is not None or segment_ids is None or impl == "xla":
             out = attention.xla_attention(q, kk, v, mask)
         elif impl == "dot_product":
@@ -218,7 +218,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
-    attention: str = "auto"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -233,7 +233,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(
+        attn, kv = Attention(c, dt, pdt, self.attention_impl, name="attn")(
             normed, positions, mask, segment_ids, kv, index, branch_ids
         )
         h = x + attn
@@ -257,7 +257,7 @@ class Llama(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
-    attention: str = "auto"  # see asft_jax.model.attention
+    attention_impl: str = "auto"  # auto | xla | dot_product | splash: see asft_jax.model.attention
 
     def setup(self) -> None:
         c = self.config
@@ -268,8 +268,10 @@ class Llama(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=_logical(nn.initializers.normal(0.02), "vocab", "embed"),
         )
-        if self.attention not in attention.IMPLEMENTATIONS:
-            raise ValueError(f"attention {self.attention!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}")
+        if self.attention_impl not in attention.IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_impl {self.attention_impl!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}"
+            )
         layer = DecoderLayer
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -289,7 +291,7 @@ class Llama(nn.Module):
             ),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype, self.attention)
+        )(c, self.dtype, self.param_dtype, self.attention_impl)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)
@@ -335,10 +337,9 @@ def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
     return params["lm_head"]["kernel"]
 
 
-def init_params(model: Llama, rng: Array, batch: int = 1, length: int = 8) -> dict:
+def init_params(model: Llama, rng: Array) -> dict:
     """Random parameters (HF's init: normal(0.02) weights, unit norms, zero biases), unboxed."""
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    return nn.unbox(model.init(rng, tokens))["params"]
+    return nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32)))["params"]
 
 
 def param_logical_axes(model: Llama) -> dict:

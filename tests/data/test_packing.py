@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asft_jax.data.packing import LAYOUTS, first_fit, layout_batch, pad_rows, round_rows
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.llama import attention_mask
 
 

@@ -71,10 +71,10 @@ def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
 
 
 def test_resolve_keeps_splash_for_every_mask_and_falls_back_off_block_lengths():
-    assert attention.resolve("splash", length=256) == "splash"
-    assert attention.resolve("splash", length=200) == "xla"
+    assert attention.choose("splash", length=256) == "splash"
+    assert attention.choose("splash", length=200) == "xla"
     with pytest.raises(ValueError, match="expected one of"):
-        attention.resolve("flash", length=256)
+        attention.choose("flash", length=256)
 
 
 def _tpu_topology():
@@ -95,7 +95,7 @@ def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
     config = LlamaConfig(**{**TINY, "num_hidden_layers": 1})
-    model = Llama(config, attention="splash")
+    model = Llama(config, attention_impl="splash")
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     seg, br = _ids(layout)
     rows = seg.shape[0]
@@ -130,11 +130,11 @@ def test_llama_with_splash_matches_xla_on_the_shared_prefix_layout():
     config = LlamaConfig(**TINY)
     seg, br = _ids("packed_shared_prefix")
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, TINY["vocab_size"], seg.shape), jnp.int32) * (seg > 0)
-    params = init_params(Llama(config, attention="xla"), jax.random.key(3))
+    params = init_params(Llama(config, attention_impl="xla"), jax.random.key(3))
     real = (seg > 0)[..., None]
 
     def loss(impl):
-        model = Llama(config, attention=impl)
+        model = Llama(config, attention_impl=impl)
         return jax.jit(
             jax.value_and_grad(
                 lambda p: jnp.sum(
