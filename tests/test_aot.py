@@ -8,20 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY, TINY_INIT
 
 from asft_jax.aot import parse_topology
 from asft_jax.errors import AsftError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
-TINY_INIT = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + ", max_position_embeddings: 128}"
 BASE = [
     f"model.init={TINY_INIT}",
     "data.path=unused.jsonl",

@@ -12,7 +12,7 @@ import time
 import types
 
 import pytest
-from test_train import TINY_INIT, assert_curves_close, config, curve
+from helpers import TINY_INIT, assert_curves_close, config, curve
 
 from asft_jax.data.pipeline import host_data_state
 from asft_jax.distributed import coordinates

@@ -6,30 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
-from asft_jax.cli import main
-
-
-def torch_response_logps(model, prompt: list[int], response: list[int]) -> float:
-    """Sum of log pi(response | prompt) computed with transformers (float32)."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.float()[0], dim=-1)
-    return float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(response)))
-
-
-def write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
-    return str(path)
-
-
-def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
-    code = main(["eval", *args])
-    captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if lines else None), captured.err
+from helpers import run_eval, torch_response_logps, write_jsonl
 
 
 def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, capsys):

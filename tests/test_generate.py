@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from asft_jax.errors import AsftError
 from asft_jax.generate import Generator, SamplingConfig, sample_next, stop_token_ids
@@ -18,7 +18,7 @@ from asft_jax.sharding import make_mesh, param_shardings
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import make_hf_llama
+    from helpers import make_hf_llama
 
     folder = str(tmp_path_factory.mktemp("tiny"))
     torch_model = make_hf_llama(folder, num_key_value_heads=2)

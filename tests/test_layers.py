@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import os
 
-from conftest import REPO
+from helpers import REPO
 
 LAYERS = [
     ("errors", ["errors"]),

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, direct_pair_logps, padded_batch
+from helpers import TINY, direct_pair_logps, padded_batch
 
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pairs import TokenizedPair

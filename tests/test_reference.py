@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_evaluate import torch_response_logps, write_jsonl
+from helpers import torch_response_logps, write_jsonl
 
 from asft_jax.cli import main
 from asft_jax.data.packing import layout_batch

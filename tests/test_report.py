@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
+from helpers import config, curve
 from matplotlib import image
-from test_train import config, curve
 
 from asft_jax.cli import main
 from asft_jax.errors import AsftError

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import TINY
+from helpers import TINY
 
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pairs import TokenizedPair

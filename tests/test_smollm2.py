@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import padded_batch
-from test_evaluate import run_eval, torch_response_logps
+from helpers import padded_batch, run_eval, torch_response_logps
 
 from asft_jax.io import resolve
 from asft_jax.io.export import export_model
@@ -329,7 +328,7 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
 def test_layouts_agree_on_real_pairs(ours, shared_data):
     """Real UltraFeedback pairs (chosen and rejected of very different lengths, several pairs per
     packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients."""
-    from test_train_step import assert_grads_close, loss_sums_grads
+    from helpers import assert_grads_close, loss_sums_grads
 
     from asft_jax.data.packing import layout_batch
     from asft_jax.data.pipeline import encode_source

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 PATHS = ["asft_jax", "tests", "benchmarks", "experiments"]
 

@@ -11,44 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_INIT, assert_curves_close, config, curve
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
 from asft_jax.train import resolve_data_paths, train
-
-TINY_INIT = (
-    "{vocab_size: 128, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, "
-    "num_key_value_heads: 2, max_position_embeddings: 128}"
-)
-
-
-def config(out, pairs, *extra):
-    base = [
-        f"output_dir={out}",
-        f"data.path={pairs}",
-        f"model.init={TINY_INIT}",
-        "max_steps=6",
-        "save_steps=100",
-        "batch_size=8",
-        "learning_rate=3e-3",
-        "data.max_length=64",
-        "optimizer.warmup_ratio=0.0",
-    ]
-    return load_config(None, [*base, *extra])
-
-
-def curve(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
-
-
-def assert_curves_close(a, b, rtol):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        for k in x:
-            assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-6), (x["step"], k)
-
 
 SINGLE_DEVICE = """
 import jax, sys

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_train import curve
+from helpers import curve
 
 from asft_jax.config import load_config
 from asft_jax.train import train

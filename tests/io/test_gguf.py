@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_json
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf_writer import llama_cpp_permute, write_gguf
+from helpers import TINY, read_json
 
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import read_json
+from helpers import read_json
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 

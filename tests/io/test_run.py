@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import load_config, to_dict

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 from jax.sharding import NamedSharding, PartitionSpec
 
 from asft_jax.model import Llama, LlamaConfig, attention, init_params

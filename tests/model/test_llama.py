@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, padded_batch
+from helpers import TINY, padded_batch
 
 from asft_jax.io import resolve
 from asft_jax.model import KVCache, Llama, LlamaConfig, init_params, param_logical_axes
