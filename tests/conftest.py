@@ -13,7 +13,7 @@ jax.config.update("jax_platforms", "cpu")
 
 import numpy as np
 import pytest
-from helpers import REPO, make_hf_llama
+from helpers import REPO, config, make_hf_llama
 
 
 @pytest.fixture
@@ -76,3 +76,21 @@ def pairs(tmp_path_factory) -> str:
             }
             f.write(json.dumps(rec) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained(pairs, tmp_path_factory):
+    """Factory: ``trained(*overrides) -> run directory`` of ``helpers.config`` on ``pairs``; each
+    distinct run is trained once per session and shared (read it, never write to it)."""
+    from asft_jax.train import train
+
+    runs: dict[tuple[str, ...], str] = {}
+
+    def get(*overrides: str) -> str:
+        if overrides not in runs:
+            out = tmp_path_factory.mktemp("trained") / "run"
+            train(config(out, pairs, *overrides))
+            runs[overrides] = str(out)
+        return runs[overrides]
+
+    return get

@@ -71,11 +71,9 @@ def logs(out) -> str:
 
 
 @pytest.fixture(scope="module")
-def single(pairs, tmp_path_factory):
+def single(trained):
     """The single-process reference: 6 steps, global batch 8, on this process's 8 devices."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    train(config(out, pairs, "save_steps=3"))
-    return curve(out)
+    return curve(trained())
 
 
 @pytest.mark.parametrize("n", [2, 4])
