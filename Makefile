@@ -10,8 +10,11 @@ export ASFT_CACHE
 install:
 	$(PYTHON) -m pip install --quiet -e ".[eval]"
 
+# torch is a test-only dependency (parity with transformers). Elsewhere than this project's machines,
+# take the CPU wheel: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 install-test:
-	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install --quiet -e ".[test,tpu]"
 
 DEMO_RUN ?= runs/smollm2_135m_hh_asft

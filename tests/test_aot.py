@@ -92,6 +92,7 @@ def test_unknown_topology_is_one_line(capsys):
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
     rc, four, err = compile_cli("v5p:2x2x1")
     assert rc == 0, err[-2000:]
@@ -116,6 +117,7 @@ def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_dpo_compiles_with_packed_layout():
     rc, report, err = compile_cli("v5e:2x2", "objective.name=dpo", "data.layout=packed")
     assert rc == 0, err[-2000:]
@@ -123,6 +125,7 @@ def test_dpo_compiles_with_packed_layout():
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_too_big_for_a_small_slice_is_one_line():
     # Llama-3.2-3B (built-in architecture, no download): 3.2 B float32 parameters + AdamW = 36 GiB
     # on one 16 GiB v5e chip
@@ -145,6 +148,7 @@ def test_too_big_for_a_small_slice_is_one_line():
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_the_70b_recipe_on_too_small_a_slice_is_one_line():
     rc, _, err = compile_cli(
         "v5p-16", base=[], config=os.path.join(REPO, "configs", "llama3_70b_instruct_ultrafeedback_asft.yaml")

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 
+@pytest.mark.spawn
 def test_bench_train_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = [

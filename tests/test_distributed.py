@@ -77,6 +77,7 @@ def single(trained):
 
 
 @pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.spawn
 def test_processes_reproduce_the_single_process_curve(n, pairs, single, tmp_path):
     out = tmp_path / "run"
     done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
@@ -94,6 +95,7 @@ def rewind(out, step: int) -> None:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.spawn
 def test_checkpoints_move_between_process_counts(pairs, single, tmp_path):
     """Step 3 of a 2-process run resumed by one process, and step 3 of a 1-process run resumed by
     two, both continue the single-process curve."""
@@ -140,6 +142,7 @@ def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.spawn
 def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp_path):
     out = tmp_path / "run"
     procs = start_training(out, pairs)
@@ -151,6 +154,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp
     assert steps == [curve(out)[-1]["step"]]
 
 
+@pytest.mark.spawn
 def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, tmp_path):
     out = tmp_path / "run"
     procs = start_training(out, pairs, "distributed.heartbeat_timeout=5")
@@ -162,6 +166,7 @@ def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, t
     assert "another task died" in err or "unhealthy" in err, err[-2000:]
 
 
+@pytest.mark.spawn
 def test_the_launcher_stops_everyone_when_one_process_fails(pairs, tmp_path):
     out = tmp_path / "run"
     done = launch(2, out, pairs, "max_steps=2", "objective.name=nonsense")
@@ -172,6 +177,7 @@ def test_the_launcher_stops_everyone_when_one_process_fails(pairs, tmp_path):
     )
 
 
+@pytest.mark.spawn
 def test_a_missing_process_fails_after_the_join_timeout(pairs, tmp_path):
     env = {
         **os.environ,
@@ -204,6 +210,7 @@ def test_a_missing_process_fails_after_the_join_timeout(pairs, tmp_path):
     )
 
 
+@pytest.mark.spawn
 def test_dry_run_prints_one_command_per_process():
     done = subprocess.run(
         ["bash", LAUNCH, "3", "c.yaml", "max_steps=2"],
@@ -253,6 +260,7 @@ SCRIPTS = ["multiprocess_local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.spawn
 def test_launch_scripts_parse_and_pass_shellcheck(script):
     path = os.path.join(REPO, "launch", script)
     assert subprocess.run(["bash", "-n", path], check=False).returncode == 0
@@ -272,6 +280,7 @@ def dry(script: str, *args, **env) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
+@pytest.mark.spawn
 def test_slurm_dry_run_gives_every_task_its_id_and_the_first_node_as_coordinator():
     lines = dry("gpu_slurm.sbatch", "c.yaml", "max_steps=5", NODES="4")
     assert lines[0].startswith("srun --nodes=4 --ntasks=4 --ntasks-per-node=1 ")
@@ -285,6 +294,7 @@ def test_slurm_dry_run_gives_every_task_its_id_and_the_first_node_as_coordinator
     assert len(per_gpu) == 1 + 16 and per_gpu[16].startswith("node002 task 15: CUDA_VISIBLE_DEVICES=7 ")
 
 
+@pytest.mark.spawn
 def test_tpu_dry_run_creates_copies_runs_on_all_workers_and_collects_logs():
     lines = dry(
         "tpu_pod.sh", "c.yaml", "max_steps=5", TPU_NAME="pod", ZONE="z", ACCELERATOR_TYPE="v4-32", NUM_WORKERS="8"

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from asft_jax.config import load_config, to_dict
 from asft_jax.data.records import RecordSource
 
@@ -47,6 +49,7 @@ def test_training_pairs_are_all_consumed_and_none_is_evaluated(shared_data):
     assert not train_text & {held[k]["chosen"] for k in range(cfg.data.eval_pairs)}
 
 
+@pytest.mark.spawn
 def test_driver_parses_and_passes_shellcheck():
     path = os.path.join(REPO, "experiments", "reproduce_hh.sh")
     assert subprocess.run(["bash", "-n", path], check=False).returncode == 0

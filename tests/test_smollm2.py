@@ -229,6 +229,7 @@ print(sum(x.nbytes for x in jax.tree.leaves(params)), peak[0] - base)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
+@pytest.mark.spawn
 def test_loading_never_holds_two_copies(exported, smollm2_gguf, kind):
     """Peak host memory while loading stays under two copies of the float32 model.
 

@@ -10,6 +10,7 @@ PATHS = ["asft_jax", "tests", "benchmarks", "experiments"]
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+@pytest.mark.spawn
 def test_ruff(command):
     done = subprocess.run(
         [sys.executable, "-m", "ruff", *command, *PATHS], cwd=REPO, capture_output=True, text=True, check=False

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_INIT, assert_curves_close, config, curve
+from helpers import assert_curves_close, config, curve, overrides
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
@@ -26,24 +26,13 @@ train(load_config(None, sys.argv[1:]))
 """
 
 
+@pytest.mark.spawn
 def test_every_mesh_gives_the_single_device_loss_curve(pairs, trained, tmp_path):
     single = tmp_path / "single"
     cfg = config(single, pairs, "mesh.data=1")
-    args = [
-        f"{f}"
-        for f in (
-            f"output_dir={single}",
-            f"data.path={pairs}",
-            f"model.init={TINY_INIT}",
-            "max_steps=6",
-            "save_steps=100",
-            "batch_size=8",
-            "learning_rate=3e-3",
-            "data.max_length=64",
-            "optimizer.warmup_ratio=0.0",
-        )
-    ]
-    done = subprocess.run([sys.executable, "-c", SINGLE_DEVICE, *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SINGLE_DEVICE, *overrides(single, pairs)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     reference = curve(single)
     assert cfg.max_steps == len(reference)

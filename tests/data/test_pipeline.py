@@ -78,6 +78,7 @@ with open(out + ".state.json", "w") as f:
 """
 
 
+@pytest.mark.spawn
 def test_restored_state_in_a_fresh_process_continues_exactly(smollm2_gguf, uf_train, tmp_path, tokenizer):
     def run(state, out):
         done = subprocess.run(

@@ -45,6 +45,7 @@ def test_non_model_file_is_rejected(tmp_path):
         resolve(str(tmp_path / "weights.bin"))
 
 
+@pytest.mark.spawn
 def test_gguf_load_and_export_run_without_torch(smollm2_gguf, tmp_path):
     """Runtime code never imports torch: block it and export the real GGUF with its tokenizer through
     the CLI, which says nothing about torch being absent."""
