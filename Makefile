@@ -5,7 +5,7 @@ ASFT_DATA ?= ../shared/data
 DEMO_DIR := $(ASFT_CACHE)/demo
 export ASFT_CACHE
 
-.PHONY: install install-test demo test lint
+.PHONY: install install-test demo test test-fast lint
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[eval]"
@@ -33,6 +33,10 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m pytest -q tests
+
+# the quick loop: no real SmolLM2 runs, no spawned processes
+test-fast:
+	$(PYTHON) -m pytest -q tests -m "not slow and not spawn"
 
 lint:
 	ruff check asft_jax tests benchmarks experiments

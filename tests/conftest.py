@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
+import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # with libtpu installed (the tpu extra), subprocesses too stay on the CPU
 import jax
@@ -14,6 +17,17 @@ jax.config.update("jax_platforms", "cpu")
 import numpy as np
 import pytest
 from helpers import REPO, config, make_hf_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+    """Hands each module's arrays, compiled programs and freed heap back to the system, so that the
+    suite's peak memory is its largest module's, not the sum of them (RSS otherwise only grows)."""
+    yield
+    gc.collect()
+    jax.clear_caches()
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_pat
             "data.max_length=128",
             "data.max_prompt_length=64",
             "optimizer.warmup_ratio=0.0",
-            "mesh.data=4",
+            "mesh.fsdp=4",  # parameters and AdamW state sharded 8 ways, not replicated 4 times
             "mesh.tensor=2",
             f"export_dir={tmp_path / 'hf'}",
         ],
