@@ -8,6 +8,7 @@ import resource
 import numpy as np
 
 from asft_jax.data.pairs import TokenizedPair
+from asft_jax.model.presets import PRESETS
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")
@@ -22,36 +23,8 @@ SHAPES = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     },
-    "smollm2-135m": {
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "rope_theta": 100000.0,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 8192,
-    },
-    "llama-3.2-1b": {
-        "vocab_size": 128256,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    },
+    "smollm2-135m": PRESETS["HuggingFaceTB/SmolLM2-135M-Instruct"],
+    "llama-3.2-1b": PRESETS["meta-llama/Llama-3.2-1B"],
 }
 
 # dense bf16 peak of one chip, FLOP/s, by a substring of jax's device_kind
