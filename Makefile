@@ -5,13 +5,16 @@ ASFT_DATA ?= ../shared/data
 DEMO_DIR := $(ASFT_CACHE)/demo
 export ASFT_CACHE
 
-.PHONY: install install-test demo test lint
+.PHONY: install install-test demo test test-fast lint
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[eval]"
 
+# torch is a test-only dependency (parity with transformers). Elsewhere than this project's machines,
+# take the CPU wheel: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 install-test:
-	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install --quiet -e ".[test,tpu]"
 
 DEMO_RUN ?= runs/smollm2_135m_hh_asft
@@ -31,5 +34,10 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest -q tests
 
+# the quick loop: no real SmolLM2 runs, no spawned processes
+test-fast:
+	$(PYTHON) -m pytest -q tests -m "not slow and not spawn"
+
 lint:
-	ruff check asft_jax tests benchmarks
+	ruff check asft_jax tests benchmarks experiments
+	ruff format --check asft_jax tests benchmarks experiments

@@ -25,7 +25,9 @@ from asft_jax.errors import AsftError
 
 GIB = 1024**3
 REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
-HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of HBM: room for the runtime, fragmentation, and XLA's estimate
+HEADROOM = (
+    0.10  # a step "fits" when its peak is at most 90% of HBM: room for the runtime, fragmentation, and XLA's estimate
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,19 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     if raw:
         gen, dims = _GENERATIONS[raw[1]], tuple(int(d) for d in raw[2].split("x"))
         if len(dims) != (3 if gen in ("v4", "v5p") else 2) or min(dims) < 1:
-            raise AsftError(f"topology {name!r}: {gen} topologies have {3 if gen in ('v4', 'v5p') else 2} axes; accepted: {ACCEPTED}")
+            raise AsftError(
+                f"topology {name!r}: {gen} topologies have {3 if gen in ('v4', 'v5p') else 2} axes; accepted: "
+                f"{ACCEPTED}"
+            )
         return gen, dims
     if typed:
         gen, n = _GENERATIONS[typed[1]], int(typed[2])
         if gen in ("v4", "v5p"):
             if n < 8 or n & (n - 1):
-                raise AsftError(f"topology {name!r}: {gen}-N counts TensorCores (2 per chip), N a power of two >= 8; accepted: {ACCEPTED}")
+                raise AsftError(
+                    f"topology {name!r}: {gen}-N counts TensorCores (2 per chip), N a power of two >= 8; accepted: "
+                    f"{ACCEPTED}"
+                )
             return gen, _shape_3d(n // 2)
         if n not in _SHAPES_2D:
             raise AsftError(f"topology {name!r}: no such {gen} slice; accepted: {ACCEPTED}")
@@ -114,15 +122,17 @@ def topology(name: str) -> Topology:
     except Exception as e:  # noqa: BLE001 (slices smaller than a 2x2x1 host need their own host bounds)
         if "not divisible" not in str(e):
             raise AsftError(f"topology {raw}: libtpu refused it ({str(e).splitlines()[0]})") from None
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims)))
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims))
+        )
     return Topology(raw, CHIPS[gen], math.prod(dims), list(desc.devices))
 
 
 def model_architecture(cfg):
     """The config's ``LlamaConfig`` without weights: ``model.init``; a local model (folder, file, run,
     or a Hub id already in the cache); else the built-in table of well-known Hub ids."""
+    from asft_jax.io import resolve
     from asft_jax.model.presets import preset
-    from asft_jax.sources import resolve
     from asft_jax.train import init_config
 
     if cfg.model.source is None:
@@ -140,7 +150,10 @@ def model_architecture(cfg):
         return resolve(os.path.dirname(cached)).config
     found = preset(src)
     if found is None:
-        raise AsftError(f"model.source {src!r}: not local and not a built-in architecture (asft_jax/model/presets.py); pass a local model folder with its config.json")
+        raise AsftError(
+            f"model.source {src!r}: not local and not a built-in architecture (asft_jax/model/presets.py); pass a "
+            "local model folder with its config.json"
+        )
     return found
 
 
@@ -150,7 +163,7 @@ def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     responses filling the rest, and a 1-token prompt with ``max_length - 1``-token responses (longer
     rows in the shared-prefix layout, more scored positions for the LM head), the larger."""
     from asft_jax.data.packing import layout_batch
-    from asft_jax.data.pretokenized import TokenizedPair
+    from asft_jax.data.pairs import TokenizedPair
     from asft_jax.losses import NEEDS_REFERENCE
 
     d = cfg.data
@@ -220,7 +233,12 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
         per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         if per_shard % (2 * cfg.micro_batches) == 0:
             return f"set micro_batches={2 * cfg.micro_batches} (smaller activations, same update)"
-        strength = ["none", "dots", "dots_no_batch", "full"]  # what is saved for the backward: all, all matmuls, matmuls without batch dims, nothing
+        strength = [
+            "none",
+            "dots",
+            "dots_no_batch",
+            "full",
+        ]  # what is saved for the backward: all, all matmuls, matmuls without batch dims, nothing
         assert set(strength) == set(REMAT_POLICIES)
         stronger = strength[strength.index(cfg.model.remat_policy) + 1 :]
         if stronger:
@@ -240,7 +258,8 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
             raise
         peak_gib = state_gib + float(need[1]) * topo.devices_per_chip
         raise AsftError(
-            f"does not fit {topo.name}: needs about {peak_gib:.2f} GiB per chip (train state {state_gib:.2f} + XLA's temporaries "
+            f"does not fit {topo.name}: needs about {peak_gib:.2f} GiB per chip (train state {state_gib:.2f} + XLA's "
+            "temporaries "
             f"{float(need[1]):.2f}), has {budget_gib:.1f} of {topo.chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); "
             f"first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
         ) from None
@@ -267,23 +286,34 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
     state_gib = _bytes_per_device(state) * dpc / GIB
     replicated = replicated_dims(model, mesh)
-    base = {"topology": topo.name, "chip": chip.kind, "chips": topo.chips, "devices": len(topo.devices), "mesh": dict(mesh.shape)}
+    base = {
+        "topology": topo.name,
+        "chip": chip.kind,
+        "chips": topo.chips,
+        "devices": len(topo.devices),
+        "mesh": dict(mesh.shape),
+    }
     if state_gib > budget_gib:  # no compile needed to know
         raise AsftError(
             f"does not fit {topo.name}: parameters and AdamW state alone need {state_gib:.2f} GiB per chip, "
-            f"has {budget_gib:.1f} of {chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); first: {advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
+            f"has {budget_gib:.1f} of {chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); first: "
+            f"{advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
         )
     batch = max_batch(cfg, mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh)) for k, v in batch.items()}
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh)) for k, v in batch.items()
+    }
     train_step, eval_step = jit_steps(cfg, model, tx, schedule, shardings, mesh)
     with activate(mesh):  # TPU devices in context: attention picks its TPU kernel (attention.target_platform)
-        resolved = attention.resolve(cfg.model.attention, length=batch["tokens"].shape[-1])
+        resolved = attention.choose(cfg.model.attention, length=batch["tokens"].shape[-1])
         start = time.perf_counter()
         lowered = train_step.lower(state, abstract_batch)
         lower_s = time.perf_counter() - start
         train = _compile_or_shortfall(lowered, cfg, topo, mesh, state_gib, budget_gib)
         compile_s = time.perf_counter() - start
-        evaluated = _compile_or_shortfall(eval_step.lower(state.params, abstract_batch), cfg, topo, mesh, state_gib, budget_gib)
+        evaluated = _compile_or_shortfall(
+            eval_step.lower(state.params, abstract_batch), cfg, topo, mesh, state_gib, budget_gib
+        )
         eval_compile_s = time.perf_counter() - start - compile_s
     cost = _cost(train)
     xla_flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -302,7 +332,11 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         **base,
         "attention": resolved,
         "layout": cfg.data.layout,
-        "batch_shape": {"micro_batches": int(batch["tokens"].shape[0]), "rows": int(batch["tokens"].shape[1]), "length": int(batch["tokens"].shape[2])},
+        "batch_shape": {
+            "micro_batches": int(batch["tokens"].shape[0]),
+            "rows": int(batch["tokens"].shape[1]),
+            "length": int(batch["tokens"].shape[2]),
+        },
         "hbm_per_chip_gib": chip.hbm_gib,
         "headroom": HEADROOM,
         "params": model.config.num_params,
@@ -333,14 +367,33 @@ def table(report: dict) -> str:
     rows = [
         ("topology", f"{report['topology']} ({report['chips']} x {report['chip']}, {report['devices']} devices)"),
         ("mesh", " x ".join(f"{k} {v}" for k, v in report["mesh"].items())),
-        ("batch (largest)", "{micro_batches} x {rows} rows x {length}".format(**report["batch_shape"]) + f" ({report['layout']}), attention {report['attention']}"),
+        (
+            "batch (largest)",
+            "{micro_batches} x {rows} rows x {length}".format(**report["batch_shape"])
+            + f" ({report['layout']}), attention {report['attention']}",
+        ),
         ("parameters", f"{report['params'] / 1e6:,.1f} M"),
         ("params + AdamW per chip", f"{report['params_and_optimizer_per_chip_gib']:.3f} GiB"),
-        ("train step peak per chip", f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']} (fits: {report['fits']}, {report['headroom']:.0%} headroom)"),
+        (
+            "train step peak per chip",
+            (
+                f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']} "
+                f"(fits: {report['fits']}, {report['headroom']:.0%} headroom)"
+            ),
+        ),
         ("eval step peak per chip", f"{report['eval_peak_per_chip_gib']:.3f} GiB"),
-        ("model FLOPs per step", f"{report['model_flops_per_step']:.3e} (XLA, loops once: {report['flops_per_step']:.3e})"),
+        (
+            "model FLOPs per step",
+            f"{report['model_flops_per_step']:.3e} (XLA, loops once: {report['flops_per_step']:.3e})",
+        ),
         ("estimated step (roofline)", f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%}"),
-        ("compile", f"train {report['compile_s']:.1f} s (lower {report['lower_s']:.1f} s), eval {report['eval_compile_s']:.1f} s"),
+        (
+            "compile",
+            (
+                f"train {report['compile_s']:.1f} s (lower {report['lower_s']:.1f} s), "
+                f"eval {report['eval_compile_s']:.1f} s"
+            ),
+        ),
     ]
     rows += [("replicated", r) for r in report["replicated_param_dims"]]
     width = max(len(k) for k, _ in rows)

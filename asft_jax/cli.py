@@ -1,4 +1,5 @@
-"""The ``asft`` command line: ``train | compile | export | eval | generate | report | data {tokenize,inspect,reference} | fetch-demo``."""
+"""The ``asft`` command line: ``train | compile | export | eval | generate | report``,
+``data {tokenize,inspect,reference}`` and ``fetch-demo``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import sys
 import time
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from asft_jax.errors import AsftError
 
 
@@ -18,15 +21,7 @@ def _train(args: argparse.Namespace) -> None:
     from asft_jax.train import train
 
     cfg = load_config(args.config, args.overrides)
-    last = train(cfg)
-    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/loss" in r]
-    for r in evals:
-        print(
-            f"step {r['step']:>5}  eval: loss {r['eval/loss']:.4f}  logps/chosen {r['eval/logps/chosen']:+.4f}  "
-            f"logps/rejected {r['eval/logps/rejected']:+.4f}  rewards/accuracies {r['eval/rewards/accuracies']:.3f}",
-            file=sys.stderr,
-        )
+    last = train(cfg)  # logs each evaluation as it is computed
     print(f"run directory: {cfg.output_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)", file=sys.stderr)
     if cfg.export_dir:
         print(f"exported model (transformers.from_pretrained): {cfg.export_dir}", file=sys.stderr)
@@ -53,7 +48,7 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from asft_jax.export import export_model
+    from asft_jax.io.export import export_model
 
     start = time.perf_counter()
     files = export_model(args.model, args.output, dtype=args.dtype)
@@ -64,20 +59,6 @@ def _mesh(args: argparse.Namespace):
     from asft_jax.sharding import make_mesh
 
     return make_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor)
-
-
-def _load_model(src, dtype: str, mesh):
-    """The model in compute ``dtype`` and its parameters (float32), sharded over ``mesh`` as they load."""
-    import jax.numpy as jnp
-
-    from asft_jax.model import Llama
-    from asft_jax.sharding import param_shardings, placer
-
-    model = Llama(src.config, dtype=jnp.dtype(dtype))
-    start = time.perf_counter()
-    params = src.load_params(place=placer(param_shardings(model, mesh)))
-    print(f"loaded {src.path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return model, params
 
 
 def _read_pairs(args: argparse.Namespace, src):
@@ -102,43 +83,38 @@ def _sampling(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from asft_jax.evaluate import (
-        objective_summary,
-        require_reference,
-        score_pairs,
-        summarize,
-    )
-    from asft_jax.sources import resolve
+    from asft_jax.evaluate import add_generations, evaluate_model, require_reference
+    from asft_jax.io import load_model, resolve
+    from asft_jax.losses import check_hparams
 
     src = resolve(args.model)
     hparams = {k: getattr(args, k) for k in ("beta", "lam", "gamma", "normalize") if getattr(args, k) is not None}
-    if args.objective:
-        from asft_jax.losses import HPARAMS
-
-        foreign = sorted(set(hparams) - set(HPARAMS[args.objective]))
-        if foreign:
-            raise AsftError(f"--{foreign[0]} does not apply to --objective {args.objective} (its hyperparameters: {', '.join(HPARAMS[args.objective]) or 'none'})")
+    if args.objective and (problem := check_hparams(args.objective, hparams)):
+        raise AsftError(f"--{problem.replace(' to ', ' to --objective ', 1)}")
     pairs, skipped, max_length = _read_pairs(args, src)
     if args.objective:
         require_reference(args.objective, pairs)  # before any weights load
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
-    results = list(score_pairs(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout, total=len(pairs)))
-    summary = summarize(results, skipped)
-    if args.objective:
-        summary.update(objective_summary(args.objective, pairs, results, **hparams))
+    model, params = load_model(src, args.dtype, mesh)
+    results, summary = evaluate_model(
+        model,
+        params,
+        pairs,
+        skipped,
+        mesh=mesh,
+        batch_size=args.batch_size,
+        max_length=max_length,
+        layout=args.layout,
+        objective=args.objective,
+        hparams=hparams,
+    )
     if args.generate:
-        from asft_jax.evaluate import generation_summary
         from asft_jax.generate import Generator, stop_token_ids
 
-        tokenizer, sampling = src.tokenizer(), _sampling(args)
-        prompted = pairs[: args.generate_pairs or len(pairs)]
-        generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), sampling, args.batch_size)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in prompted])]
-        refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in prompted]
-        for r, generated, reference in zip(results, texts, refs):
-            r.update(generated=generated, reference=reference)
-        summary.update(generation_summary(texts, refs, sampling))
+        tokenizer = src.tokenizer()
+        stops = stop_token_ids(src.config, tokenizer)
+        generator = Generator(model, params, mesh, stops, _sampling(args), args.batch_size)
+        add_generations(results, summary, pairs[: args.generate_pairs or len(pairs)], tokenizer, generator)
     with open(args.output or os.devnull, "w") as out:
         out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     print(json.dumps(summary))
@@ -146,24 +122,18 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from asft_jax.generate import Generator, stop_token_ids
-    from asft_jax.prompts import answer, output_record, read_conversations
-    from asft_jax.sources import resolve
+    from asft_jax.io import load_model, resolve
+    from asft_jax.prompts import read_conversations, write_answers
 
     src = resolve(args.model)
     tokenizer = src.tokenizer()
     chat = bool(tokenizer.chat_template) and not args.no_chat_template
     conversations = read_conversations(args.prompts, chat)
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
+    model, params = load_model(src, args.dtype, mesh)
     generator = Generator(model, params, mesh, stop_token_ids(src.config, tokenizer), _sampling(args), args.batch_size)
     model_id = args.model_id or os.path.basename(os.path.normpath(src.path)).removesuffix(".gguf")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as out:  # chunk by chunk, so a crash keeps what was answered
-        for first in range(0, len(conversations), args.chunk):
-            chunk = conversations[first : first + args.chunk]
-            answers = answer(chunk, tokenizer, generator, chat)
-            out.writelines(json.dumps(output_record(c, a, model_id), ensure_ascii=False) + "\n" for c, a in zip(chunk, answers))
-            out.flush()
+    write_answers(args.output, conversations, tokenizer, generator, chat, model_id, args.chunk)
     if generator.truncated:
         print(f"{generator.truncated} prompts were cut from the left to fit the context", file=sys.stderr)
     print(f"wrote {len(conversations)} answers ({model_id}) to {args.output}", file=sys.stderr)
@@ -177,101 +147,97 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
+    from asft_jax.data.pairs import write_pairs
     from asft_jax.data.pipeline import detect_source_format, encode_source
-    from asft_jax.data.pretokenized import write_pairs
     from asft_jax.data.records import RecordSource
     from asft_jax.data.tokenize import Encoder
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     source = RecordSource(args.data)
     fmt = args.format or detect_source_format(source)
     src = resolve(args.model)
-    encoder = Encoder(src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation)
+    encoder = Encoder(
+        src.tokenizer(), args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation
+    )
     skipped: collections.Counter = collections.Counter()
-    n = write_pairs(args.output, encode_source(source, fmt, encoder, strict=args.strict, skipped=skipped, limit=args.limit))
+    n = write_pairs(
+        args.output, encode_source(source, fmt, encoder, strict=args.strict, skipped=skipped, limit=args.limit)
+    )
     print(f"wrote {n} pre-tokenized pairs ({fmt}) to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
 def _data_inspect(args: argparse.Namespace) -> None:
-    import numpy as np
+    from asft_jax.data.inspect import inspect_records
+    from asft_jax.data.records import RecordSource
+    from asft_jax.io import resolve
 
-    from asft_jax.data.pipeline import detect_source_format, encode_record
-    from asft_jax.data.records import BadRecord, RecordSource
-    from asft_jax.data.tokenize import Encoder
-    from asft_jax.sources import resolve
-
-    source = RecordSource(args.data)
-    fmt = args.format or detect_source_format(source)
     src = resolve(args.model)
-    tokenizer = src.tokenizer()
-    encoder = Encoder(tokenizer, args.max_length, args.max_prompt_length, src.config.vocab_size, truncation=args.truncation)
-    untruncated = Encoder(tokenizer, 1 << 30, vocab_size=src.config.vocab_size)
-    skipped: collections.Counter = collections.Counter()
-    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": [], "pair (prompt + longer response)": []}
-    truncated, example = 0, None
-    for i in range(min(len(source), args.limit or len(source))):
-        item = encode_record(source, fmt, untruncated, i)
-        if isinstance(item, BadRecord):
-            skipped[item.reason] += 1
-            continue
-        fitted = encode_record(source, fmt, encoder, i)
-        if isinstance(fitted, BadRecord):  # over the limits (drop), or responses identical once truncated
-            skipped[f"{args.truncation}: {fitted.reason}"] += 1
-            continue
-        for key, n in zip(lengths, (len(item.prompt), len(item.chosen), len(item.rejected), len(item))):
-            lengths[key].append(n)
-        truncated += fitted != item
-        example = example or fitted
-    print(f"{source.name}: format {fmt}, {len(source)} records, {len(lengths['prompt'])} usable, skipped {dict(skipped)}")
-    print(f"truncated ({args.truncation}) to max_length {args.max_length} / max_prompt_length {encoder.prompt_limit}: {truncated} pairs")
-    for key, values in lengths.items():
-        if values:
-            p = np.percentile(values, [50, 90, 99, 100]).astype(int)
-            print(f"  {key:32s} tokens: p50 {p[0]}  p90 {p[1]}  p99 {p[2]}  max {p[3]}")
-    if example is not None:
-        print(f"example (record {source.location(example.index)}): [PROMPT]...[/PROMPT] is masked, [CHOSEN] and [REJECTED] are trained")
-        print(f"[PROMPT]{tokenizer.decode(example.prompt)}[/PROMPT]")
-        print(f"[CHOSEN]{tokenizer.decode(example.chosen)}[/CHOSEN]")
-        print(f"[REJECTED]{tokenizer.decode(example.rejected)}[/REJECTED]")
+    lines = inspect_records(
+        RecordSource(args.data),
+        args.format,
+        src.tokenizer(),
+        src.config.vocab_size,
+        args.max_length,
+        args.max_prompt_length,
+        args.truncation,
+        args.limit,
+    )
+    print("\n".join(lines))
 
 
 def _data_reference(args: argparse.Namespace) -> None:
-    from asft_jax.data.pretokenized import write_pairs
+    from asft_jax.data.pairs import write_pairs
+    from asft_jax.io import load_model, resolve
     from asft_jax.reference import attach_reference_logps
-    from asft_jax.sources import resolve
 
     src = resolve(args.model)
     pairs, skipped, max_length = _read_pairs(args, src)
     mesh = _mesh(args)
-    model, params = _load_model(src, args.dtype, mesh)
-    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout)
+    model, params = load_model(src, args.dtype, mesh)
+    scored = attach_reference_logps(
+        model, params, pairs, mesh=mesh, batch_size=args.batch_size, max_length=max_length, layout=args.layout
+    )
     n = write_pairs(args.output, scored)
     print(f"wrote {n} pairs with reference log-probs to {args.output}; skipped {dict(skipped)}", file=sys.stderr)
 
 
 def _fetch_demo(args: argparse.Namespace) -> None:
-    from asft_jax.demo import demo_gguf, demo_hf_folder
+    from asft_jax.io.demo import demo_gguf
+    from asft_jax.io.export import demo_hf_folder
 
     print(demo_hf_folder() if args.hf else demo_gguf())
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from asft_jax.data.config import DataConfig
     from asft_jax.data.formats import FORMATS
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.tokenize import TRUNCATIONS
     from asft_jax.losses import IPO_NORMALIZE, LOSSES
 
-    parser = argparse.ArgumentParser(prog="asft", description="ASFT and preference-objective training for Llama models in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="asft", description="ASFT and preference-objective training for Llama models in JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "HF model folder, Hub id, .gguf file, or demo:smollm2"
 
     p = sub.add_parser("train", help="train with a YAML config; resumes from the run directory's latest checkpoint")
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-6 objective.lam=0.5 mesh.fsdp=2")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-6 objective.lam=0.5 mesh.fsdp=2"
+    )
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("compile", help="compile a config's train step for a TPU topology (no TPU needed): memory per chip, FLOPs, estimated step time")
-    p.add_argument("--topology", help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64) or raw topology (v5p:4x4x4, v5e:2x2); required")
+    p = sub.add_parser(
+        "compile",
+        help="compile a config's train step for a TPU topology (no TPU needed): memory per chip, FLOPs, estimated "
+        "step time",
+    )
+    p.add_argument(
+        "--topology",
+        help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64) or raw topology (v5p:4x4x4, v5e:2x2); "
+        "required",
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, as for train")
     p.set_defaults(run=_compile)
@@ -279,24 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a transformers-loadable HF folder")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default: the source's)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default: the source's)"
+    )
     p.set_defaults(run=_export)
 
     def pair_args(p: argparse.ArgumentParser, output_help: str, output_required: bool) -> None:
         p.add_argument("--model", required=True, help=model_help)
-        p.add_argument("--data", required=True, help="preference pairs: a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
+        p.add_argument(
+            "--data",
+            required=True,
+            help="preference pairs: a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]",
+        )
         p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
         p.add_argument("--output", required=output_required, help=output_help)
         p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-        p.add_argument("--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)")
+        p.add_argument(
+            "--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)"
+        )
         p.add_argument("--strict", action="store_true", help="stop at the first bad record")
         p.add_argument("--limit", type=int, default=None, help="read only the first N records")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (a DPO reference: the run's, for rewards that start at 0)")
-        p.add_argument("--layout", default="packed_shared_prefix", choices=LAYOUTS, help="batch layout, as data.layout in training (default: packed_shared_prefix)")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "bfloat16"],
+            help="compute dtype (a DPO reference: the run's, for rewards that start at 0)",
+        )
+        p.add_argument(
+            "--layout",
+            default="packed_shared_prefix",
+            choices=LAYOUTS,
+            help="batch layout, as data.layout in training (default: packed_shared_prefix)",
+        )
         mesh_args(p)
 
     def mesh_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--fsdp", type=int, default=1, help="mesh: devices sharing each parameter (the rest split the batch)")
+        p.add_argument(
+            "--fsdp", type=int, default=1, help="mesh: devices sharing each parameter (the rest split the batch)"
+        )
         p.add_argument("--tensor", type=int, default=1, help="mesh: tensor-parallel devices")
 
     def sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -304,55 +290,88 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
         p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, prompts and batch size: same output)")
+        p.add_argument(
+            "--seed", type=int, default=0, help="sampling seed (same seed, prompts and batch size: same output)"
+        )
 
-    p = sub.add_parser("eval", help="score preference pairs: response log-prob sums per pair (and BLEU/ROUGE with --generate)")
+    p = sub.add_parser(
+        "eval", help="score preference pairs: response log-prob sums per pair (and BLEU/ROUGE with --generate)"
+    )
     pair_args(p, "per-pair results (.jsonl)", False)
     p.add_argument("--objective", choices=LOSSES, help="also report this objective's loss and metrics")
     p.add_argument("--beta", type=float, help="objective hyperparameter (default: the objective's)")
     p.add_argument("--lam", type=float, help="objective hyperparameter (default: the objective's)")
     p.add_argument("--gamma", type=float, help="objective hyperparameter (default: the objective's)")
-    p.add_argument("--normalize", choices=IPO_NORMALIZE, help="ipo: summed (default) or per-token mean log-ratios (TRL's)")
-    p.add_argument("--generate", action="store_true", help="also generate a response to each prompt; BLEU-4 and ROUGE-L against the chosen responses")
-    p.add_argument("--generate-pairs", type=int, default=None, help="with --generate: only the first N pairs (default: all)")
+    p.add_argument(
+        "--normalize", choices=IPO_NORMALIZE, help="ipo: summed (default) or per-token mean log-ratios (TRL's)"
+    )
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="also generate a response to each prompt; BLEU-4 and ROUGE-L against the chosen responses",
+    )
+    p.add_argument(
+        "--generate-pairs", type=int, default=None, help="with --generate: only the first N pairs (default: all)"
+    )
     sampling_args(p, 256)
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("generate", help="answer prompts (prompt / messages / MT-Bench turns) with KV-cache decoding")
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--prompts", required=True, help="a .jsonl (.json, .parquet) of records with `prompt`, `messages`, or MT-Bench `turns`")
-    p.add_argument("--output", required=True, help="answers (.jsonl); MT-Bench records in FastChat's model-answer format")
-    p.add_argument("--model-id", default=None, help="model_id in FastChat answers (default: the model's folder or file name)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="a .jsonl (.json, .parquet) of records with `prompt`, `messages`, or MT-Bench `turns`",
+    )
+    p.add_argument(
+        "--output", required=True, help="answers (.jsonl); MT-Bench records in FastChat's model-answer format"
+    )
+    p.add_argument(
+        "--model-id", default=None, help="model_id in FastChat answers (default: the model's folder or file name)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--no-chat-template", action="store_true", help="feed string prompts verbatim and messages as an HH transcript")
+    p.add_argument(
+        "--no-chat-template", action="store_true", help="feed string prompts verbatim and messages as an HH transcript"
+    )
     p.add_argument("--chunk", type=int, default=256, help="records answered (all turns) and written at a time")
     sampling_args(p, 512)
     mesh_args(p)
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("report", help="plots of training metrics over steps (runs overlaid) and a table of final eval metrics")
+    p = sub.add_parser(
+        "report", help="plots of training metrics over steps (runs overlaid) and a table of final eval metrics"
+    )
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     p.add_argument("--output", default="report", help="folder for the PNGs and report.md")
-    p.add_argument("--smooth", type=float, default=0.0, help="moving-average weight for train curves, in [0, 1) (0: raw values)")
+    p.add_argument(
+        "--smooth", type=float, default=0.0, help="moving-average weight for train curves, in [0, 1) (0: raw values)"
+    )
     p.set_defaults(run=_report)
 
-    def fit_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens at most")
-        p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens at most (default: half of --max-length); --truncation says which are kept")
+    def fit_args(p: argparse.ArgumentParser) -> None:  # defaults: a training run's (the config's data section)
+        p.add_argument("--max-length", type=int, default=DataConfig.max_length, help="prompt + response tokens at most")
+        p.add_argument(
+            "--max-prompt-length",
+            type=int,
+            default=None,
+            help="prompt tokens at most (default: half of --max-length); --truncation says which are kept",
+        )
         p.add_argument(
             "--truncation",
             choices=TRUNCATIONS,
-            default="head_and_tail",
-            help="a longer prompt keeps its head (BOS, system prompt, role header) and its end (head_and_tail, default), "
-            "only its end (keep_end), or the pair is skipped (drop); responses keep their start",
+            default=DataConfig.truncation,
+            help="a longer prompt keeps its head (BOS, system prompt, role header) and its end (head_and_tail, "
+            "default), only its end (keep_end), or the pair is skipped (drop); responses keep their start",
         )
 
     p = sub.add_parser("data", help="data tools")
     data = p.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("tokenize", help="preference records (any format) -> pre-tokenized pairs")
     p.add_argument("--model", required=True, help=model_help + " (its tokenizer and chat template are used)")
-    p.add_argument("--data", required=True, help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
+    p.add_argument(
+        "--data", required=True, help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]"
+    )
     p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
     p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
     fit_args(p)
@@ -368,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="look at the first N records only")
     p.set_defaults(run=_data_inspect)
 
-    p = data.add_parser("reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)")
+    p = data.add_parser(
+        "reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)"
+    )
     pair_args(p, "pre-tokenized .jsonl with ref_chosen_logps / ref_rejected_logps", True)
     p.set_defaults(run=_data_reference)
 
@@ -380,10 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers' "PyTorch was not found" advisory: asft never needs torch (only tokenizers)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("asft_jax").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # library warnings too go through logging, hence above the progress bars
     try:
-        args.run(args)
+        with logging_redirect_tqdm():
+            args.run(args)
     except AsftError as e:
         print(f"asft: error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,16 @@ from typing import Any
 
 import yaml
 
+from asft_jax.data.config import DataConfig
 from asft_jax.errors import AsftError
+
+
+class ConfigError(AsftError):
+    """A problem with config ``key``; ``load_config`` reports it at the file line or override that set it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config: {message}")
+        self.key, self.message = key, message
 
 
 @dataclasses.dataclass
@@ -31,26 +40,6 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class DataConfigSection:
-    path: str = ""  # file or Hub dataset id
-    fallback: str | None = None  # read instead of a missing `path` / `eval_path`, only with path_optional
-    path_optional: bool = False  # true: a missing local `path` switches to `fallback` (announced); false: an error
-    split: str = "train"
-    format: str | None = None
-    eval_path: str | None = None
-    eval_split: str = "test"
-    eval_pairs: int = 64  # pairs of the eval split scored at each evaluation
-    max_length: int = 512
-    max_prompt_length: int | None = None  # None: max_length // 2
-    truncation: str = "head_and_tail"  # head_and_tail | keep_end | drop (asft_jax.data.tokenize)
-    strict: bool = False  # stop at the first bad record (file:line: reason) instead of skipping and counting
-    num_epochs: int | None = None  # None: repeat until max_steps
-    shuffle: bool = True
-    num_threads: int = 2
-    layout: str = "packed_shared_prefix"  # padded | packed | packed_shared_prefix (asft_jax.data.packing)
-
-
-@dataclasses.dataclass
 class ObjectiveConfig:
     name: str = "asft"
     lam: float | None = None  # each None: the objective's default
@@ -60,7 +49,11 @@ class ObjectiveConfig:
 
     def hparams(self) -> dict[str, float | str]:
         """The hyperparameters set, as keyword arguments of the objective's loss function."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
 
 
 @dataclasses.dataclass
@@ -108,20 +101,30 @@ class TrainConfig:
     export_dir: str | None = None  # write an HF folder at the end
     wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb` installed and logged in)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfigSection = dataclasses.field(default_factory=DataConfigSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    @property
+    def eval_batches(self) -> int:
+        """Batches of ``batch_size`` pairs one evaluation scores: ``data.eval_pairs``, rounded up."""
+        return -(-self.data.eval_pairs // self.batch_size)
+
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Checks ``value`` against a field's annotation (resolving ``X | None``)."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
     if value is None:
         if type(None) in options:
             return None
-        raise AsftError(f"config: {where} may not be null")
+        raise ConfigError(where, f"{where} may not be null")
     for option in options:
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -136,17 +139,17 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if base in (str, bool, dict) and isinstance(value, base):
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise AsftError(f"config: {where} = {value!r} should be {names}")
+    raise ConfigError(where, f"{where} = {value!r} should be {names}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise AsftError(f"config: {prefix.rstrip('.') or 'the file'} must be a mapping")
+        raise ConfigError(prefix.rstrip("."), f"{prefix.rstrip('.') or 'the file'} must be a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise AsftError(f"config: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -166,24 +169,75 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> the 1-based line where a YAML document sets it."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node | None, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[prefix + str(key.value)] = key.start_mark.line + 1
+                walk(value, f"{prefix}{key.value}.")
+
+    walk(yaml.compose(text), "")
+    return lines
+
+
+@dataclasses.dataclass
+class _Origin:
+    """Where each key of a config came from: a line of the file, or an override."""
+
+    path: str | None
+    lines: dict[str, int]
+    overrides: dict[str, str]  # dotted key -> the key=value item that set it
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):  # the key itself, else the section that holds it
+            dotted = ".".join(parts[:n])
+            if dotted in self.overrides:
+                return f"override {self.overrides[dotted]!r}"
+            if dotted in self.lines:
+                return f"{self.path}:{self.lines[dotted]}"
+        return self.path or "config"
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file (or nothing) plus ``key=value`` overrides -> validated ``TrainConfig``."""
+    """YAML file (or nothing) plus ``key=value`` overrides -> validated ``TrainConfig``.
+
+    A problem is reported in one line that starts with the file and line, or the override, that set
+    the offending key."""
     raw: dict = {}
+    origin = _Origin(path, {}, {})
     if path is not None:
         if not os.path.isfile(path):
             raise AsftError(f"{path}: config file not found")
         with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise AsftError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            text = f.read()
+        try:
+            raw = yaml.safe_load(text) or {}
+            origin.lines = _key_lines(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            raise AsftError(
+                f"{where}: invalid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"
+            ) from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise AsftError(f"override {item!r}: expected key=value")
-        _set(raw, key.strip(), yaml.safe_load(value))
-    cfg = _build(TrainConfig, raw)
-    validate(cfg)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise AsftError(f"override {item!r}: invalid YAML value ({getattr(e, 'problem', None) or e})") from None
+        _set(raw, key.strip(), parsed)
+        origin.overrides[key.strip()] = item
+    try:
+        cfg = _build(TrainConfig, raw)
+        validate(cfg)
+    except ConfigError as e:
+        raise AsftError(f"{origin(e.key)}: {e.message}") from None
     return cfg
 
 
@@ -192,46 +246,63 @@ def validate(cfg: TrainConfig) -> None:
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.records import parse_selection
     from asft_jax.data.tokenize import TRUNCATIONS
-    from asft_jax.losses import HPARAMS, LOSSES
+    from asft_jax.losses import LOSSES, check_hparams
+    from asft_jax.model import LlamaConfig
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
 
-    if cfg.objective.name not in LOSSES:
-        raise AsftError(f"config: objective.name {cfg.objective.name!r} is not one of {', '.join(LOSSES)}")
-    if (cfg.model.source is None) == (cfg.model.init is None):
-        raise AsftError("config: set exactly one of model.source (a pretrained model) and model.init (random init shapes)")
-    foreign = sorted(set(cfg.objective.hparams()) - set(HPARAMS[cfg.objective.name]))
-    if foreign:
-        accepted = ", ".join(HPARAMS[cfg.objective.name]) or "none"
-        raise AsftError(f"config: objective.{foreign[0]} does not apply to {cfg.objective.name} (its hyperparameters: {accepted})")
-    if cfg.model.remat_policy not in REMAT_POLICIES:
-        raise AsftError(f"config: model.remat_policy {cfg.model.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
-    if cfg.model.attention not in IMPLEMENTATIONS:
-        raise AsftError(f"config: model.attention {cfg.model.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    if cfg.data.layout not in LAYOUTS:
-        raise AsftError(f"config: data.layout {cfg.data.layout!r} is not one of {', '.join(LAYOUTS)}")
-    if cfg.data.truncation not in TRUNCATIONS:
-        raise AsftError(f"config: data.truncation {cfg.data.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
-    if cfg.data.max_prompt_length is not None and not 0 < cfg.data.max_prompt_length < cfg.data.max_length:
-        raise AsftError(f"config: data.max_prompt_length {cfg.data.max_prompt_length} must be positive and below data.max_length {cfg.data.max_length}")
-    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise AsftError(f"config: model.dtype {cfg.model.dtype!r} is not auto, float32, bfloat16 or float16")
-    if cfg.model.param_dtype not in ("float32", "bfloat16", "float16"):
-        raise AsftError(f"config: model.param_dtype {cfg.model.param_dtype!r} is not float32, bfloat16 or float16")
-    if not cfg.data.path:
-        raise AsftError("config: data.path is required")
-    for spec in (cfg.data.path, cfg.data.eval_path):
+    def one_of(key: str, value: Any, accepted: typing.Iterable[str]) -> None:
+        if value not in accepted:
+            raise ConfigError(key, f"{key} {value!r} is not one of {', '.join(accepted)}")
+
+    m, d = cfg.model, cfg.data
+    one_of("objective.name", cfg.objective.name, LOSSES)
+    if (m.source is None) == (m.init is None):
+        raise ConfigError(
+            "model", "set exactly one of model.source (a pretrained model) and model.init (random init shapes)"
+        )
+    if m.init is not None:
+        fields = [f.name for f in dataclasses.fields(LlamaConfig)]
+        unknown = sorted(set(m.init) - set(fields))
+        if unknown:
+            raise ConfigError("model.init", f"model.init: unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
+    problem = check_hparams(cfg.objective.name, cfg.objective.hparams())
+    if problem:
+        key = f"objective.{problem.split()[0]}"
+        raise ConfigError(key, f"objective.{problem}")
+    one_of("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+    one_of("model.attention", m.attention, IMPLEMENTATIONS)
+    one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
+    one_of("data.layout", d.layout, LAYOUTS)
+    one_of("data.truncation", d.truncation, TRUNCATIONS)
+    one_of("optimizer.schedule", cfg.optimizer.schedule, ("linear", "cosine"))
+    if d.max_prompt_length is not None and not 0 < d.max_prompt_length < d.max_length:
+        raise ConfigError(
+            "data.max_prompt_length",
+            f"data.max_prompt_length {d.max_prompt_length} must be positive and below data.max_length {d.max_length}",
+        )
+    if not d.path:
+        raise ConfigError("data.path", "data.path is required")
+    for key, spec in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         if spec:
-            parse_selection(spec)  # a malformed `#part=...` selection fails here, before any loading
+            try:
+                parse_selection(spec)  # a malformed `#part=...` selection fails here, before any loading
+            except AsftError as e:
+                raise ConfigError(key, str(e)) from None
     if "://" in cfg.output_dir:
-        raise AsftError(f"config: output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host mounts (NFS, or the bucket through gcsfuse)")
-    if cfg.optimizer.schedule not in ("linear", "cosine"):
-        raise AsftError(f"config: optimizer.schedule {cfg.optimizer.schedule!r} is not linear or cosine")
+        raise ConfigError(
+            "output_dir",
+            f"output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host "
+            "mounts (NFS, or the bucket through gcsfuse)",
+        )
     for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps", "max_consecutive_skips"):
         if getattr(cfg, name) < 1:
-            raise AsftError(f"config: {name} must be at least 1")
+            raise ConfigError(name, f"{name} must be at least 1")
     if cfg.batch_size % cfg.micro_batches:
-        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
+        raise ConfigError(
+            "micro_batches", f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}"
+        )
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -40,9 +40,14 @@ def coordinates(cfg: Any, env: dict[str, str] | None = None) -> dict[str, Any] |
     if given:
         missing = [k for k, v in explicit.items() if v is None]
         if missing:
-            raise AsftError(f"distributed: {', '.join(given)} set but not {', '.join(missing)} (config distributed.* or ASFT_* variables)")
+            raise AsftError(
+                f"distributed: {', '.join(given)} set but not {', '.join(missing)} (config distributed.* or ASFT_* "
+                "variables)"
+            )
         if not 0 <= explicit["process_id"] < explicit["num_processes"]:
-            raise AsftError(f"distributed: process_id {explicit['process_id']} is not in [0, {explicit['num_processes']})")
+            raise AsftError(
+                f"distributed: process_id {explicit['process_id']} is not in [0, {explicit['num_processes']})"
+            )
         return explicit if explicit["num_processes"] > 1 else None
     if env.get("ASFT_DISTRIBUTED") == "auto":
         return {}
@@ -86,14 +91,22 @@ def initialize(cfg: Any) -> None:
     threading.Thread(target=watchdog, daemon=True, name="asft-join-watchdog").start()
     try:
         jax.distributed.initialize(
-            **kwargs, initialization_timeout=cfg.initialization_timeout + 10, heartbeat_timeout_seconds=cfg.heartbeat_timeout
+            **kwargs,
+            initialization_timeout=cfg.initialization_timeout + 10,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout,
         )
     except Exception as e:  # noqa: BLE001 (XLA raises plain RuntimeErrors with long RPC texts)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise AsftError(f"{problem} ({first})") from None
     finally:
         joined.set()
-    log.info("process %d of %d joined (%d local devices, %d in all)", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d joined (%d local devices, %d in all)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def all_hosts(value: Any) -> list[Any]:

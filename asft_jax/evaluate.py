@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from asft_jax.data.packing import layout_batch
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import detect_source_format, encode_source
-from asft_jax.data.pretokenized import TokenizedPair
 from asft_jax.data.records import RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
@@ -93,7 +93,10 @@ def score_pairs(
         out_shardings=replicated(mesh),  # every process reads all results
     )
     start, seen_tokens = time.perf_counter(), 0
-    with activate(mesh), tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+    with (
+        activate(mesh),
+        tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar,
+    ):
         for batch in _batches(pairs, batch_size):
             rows = layout_batch(batch + batch[-1:] * (batch_size - len(batch)), layout, max_length, row_multiple=split)
             rows.pop("ref_logps", None)
@@ -136,7 +139,9 @@ def summarize(results: list[dict], skipped: collections.Counter) -> dict:
 def require_reference(name: str, pairs: list[TokenizedPair]) -> None:
     """DPO-family objectives need every pair's reference log-probs."""
     if name in NEEDS_REFERENCE and any(p.ref_chosen is None for p in pairs):
-        raise AsftError(f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)")
+        raise AsftError(
+            f"--objective {name} needs ref_chosen_logps / ref_rejected_logps in the data (asft data reference)"
+        )
 
 
 def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict], **hparams: float) -> dict:
@@ -154,9 +159,17 @@ def objective_summary(name: str, pairs: list[TokenizedPair], results: list[dict]
             "ref_rejected": SequenceLogps(np.array([p.ref_rejected for p in pairs], np.float32), ones),
         }
     _, metrics = preference_loss(
-        name, SequenceLogps(col("chosen_logps_sum"), col("chosen_tokens")), SequenceLogps(col("rejected_logps_sum"), col("rejected_tokens")), **refs, **hparams
+        name,
+        SequenceLogps(col("chosen_logps_sum"), col("chosen_tokens")),
+        SequenceLogps(col("rejected_logps_sum"), col("rejected_tokens")),
+        **refs,
+        **hparams,
     )
-    return {"objective": name, "loss": float(metrics.pop("loss")), "objective_metrics": {k: float(v) for k, v in metrics.items()}}
+    return {
+        "objective": name,
+        "loss": float(metrics.pop("loss")),
+        "objective_metrics": {k: float(v) for k, v in metrics.items()},
+    }
 
 
 def generation_summary(generated: list[str], references: list[str], sampling) -> dict:
@@ -169,3 +182,46 @@ def generation_summary(generated: list[str], references: list[str], sampling) ->
         "rougeL": rouge_l(generated, references) if generated else None,
         "generation": dataclasses.asdict(sampling),
     }
+
+
+def evaluate_model(
+    model: Llama,
+    params: dict,
+    pairs: list[TokenizedPair],
+    skipped: collections.Counter,
+    *,
+    mesh: Mesh,
+    batch_size: int,
+    max_length: int,
+    layout: str,
+    objective: str | None = None,
+    hparams: dict | None = None,
+) -> tuple[list[dict], dict]:
+    """``asft eval``'s scoring: (one result per pair, the summary), with ``objective``'s loss and
+    metrics when given."""
+    results = list(
+        score_pairs(
+            model,
+            params,
+            pairs,
+            mesh=mesh,
+            batch_size=batch_size,
+            max_length=max_length,
+            layout=layout,
+            total=len(pairs),
+        )
+    )
+    summary = summarize(results, skipped)
+    if objective:
+        summary.update(objective_summary(objective, pairs, results, **(hparams or {})))
+    return results, summary
+
+
+def add_generations(results: list[dict], summary: dict, pairs: list[TokenizedPair], tokenizer, generator) -> None:
+    """Greedy (or sampled) answers to the pairs' prompts beside each result, and BLEU-4 / ROUGE-L
+    against the chosen responses in the summary. ``generator``: an ``asft_jax.generate.Generator``."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generator([p.prompt for p in pairs])]
+    refs = [tokenizer.decode(p.chosen, skip_special_tokens=True).strip() for p in pairs]
+    for r, generated, reference in zip(results, texts, refs):
+        r.update(generated=generated, reference=reference)
+    summary.update(generation_summary(texts, refs, generator.sampling))

@@ -48,7 +48,10 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise AsftError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise AsftError(f"sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 (got {self.temperature}, {self.top_k}, {self.top_p})")
+            raise AsftError(
+                f"sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 (got {self.temperature}, {self.top_k}, "
+                f"{self.top_p})"
+            )
 
 
 def stop_token_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -62,7 +65,9 @@ def stop_token_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def sample_next(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """Next token per row from logits ``[batch, vocab]`` (float32): argmax when ``temperature`` is 0,
     else a draw from softmax(logits / temperature) restricted to the ``top_k`` largest (0: all) and
     then to the smallest set whose probability reaches ``top_p``. Returns ``[batch]`` int32."""
@@ -128,13 +133,24 @@ def make_decode(model: Llama, max_new_tokens: int, stop_ids: Sequence[int], pad_
 class Generator:
     """Decodes batches of token-id prompts with a model whose parameters live on ``mesh``."""
 
-    def __init__(self, model: Llama, params: Any, mesh: Mesh, stop_ids: Sequence[int], sampling: SamplingConfig, batch_size: int = 8):
+    def __init__(
+        self,
+        model: Llama,
+        params: Any,
+        mesh: Mesh,
+        stop_ids: Sequence[int],
+        sampling: SamplingConfig,
+        batch_size: int = 8,
+    ):
         split = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // split) * split  # rows shard evenly over the batch axes
         self.model, self.params, self.sampling, self.mesh = model, params, sampling, mesh
         self.max_prompt = model.config.max_position_embeddings - sampling.max_new_tokens
         if self.max_prompt < 1:
-            raise AsftError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's context of {model.config.max_position_embeddings}")
+            raise AsftError(
+                f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{model.config.max_position_embeddings}"
+            )
         self.buckets = bucket_lengths(self.max_prompt, smallest=32)
         self.rows = batch_sharding(mesh)
         self.decode = jax.jit(
@@ -149,7 +165,12 @@ class Generator:
         s = self.sampling
         key = jax.random.key(s.seed)
         start, new_tokens = time.perf_counter(), 0
-        with activate(self.mesh), tqdm(total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+        with (
+            activate(self.mesh),
+            tqdm(
+                total=len(prompts), unit="prompt", desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0
+            ) as bar,
+        ):
             for first in range(0, len(prompts), self.batch_size):
                 batch = [p[-self.max_prompt :] for p in prompts[first : first + self.batch_size]]
                 self.truncated += sum(len(p) > self.max_prompt for p in prompts[first : first + self.batch_size])
@@ -161,8 +182,13 @@ class Generator:
                     segments[row, length - len(ids) :] = 1
                 out, lengths = jax.device_get(
                     self.decode(
-                        self.params, from_every_host(tokens, self.rows), from_every_host(segments, self.rows),
-                        jax.random.fold_in(key, first), np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p),
+                        self.params,
+                        from_every_host(tokens, self.rows),
+                        from_every_host(segments, self.rows),
+                        jax.random.fold_in(key, first),
+                        np.float32(s.temperature),
+                        np.int32(s.top_k),
+                        np.float32(s.top_p),
                     )
                 )
                 new_tokens += int(lengths[: len(batch)].sum())

@@ -37,7 +37,9 @@ def _chunk_logps(h: jax.Array, targets: jax.Array, kernel: jax.Array, vocab_chun
         return (new_top, total, picked + jnp.where(inside, hit, 0.0)), None
 
     zeros = jnp.zeros(targets.shape[:-1], jnp.float32)
-    (top, total, picked), _ = jax.lax.scan(step, (zeros - jnp.inf, zeros, jnp.zeros(targets.shape, jnp.float32)), (w, starts))
+    (top, total, picked), _ = jax.lax.scan(
+        step, (zeros - jnp.inf, zeros, jnp.zeros(targets.shape, jnp.float32)), (w, starts)
+    )
     return picked - (top + jnp.log(total))[..., None]
 
 
@@ -72,9 +74,16 @@ def pair_logps(model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_c
     by ``asft_jax.data.packing``: rows ``[rows, length]``, ``score_positions`` ``[rows, width]``,
     ``targets``/``target_slots`` ``[rows, width, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``)."""
     hidden = model.apply(
-        {"params": params}, rows["tokens"], rows["segment_ids"], rows["positions"], return_hidden=True, branch_ids=rows.get("branch_ids")
+        {"params": params},
+        rows["tokens"],
+        rows["segment_ids"],
+        rows["positions"],
+        return_hidden=True,
+        branch_ids=rows.get("branch_ids"),
     )
-    scored = jnp.take_along_axis(hidden, rows["score_positions"][..., None], axis=1)  # the LM head only where something is scored
+    scored = jnp.take_along_axis(
+        hidden, rows["score_positions"][..., None], axis=1
+    )  # the LM head only where something is scored
     kernel = lm_head_kernel(params, model.config).astype(hidden.dtype)
     logps = token_logps(scored, kernel, rows["targets"], chunk, vocab_chunk)
     pairs = rows["counts"].shape[0]

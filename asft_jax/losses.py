@@ -118,7 +118,9 @@ def simpo_loss(chosen: SequenceLogps, rejected: SequenceLogps, beta: float = 2.0
 IPO_NORMALIZE = ("sum", "mean")
 
 
-def _dpo_family(link: Callable[[Array], Array], beta: float, chosen, rejected, ref_chosen, ref_rejected, normalize: str = "sum"):
+def _dpo_family(
+    link: Callable[[Array], Array], beta: float, chosen, rejected, ref_chosen, ref_rejected, normalize: str = "sum"
+):
     """Log-ratios ``c = log pi - log pi_ref`` of chosen and rejected, and ``link(c_w - c_l)``.
 
     ``normalize="sum"``: summed log-probs. ``"mean"``: policy and reference sums both divided by the
@@ -216,11 +218,24 @@ def preference_loss(
     unknown = sorted(set(hparams) - set(HPARAMS[name]))
     if unknown:
         accepted = ", ".join(HPARAMS[name]) or "none"
-        raise ValueError(f"objective {name!r} takes no hyperparameter {', '.join(map(repr, unknown))}: it takes {accepted}")
+        raise ValueError(
+            f"objective {name!r} takes no hyperparameter {', '.join(map(repr, unknown))}: it takes {accepted}"
+        )
     if name in NEEDS_REFERENCE:
         if ref_chosen is None or ref_rejected is None:
-            raise ValueError(f"objective {name!r} needs reference log-probs (ref_chosen, ref_rejected); compute them once with the starting model")
+            raise ValueError(
+                f"objective {name!r} needs reference log-probs (ref_chosen, ref_rejected); compute them once with "
+                "the starting model"
+            )
         loss, metrics = fn(chosen, rejected, ref_chosen, ref_rejected, **hparams)
     else:
         loss, metrics = fn(chosen, rejected, **hparams)
     return loss, {"loss": loss.mean(), **metrics}
+
+
+def check_hparams(name: str, hparams: dict) -> str | None:
+    """Why ``hparams`` do not fit objective ``name`` (the first foreign one), or None if they do."""
+    foreign = sorted(set(hparams) - set(HPARAMS[name]))
+    if not foreign:
+        return None
+    return f"{foreign[0]} does not apply to {name} (its hyperparameters: {', '.join(HPARAMS[name]) or 'none'})"

@@ -15,6 +15,8 @@ Chat models see their chat template with the generation prompt; without one (or 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -43,8 +45,12 @@ class Conversation:
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     )
 
 
@@ -95,24 +101,30 @@ def render(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> list[i
 def answer(
     conversations: Sequence[Conversation],
     tokenizer: Any,
-    generate: Callable[[list[list[int]]], Iterator[list[int]]],
+    generate: Callable[[list[list[int]], str], Iterator[list[int]]],
     chat: bool,
 ) -> list[list[str]]:
     """The answers to every turn of every conversation (turn k of all conversations in one batch
-    stream, each with its own earlier answers in context). Decoded with special tokens stripped."""
+    stream, each with its own earlier answers in context). Decoded with special tokens stripped.
+    ``generate(prompts, label)`` decodes a batch stream; the label names the turn for its progress bar."""
     answers: list[list[str]] = [[] for _ in conversations]
     contexts = [list(c.history) for c in conversations]
-    for k in range(max(len(c.turns) for c in conversations)):
+    turns = max(len(c.turns) for c in conversations)
+    for k in range(turns):
         active = [i for i, c in enumerate(conversations) if len(c.turns) > k]
         prompts = []
         for i in active:
             c = conversations[i]
             contexts[i].append({"role": "user", "content": c.turns[k]})
             try:
-                prompts.append(tokenizer.encode(c.turns[k], add_special_tokens=True) if c.verbatim else render(tokenizer, contexts[i], chat))
+                prompts.append(
+                    tokenizer.encode(c.turns[k], add_special_tokens=True)
+                    if c.verbatim
+                    else render(tokenizer, contexts[i], chat)
+                )
             except BadRecord as bad:
                 raise AsftError(f"prompt {i + 1}, turn {k + 1}: {bad.reason.replace('_', ' ')}") from None
-        for i, ids in zip(active, generate(prompts)):
+        for i, ids in zip(active, generate(prompts, f"turn {k + 1} of {turns}" if turns > 1 else "generating")):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             answers[i].append(text)
             contexts[i].append({"role": "assistant", "content": text})
@@ -131,3 +143,25 @@ def output_record(conversation: Conversation, answers: list[str], model_id: str)
             "tstamp": time.time(),
         }
     return {**rec, "response": answers[0]}
+
+
+def write_answers(
+    path: str,
+    conversations: Sequence[Conversation],
+    tokenizer: Any,
+    generate: Callable[[list[list[int]], str], Iterator[list[int]]],
+    chat: bool,
+    model_id: str,
+    chunk: int,
+) -> None:
+    """Answers every conversation and writes one ``output_record`` per line to ``path``, ``chunk``
+    conversations at a time, so that a crash keeps what was answered."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as out:
+        for first in range(0, len(conversations), chunk):
+            part = conversations[first : first + chunk]
+            answers = answer(part, tokenizer, generate, chat)
+            out.writelines(
+                json.dumps(output_record(c, a, model_id), ensure_ascii=False) + "\n" for c, a in zip(part, answers)
+            )
+            out.flush()

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from asft_jax.data.packing import pad_rows
+from asft_jax.distributed import all_hosts
 from asft_jax.errors import AsftError
 from asft_jax.model import Llama, init_params, param_logical_axes
 
@@ -102,7 +104,9 @@ def replicated_dims(model: Llama, mesh: Mesh) -> list[str]:
                 size = math.prod(mesh.shape[a] for a in names)
                 if size > 1:
                     name = "/".join(k.key for k in path)
-                    out.append(f"{name} {list(x.shape)}: dim {i} ({x.shape[i]}) not split over {'x'.join(names)} ({size})")
+                    out.append(
+                        f"{name} {list(x.shape)}: dim {i} ({x.shape[i]}) not split over {'x'.join(names)} ({size})"
+                    )
     return out
 
 
@@ -126,13 +130,32 @@ def param_shardings(model: Llama, mesh: Mesh):
     return logical_shardings(param_logical_axes(model), abstract, mesh)
 
 
-def placer(shardings):
-    """``place(path, array)`` for ``ModelSource.load_params``: puts each parameter, named by its
-    ``/``-joined path, on its devices as it is read."""
-    flat = {"/".join(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-    return lambda path, array: jax.device_put(array, flat[path])
-
-
 def from_every_host(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a value that every process holds whole (each places its own shards)."""
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host-local batches (``asft_jax.data.packing``) -> global arrays, rows and pairs split over the
+    batch axes. Hosts packed their own pairs, so they first agree on one shape; the pair slots each
+    host wrote count from 0 and are moved past the pairs of the hosts before it."""
+    if jax.process_count() > 1:
+        shapes = all_hosts([*batch["tokens"].shape[1:], batch["score_positions"].shape[2]])
+        batch = pad_rows(batch, *(max(s[i] for s in shapes) for i in range(3)))
+    sharding = micro_batch_sharding(mesh)
+    micro, local_pairs = batch["counts"].shape[:2]
+    global_pairs = local_pairs * jax.process_count()
+    offset = min(
+        idx[1].start or 0 for idx in sharding.addressable_devices_indices_map((micro, global_pairs, 2)).values()
+    )
+    slots = batch["target_slots"]
+    batch = {
+        **batch,
+        "target_slots": np.where(slots < 2 * local_pairs, slots + 2 * offset, 2 * global_pairs).astype(np.int32),
+    }
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def row_multiple(mesh: jax.sharding.Mesh) -> int:
+    """Rows of a host's micro-batch must split evenly over its share of the batch shards."""
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())

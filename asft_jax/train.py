@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
-import json
 import logging
 import os
 import signal
@@ -22,36 +20,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import yaml
 from tqdm import tqdm
 
 from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import TrainConfig, to_dict
-from asft_jax.data.packing import pad_rows
-from asft_jax.data.pipeline import (
-    DataConfig,
-    PairBatches,
-    detect_source_format,
-    encode_source,
-)
-from asft_jax.data.records import RecordSource, is_readable_spec
-from asft_jax.data.tokenize import Encoder
-from asft_jax.distributed import all_hosts, barrier, initialize
+from asft_jax.data.config import DataConfig
+from asft_jax.data.pipeline import PairBatches, host_data_state
+from asft_jax.data.records import is_readable_spec
+from asft_jax.distributed import all_hosts, initialize
 from asft_jax.errors import AsftError
+from asft_jax.io import resolve
 from asft_jax.losses import NEEDS_REFERENCE
+from asft_jax.metrics_log import MetricsLog
 from asft_jax.model import Llama, LlamaConfig, init_params
+from asft_jax.reference import REFERENCE_FILES, reference_pairs_file
 from asft_jax.sharding import (
     activate,
+    global_batch,
     make_mesh,
     micro_batch_sharding,
     param_shardings,
-    placer,
     replicated,
     replicated_dims,
+    row_multiple,
 )
-from asft_jax.sources import resolve
 from asft_jax.train_step import (
     TrainState,
     make_optimizer,
@@ -60,7 +54,6 @@ from asft_jax.train_step import (
 )
 
 log = logging.getLogger(__name__)
-REFERENCE_FILES = {"train": "reference_logps.jsonl", "eval": "reference_logps_eval.jsonl"}  # DPO family, in the run directory
 
 
 @dataclasses.dataclass
@@ -109,7 +102,9 @@ def _model(cfg: TrainConfig):
 def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
     if cfg.batch_size % split:
-        raise AsftError(f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}")
+        raise AsftError(
+            f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}"
+        )
 
 
 def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
@@ -119,7 +114,9 @@ def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
     param_shards = param_shardings(model, mesh)
     tx, schedule = make_optimizer(cfg.learning_rate, cfg.max_steps, **dataclasses.asdict(cfg.optimizer))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh))
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shards, transform_non_params=lambda _: replicated(mesh)
+    )
     shardings = TrainState(replicated(mesh), param_shards, opt_shardings)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -149,128 +146,28 @@ def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainStat
     return train_step, eval_step
 
 
-def _reference_data(cfg: TrainConfig, model: Llama, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, split: str = "train") -> str:
-    """For DPO-family objectives: the ``split`` (``train`` or ``eval``) pairs with the starting
-    model's log-probs (``reference.attach_reference_logps``, in the run's compute dtype and layout),
-    cached in the run directory; for ``eval``, only the pairs ``evaluate`` reads."""
-    from asft_jax.data.pretokenized import write_pairs
-    from asft_jax.reference import attach_reference_logps
-
-    path = os.path.join(cfg.output_dir, REFERENCE_FILES[split])
-    if os.path.isfile(path):
-        return path
-    d = cfg.data
-    source = RecordSource(*((d.path, d.split) if split == "train" else (d.eval_path, d.eval_split)))
-    fmt = d.format or detect_source_format(source)
-    encoder = Encoder(tokenizer, d.max_length, d.max_prompt_length, model.config.vocab_size, truncation=d.truncation)
-    pairs = encode_source(source, fmt, encoder, strict=d.strict)
-    pairs = list(pairs if split == "train" else itertools.islice(pairs, _eval_batches(cfg) * cfg.batch_size))
-    log.info("computing reference log-probs for %d %s pairs once (cached in %s)", len(pairs), split, path)
-    per_forward = cfg.batch_size // cfg.micro_batches  # what one forward of the train step holds
-    scored = attach_reference_logps(model, params, pairs, mesh=mesh, batch_size=per_forward, max_length=d.max_length, layout=d.layout)
-    if jax.process_index() == 0:
-        write_pairs(path + ".partial", scored)
-        os.replace(path + ".partial", path)
-    else:  # the scoring is collective: every process runs it, process 0 writes (the run directory is shared)
-        for _ in scored:
-            pass
-    barrier(f"reference_logps_{split}")
-    return path
-
-
-def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Host-local batches (``asft_jax.data.packing``) -> global arrays, rows and pairs split over the
-    batch axes. Hosts packed their own pairs, so they first agree on one shape; the pair slots each
-    host wrote count from 0 and are moved past the pairs of the hosts before it."""
-    if jax.process_count() > 1:
-        shapes = all_hosts([*batch["tokens"].shape[1:], batch["score_positions"].shape[2]])
-        batch = pad_rows(batch, *(max(s[i] for s in shapes) for i in range(3)))
-    sharding = micro_batch_sharding(mesh)
-    micro, local_pairs = batch["counts"].shape[:2]
-    global_pairs = local_pairs * jax.process_count()
-    offset = min(idx[1].start or 0 for idx in sharding.addressable_devices_indices_map((micro, global_pairs, 2)).values())
-    slots = batch["target_slots"]
-    batch = {**batch, "target_slots": np.where(slots < 2 * local_pairs, slots + 2 * offset, 2 * global_pairs).astype(np.int32)}
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def _row_multiple(mesh: jax.sharding.Mesh) -> int:
-    """Rows of a host's micro-batch must split evenly over its share of the batch shards."""
-    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
-
-
 def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
     """The data paths to read: a local path that does not exist is an error naming it, unless
     ``data.path_optional`` is set, in which case ``data.fallback`` (e.g. the Hub id of the same data)
     replaces it, and the eval path with the eval split, and the switch is announced on its own line."""
     d = cfg.data
-    missing = {key: path for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)) if path and not is_readable_spec(path)}
+    missing = {
+        key: path
+        for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path))
+        if path and not is_readable_spec(path)
+    }
     if not missing:
         return cfg
     if not (d.path_optional and d.fallback):
         key, path = next(iter(missing.items()))
         hint = "; set data.path_optional: true to read data.fallback instead" if d.fallback else ""
         raise AsftError(f"config: {key} {path!r}: no such data file{hint}")
-    log.warning("%s not found; data.path_optional is set, so reading %s instead", " and ".join(missing.values()), d.fallback)
+    log.warning(
+        "%s not found; data.path_optional is set, so reading %s instead", " and ".join(missing.values()), d.fallback
+    )
     path = d.fallback if "data.path" in missing else d.path
     eval_path = d.fallback if "data.eval_path" in missing else d.eval_path
     return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, eval_path=eval_path))
-
-
-def _data_config(cfg: TrainConfig, mesh: jax.sharding.Mesh, split: str) -> DataConfig:
-    """The pipeline settings of the train split (shuffled, epochs, micro-batches) or the eval split
-    (file order, one pass)."""
-    d = cfg.data
-    make = functools.partial(
-        DataConfig, format=d.format, max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-        batch_size=cfg.batch_size, strict=d.strict, num_threads=d.num_threads, layout=d.layout, row_multiple=_row_multiple(mesh),
-    )
-    if split == "eval":
-        return make(d.eval_path, d.eval_split, shuffle=False, num_epochs=1)
-    return make(d.path, d.split, seed=cfg.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, micro_batches=cfg.micro_batches)
-
-
-def _eval_batches(cfg: TrainConfig) -> int:
-    """Batches of ``batch_size`` pairs one evaluation scores: ``data.eval_pairs``, rounded up."""
-    return -(-cfg.data.eval_pairs // cfg.batch_size)
-
-
-class MetricsLog:
-    """``metrics.jsonl`` plus TensorBoard events (and W&B when configured); process 0 only."""
-
-    def __init__(self, cfg: TrainConfig, enabled: bool):
-        self.enabled = enabled
-        self.file = self.tb = self.wandb = None
-        if not enabled:
-            return
-        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise AsftError("config: wandb_project is set but wandb is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.output_dir, config=to_dict(cfg), resume="allow")
-
-    def write(self, row: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for k, v in row.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:
@@ -291,43 +188,82 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
     else:
         data_state = None
         if src is not None:
-            params = src.load_params(jnp.dtype(cfg.model.param_dtype), place=placer(state_shardings.params))
+            params = src.load_params(jnp.dtype(cfg.model.param_dtype), shardings=state_shardings.params)
         else:
-            params = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params)()
+            params = jax.jit(
+                lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params
+            )()
         state = new_state(params)
 
-    train_data = _data_config(cfg, mesh, "train")
-    eval_data = _data_config(cfg, mesh, "eval") if cfg.eval_steps and cfg.data.eval_path else None
+    train_data = cfg.data
+    eval_data = cfg.data.eval_split_config() if cfg.eval_steps and cfg.data.eval_path else None
     if cfg.data.eval_path and not cfg.eval_steps:
         log.warning("data.eval_path is set but eval_steps is 0: the run will not be evaluated")
     if cfg.objective.name in NEEDS_REFERENCE:
         splits = ["train"] + (["eval"] if eval_data else [])
-        missing = [REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))]
+        missing = [
+            REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))
+        ]
         if restored is not None and missing:
-            raise AsftError(f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its {' and '.join(missing)} (computed from the starting weights)")
-        train_data = dataclasses.replace(train_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh), format="pretokenized")
+            raise AsftError(
+                f"{cfg.output_dir}: resuming a {cfg.objective.name} run needs its {' and '.join(missing)} (computed "
+                "from the starting weights)"
+            )
+        train_data = dataclasses.replace(
+            train_data, path=reference_pairs_file(cfg, model, state.params, tokenizer, mesh), format="pretokenized"
+        )
         if eval_data:
-            eval_data = dataclasses.replace(eval_data, path=_reference_data(cfg, model, state.params, tokenizer, mesh, "eval"), format="pretokenized")
-    data = PairBatches(train_data, tokenizer, vocab_size=model.config.vocab_size)
+            eval_data = dataclasses.replace(
+                eval_data,
+                path=reference_pairs_file(cfg, model, state.params, tokenizer, mesh, "eval"),
+                format="pretokenized",
+            )
+    data = PairBatches(
+        train_data,
+        tokenizer,
+        cfg.batch_size,
+        seed=cfg.seed,
+        micro_batches=cfg.micro_batches,
+        row_multiple=row_multiple(mesh),
+        vocab_size=model.config.vocab_size,
+    )
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
     step_fn, eval_fn = jit_steps(cfg, model, tx, schedule, state_shardings, mesh)
-    return Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data), checkpointer, data
+    return (
+        Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data),
+        checkpointer,
+        data,
+    )
 
 
-def evaluate(run: Run) -> dict[str, float]:
+def run_evaluation(run: Run) -> dict[str, float]:
     """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split (rounded
     up to whole batches), with the train step's loss function."""
-    batches = PairBatches(run.eval_data, run.tokenizer, vocab_size=run.model.config.vocab_size)
+    batches = PairBatches(
+        run.eval_data,
+        run.tokenizer,
+        run.cfg.batch_size,
+        row_multiple=row_multiple(run.mesh),
+        vocab_size=run.model.config.vocab_size,
+    )
     totals: dict[str, float] = {}
     pairs = 0
-    for rows in itertools.islice(batches, _eval_batches(run.cfg)):
+    for rows in itertools.islice(batches, run.cfg.eval_batches):
         loss, metrics = run.eval_fn(run.state.params, global_batch(rows, run.mesh))
         for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         pairs += run.cfg.batch_size
     return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
+
+
+def eval_line(step: int, row: dict[str, float]) -> str:
+    """One evaluation's headline numbers, for the log."""
+    return (
+        f"step {step}: eval loss {row['eval/loss']:.4f}, logps/chosen {row['eval/logps/chosen']:+.4f}, "
+        f"logps/rejected {row['eval/logps/rejected']:+.4f}, rewards/accuracies {row['eval/rewards/accuracies']:.3f}"
+    )
 
 
 def skipped_records(data: PairBatches) -> dict[str, int]:
@@ -348,9 +284,16 @@ def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, skipped_before:
     weights unchanged); stops the run after ``max_consecutive_skips`` in a row."""
     new = int(row["skipped_steps"]) - skipped_before
     if new > 0:
-        log.warning("step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)", step, new)
+        log.warning(
+            "step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (weights unchanged)",
+            step,
+            new,
+        )
     if row["consecutive_skips"] >= cfg.max_consecutive_skips:
-        raise AsftError(f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient (skipped); last good checkpoint: {last_good}")
+        raise AsftError(
+            f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient "
+            f"(skipped); last good checkpoint: {last_good}"
+        )
 
 
 class _Preemption:
@@ -394,8 +337,11 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     skipped_steps = int(run.state.opt_state.total_notfinite)  # as of the last log (or the restored step)
     tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
-        metrics_log.write(last := {"step": 0, **evaluate(run)})
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer)
+        metrics_log.write(last := {"step": 0, **run_evaluation(run)})
+        log.info(eval_line(0, last))
+    bar = tqdm(
+        total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer
+    )
     try:
         for step in range(start_step, cfg.max_steps):
             try:
@@ -411,19 +357,33 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
                 row.update(_skip_metrics(skipped_records(data)))
-                _check_skipped_steps(cfg, done, row, skipped_steps, f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet")
+                _check_skipped_steps(
+                    cfg,
+                    done,
+                    row,
+                    skipped_steps,
+                    f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet",
+                )
                 skipped_steps = int(row["skipped_steps"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
-                row.update(evaluate(run))
+                row.update(run_evaluation(run))
+                log.info(eval_line(done, row))
             if row:
                 metrics_log.write(last := {"step": done, **row})
             bar.update(1)
             if on_step is not None:
                 on_step(done)
-            stop = any(all_hosts(preemption.requested))  # every host stops at the same step (a SIGTERM reaches them at different times)
+            stop = any(
+                all_hosts(preemption.requested)
+            )  # every host stops at the same step (a SIGTERM reaches them at different times)
             if done % cfg.save_steps == 0 or done == cfg.max_steps or stop:
-                checkpointer.save(done, run.state, {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())}, to_dict(cfg))
+                checkpointer.save(
+                    done,
+                    run.state,
+                    {"process_count": jax.process_count(), "hosts": all_hosts(data.get_state())},
+                    to_dict(cfg),
+                )
                 last_saved = done
             if stop:
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
@@ -441,33 +401,11 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     return last
 
 
-def host_data_state(saved: dict, process_index: int, process_count: int) -> dict:
-    """This host's data-pipeline state from a checkpoint's ``{"process_count", "hosts": [...]}``.
-
-    On the same number of processes each host resumes its own slice exactly. On another number,
-    the records consumed by all hosts are shared out evenly (exact when no host had dropped a bad
-    record; otherwise within the number dropped) and the skip counts go to process 0.
-    """
-    hosts, saved_count = saved["hosts"], saved["process_count"]
-    if saved_count == process_count:
-        return hosts[process_index]
-    try:
-        consumed = sum(int(h["items"]["next_index"]) for h in hosts)
-    except (KeyError, TypeError):
-        raise AsftError(f"checkpoint: cannot map the data position of {saved_count} processes onto {process_count}") from None
-    log.warning("resuming a %d-process run on %d processes: %d records consumed in all", saved_count, process_count, consumed)
-    first = process_index == 0
-    skipped = collections.Counter()
-    for h in hosts:
-        skipped.update(h["skipped"])
-    return {"items": {"next_index": consumed // process_count}, "skipped": dict(skipped) if first else {}, "first": hosts[0]["first"] if first else {}}
-
-
 def _export(cfg: TrainConfig, run: Run) -> None:
     """The trained weights as an HF folder (with the source's tokenizer and generation config);
     every process takes part in gathering the parameters, process 0 writes."""
-    from asft_jax.export import export_model
-    from asft_jax.hf import export_params
+    from asft_jax.io.export import export_model
+    from asft_jax.io.hf import export_params
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

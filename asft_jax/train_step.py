@@ -33,7 +33,18 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
 
 
-def make_optimizer(learning_rate: float, total_steps: int, *, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, warmup_ratio=0.03, schedule="linear", max_grad_norm=2.0):
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    warmup_ratio=0.03,
+    schedule="linear",
+    max_grad_norm=2.0,
+):
     """AdamW with warmup then linear or cosine decay to 0, after global-norm clipping; a step whose
     gradient is not finite changes neither the parameters nor the AdamW state (``skip_counts``).
 
@@ -46,7 +57,10 @@ def make_optimizer(learning_rate: float, total_steps: int, *, weight_decay=0.0, 
         lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(total_steps, warmup + 1), 0.0)
     else:
         lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)), optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1))],
+            [
+                optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+                optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1)),
+            ],
             [max(warmup, 1)],
         )
     tx = optax.chain(
@@ -70,7 +84,10 @@ def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dic
     refs = {}
     if objective in NEEDS_REFERENCE:
         ref = mb["ref_logps"]
-        refs = {"ref_chosen": SequenceLogps(ref[:, 0], counts[:, 0]), "ref_rejected": SequenceLogps(ref[:, 1], counts[:, 1])}
+        refs = {
+            "ref_chosen": SequenceLogps(ref[:, 0], counts[:, 0]),
+            "ref_rejected": SequenceLogps(ref[:, 1], counts[:, 1]),
+        }
     loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
     return loss.sum(), {k: v * pairs for k, v in metrics.items()}
 
@@ -85,10 +102,16 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         def accumulate(carry, mb):
             grads, loss, metrics = carry
             (mb_loss, mb_metrics), mb_grads = grad_fn(state.params, mb)
-            return (jax.tree.map(jnp.add, grads, mb_grads), loss + mb_loss, jax.tree.map(jnp.add, metrics, mb_metrics)), None
+            return (
+                jax.tree.map(jnp.add, grads, mb_grads),
+                loss + mb_loss,
+                jax.tree.map(jnp.add, metrics, mb_metrics),
+            ), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        metric_shapes = jax.eval_shape(lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], batch))[1])
+        metric_shapes = jax.eval_shape(
+            lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], batch))[1]
+        )
         init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, batch)
         finite = jnp.isfinite(loss)  # a non-finite loss with finite gradients is skipped too
@@ -97,7 +120,9 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         params = optax.apply_updates(state.params, updates)
         out = {k: v / pairs for k, v in metrics.items()}
         out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), **skip_counts(opt_state))
-        out["learning_rate"] = schedule(state.step - state.opt_state.total_notfinite)  # skipped steps do not advance AdamW's schedule
+        out["learning_rate"] = schedule(
+            state.step - state.opt_state.total_notfinite
+        )  # skipped steps do not advance AdamW's schedule
         return TrainState(state.step + 1, params, opt_state), out
 
     return train_step

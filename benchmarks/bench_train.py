@@ -43,14 +43,23 @@ from asft_jax.aot import model_flops
 from asft_jax.data.packing import LAYOUTS
 
 COLUMNS = [
-    ("layout", "{:<21}"), ("objective", "{:<9}"), ("rows x len", "{:>10}"), ("tokens/s", "{:>9.1f}"), ("pairs/s", "{:>8.3f}"),
-    ("step s", "{:>7.2f}"), ("compile s", "{:>9.1f}"), ("shapes", "{:>6}"), ("host MiB", "{:>8.0f}"), ("device MiB", "{:>10}"), ("MFU", "{:>6}"),
+    ("layout", "{:<21}"),
+    ("objective", "{:<9}"),
+    ("rows x len", "{:>10}"),
+    ("tokens/s", "{:>9.1f}"),
+    ("pairs/s", "{:>8.3f}"),
+    ("step s", "{:>7.2f}"),
+    ("compile s", "{:>9.1f}"),
+    ("shapes", "{:>6}"),
+    ("host MiB", "{:>8.0f}"),
+    ("device MiB", "{:>10}"),
+    ("MFU", "{:>6}"),
 ]
 
 
 def _write_pairs(args, path: str) -> None:
-    from asft_jax.data.pretokenized import write_pairs
-    from asft_jax.sources import resolve
+    from asft_jax.data.pairs import write_pairs
+    from asft_jax.io import resolve
 
     count = args.pairs * (args.steps + 1)
     if args.synthetic:
@@ -63,18 +72,31 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
-    from asft_jax.sharding import activate, make_mesh
-    from asft_jax.train import global_batch, setup
+    from asft_jax.sharding import activate, global_batch, make_mesh
+    from asft_jax.train import setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
     data = os.path.join(work, "pairs.jsonl")
     _write_pairs(args, data)
     model = [f"model.init={json.dumps(SHAPES[args.shape])}"] if args.shape else [f"model.source={args.model}"]
-    cfg = load_config(None, [
-        *model, f"output_dir={work}/run", f"data.path={data}", "data.format=pretokenized", f"data.layout={layout}", "data.shuffle=false",
-        f"data.max_length={args.max_length}", f"batch_size={args.pairs}", f"objective.name={objective}", f"max_steps={args.steps + 1}",
-        f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat_policy={args.remat}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            *model,
+            f"output_dir={work}/run",
+            f"data.path={data}",
+            "data.format=pretokenized",
+            f"data.layout={layout}",
+            "data.shuffle=false",
+            f"data.max_length={args.max_length}",
+            f"batch_size={args.pairs}",
+            f"objective.name={objective}",
+            f"max_steps={args.steps + 1}",
+            f"model.dtype={args.dtype}",
+            f"model.attention={args.attention}",
+            f"model.remat_policy={args.remat}",
+        ],
+    )
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     with activate(mesh):  # DPO-family objectives: the reference pass over the pairs happens here, off the clock
         run, _, batches = setup(cfg, mesh)
@@ -112,13 +134,23 @@ def run_one(args, layout: str, objective: str) -> dict:
     mfu = flops / sum(times) / (peak * jax.device_count()) if peak and run.model.dtype != jnp.float32 else None
     first = host[0]["tokens"]
     return {
-        "layout": layout, "objective": objective, "rows x len": f"{first.shape[0] * first.shape[1]}x{first.shape[2]}",
-        "tokens/s": sum(tokens[1:]) / sum(times), "pairs/s": args.pairs * len(times) / sum(times), "step s": statistics.median(times),
-        "compile s": compile_s[0], "shapes": len(compiled), "host MiB": peak_rss_mib(),
+        "layout": layout,
+        "objective": objective,
+        "rows x len": f"{first.shape[0] * first.shape[1]}x{first.shape[2]}",
+        "tokens/s": sum(tokens[1:]) / sum(times),
+        "pairs/s": args.pairs * len(times) / sum(times),
+        "step s": statistics.median(times),
+        "compile s": compile_s[0],
+        "shapes": len(compiled),
+        "host MiB": peak_rss_mib(),
         "device MiB": f"{stats['peak_bytes_in_use'] / 2**20:.0f}" if "peak_bytes_in_use" in stats else "n/a",
         "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
-        "step_times_s": times, "compile_times_s": compile_s, "model_tflop_per_step": flops / len(times) / 1e12,
-        "device": device.device_kind, "devices": jax.device_count(), "dtype": jnp.dtype(run.model.dtype).name,
+        "step_times_s": times,
+        "compile_times_s": compile_s,
+        "model_tflop_per_step": flops / len(times) / 1e12,
+        "device": device.device_kind,
+        "devices": jax.device_count(),
+        "dtype": jnp.dtype(run.model.dtype).name,
     }
 
 
@@ -141,7 +173,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--remat", default="dots_no_batch", help="model.remat_policy (none needs ~20 GiB for 8 pairs x 512 on SmolLM2)")
+    p.add_argument(
+        "--remat", default="dots_no_batch", help="model.remat_policy (none needs ~20 GiB for 8 pairs x 512 on SmolLM2)"
+    )
     p.add_argument("--json", default="bench_train.json", help="where every number goes")
     p.add_argument("--one", nargs=2, metavar=("LAYOUT", "OBJECTIVE"), help=argparse.SUPPRESS)
     return p
@@ -152,7 +186,7 @@ def main() -> None:
     if args.shape and not args.synthetic:
         raise SystemExit("--shape has no tokenizer: add --synthetic")
     if not args.shape and args.model is None:
-        from asft_jax.demo import demo_gguf
+        from asft_jax.io.demo import demo_gguf
 
         args.model = demo_gguf()
     if args.one:
@@ -161,8 +195,14 @@ def main() -> None:
     rows = []
     for layout in args.layouts:
         for objective in args.objectives:
-            argv = [a for a in sys.argv[1:]] + ["--one", layout, objective] + (["--model", args.model] if args.model else [])
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True, check=False)
+            argv = (
+                [a for a in sys.argv[1:]]
+                + ["--one", layout, objective]
+                + (["--model", args.model] if args.model else [])
+            )
+            done = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True, check=False
+            )
             if done.returncode:
                 raise SystemExit(f"{layout}/{objective} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def trl_records(args) -> list[dict]:
     """The pairs ours trains on, as the chat-templated strings TRL tokenizes itself."""
-    from asft_jax.demo import demo_gguf
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
+    from asft_jax.io.demo import demo_gguf
 
     tok = resolve(demo_gguf()).tokenizer()
     pairs = real_pairs(tok, args.pairs * (args.steps + 1), args.max_length)
@@ -41,8 +41,15 @@ def trl_records(args) -> list[dict]:
     out = []
     for p in pairs:
         rec = raw[p.index]
-        prompt = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True, tokenize=False)
-        full = {k: tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec[k]}], tokenize=False) for k in ("chosen", "rejected")}
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
+        full = {
+            k: tok.apply_chat_template(
+                [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec[k]}], tokenize=False
+            )
+            for k in ("chosen", "rejected")
+        }
         out.append({"prompt": prompt, **{k: v[len(prompt) :] for k, v in full.items()}})
     return out
 
@@ -52,16 +59,26 @@ def run_trl(args, which: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from asft_jax.demo import demo_hf_folder
+    from asft_jax.io.export import demo_hf_folder
 
     folder = demo_hf_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     common = {
-        "output_dir": tempfile.mkdtemp(prefix="bench_trl_"), "per_device_train_batch_size": args.trl_micro,
-        "gradient_accumulation_steps": args.pairs // args.trl_micro, "max_steps": args.steps + 1,
-        "max_length": args.max_length, "gradient_checkpointing": False, "bf16": False, "fp16": False, "use_cpu": True,
-        "report_to": [], "save_strategy": "no", "logging_steps": 10**6, "learning_rate": 1e-6, "dataloader_num_workers": 0,
+        "output_dir": tempfile.mkdtemp(prefix="bench_trl_"),
+        "per_device_train_batch_size": args.trl_micro,
+        "gradient_accumulation_steps": args.pairs // args.trl_micro,
+        "max_steps": args.steps + 1,
+        "max_length": args.max_length,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 10**6,
+        "learning_rate": 1e-6,
+        "dataloader_num_workers": 0,
     }
     data = Dataset.from_list(trl_records(args))
     if which == "orpo":
@@ -99,7 +116,14 @@ def run_trl(args, which: str) -> dict:
     per_step = tokens[-len(times) * accum :]  # DPO's reference pass collates batches of its own first
     counted = [sum(per_step[i : i + accum]) for i in range(accum, len(per_step), accum)]  # after the warm-up step
     timed = times[1:]
-    return {"trainer": f"trl-{which}", "tokens/s": sum(counted) / sum(timed), "step s": statistics.median(timed), "host MiB": peak_rss_mib(), "step_times_s": timed, "tokens": counted}
+    return {
+        "trainer": f"trl-{which}",
+        "tokens/s": sum(counted) / sum(timed),
+        "step s": statistics.median(timed),
+        "host MiB": peak_rss_mib(),
+        "step_times_s": timed,
+        "tokens": counted,
+    }
 
 
 def subprocess_json(argv: list[str]) -> dict:
@@ -116,16 +140,37 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--layout", default="packed_shared_prefix")
     p.add_argument("--remat", default="dots_no_batch")
-    p.add_argument("--trl-micro", type=int, default=2, help="TRL's per-device batch; gradient accumulation makes up --pairs (4 runs out of 24 GiB here)")
+    p.add_argument(
+        "--trl-micro",
+        type=int,
+        default=2,
+        help="TRL's per-device batch; gradient accumulation makes up --pairs (4 runs out of 24 GiB here)",
+    )
     p.add_argument("--json", default="bench_vs_trl.json")
     p.add_argument("--trl", choices=["orpo", "dpo"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl:
         print(json.dumps(run_trl(args, args.trl)))
         return
-    shared = ["--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps), "--trl-micro", str(args.trl_micro)]
-    ours = subprocess_json([os.path.join(HERE, "bench_train.py"), *shared[:6], "--remat", args.remat, "--one", args.layout, "asft"])
-    rows = [{"trainer": f"asft-jax asft ({args.layout})", **{k: ours[k] for k in ("tokens/s", "step s", "host MiB", "step_times_s")}}]
+    shared = [
+        "--pairs",
+        str(args.pairs),
+        "--max-length",
+        str(args.max_length),
+        "--steps",
+        str(args.steps),
+        "--trl-micro",
+        str(args.trl_micro),
+    ]
+    ours = subprocess_json(
+        [os.path.join(HERE, "bench_train.py"), *shared[:6], "--remat", args.remat, "--one", args.layout, "asft"]
+    )
+    rows = [
+        {
+            "trainer": f"asft-jax asft ({args.layout})",
+            **{k: ours[k] for k in ("tokens/s", "step s", "host MiB", "step_times_s")},
+        }
+    ]
     for which in ("orpo", "dpo"):
         rows.append(subprocess_json([os.path.abspath(__file__), *shared, "--trl", which]))
         print(f"{which}: {rows[-1]['tokens/s']:.1f} tokens/s", file=sys.stderr)

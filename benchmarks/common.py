@@ -7,27 +7,37 @@ import resource
 
 import numpy as np
 
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
+from asft_jax.model.presets import PRESETS
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")
 
 # LlamaConfig fields of the shapes the benchmarks use with random weights ("tiny": smoke tests)
 SHAPES = {
-    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-    "smollm2-135m": {
-        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
     },
-    "llama-3.2-1b": {
-        "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "rope_theta": 500000.0, "tie_word_embeddings": True, "max_position_embeddings": 131072,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    },
+    "smollm2-135m": PRESETS["HuggingFaceTB/SmolLM2-135M-Instruct"],
+    "llama-3.2-1b": PRESETS["meta-llama/Llama-3.2-1B"],
 }
 
 # dense bf16 peak of one chip, FLOP/s, by a substring of jax's device_kind
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+PEAK_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
 
 
 def real_pairs(tokenizer, count: int, max_length: int, path: str = ULTRAFEEDBACK) -> list[TokenizedPair]:
@@ -37,7 +47,9 @@ def real_pairs(tokenizer, count: int, max_length: int, path: str = ULTRAFEEDBACK
     from asft_jax.data.tokenize import Encoder
 
     source = RecordSource(path, "train")  # the split matters only for Hub ids
-    pairs = list(encode_source(source, detect_source_format(source), Encoder(tokenizer, max_length), limit=4 * count))[:count]
+    pairs = list(encode_source(source, detect_source_format(source), Encoder(tokenizer, max_length), limit=4 * count))[
+        :count
+    ]
     if len(pairs) < count:
         raise SystemExit(f"{path}: only {len(pairs)} usable pairs, {count} needed")
     return pairs

@@ -48,7 +48,11 @@ def main() -> None:
     print(f"{'layers':>6} {'trace+lower s':>14} {'compile s':>10}")
     for r in results:
         print(f"{r['layers']:>6} {r['trace_lower_s']:>14.2f} {r['compile_s']:>10.2f}")
-    print(json.dumps({"device": jax.devices()[0].device_kind, "length": args.length, "pairs": args.pairs, "results": results}))
+    print(
+        json.dumps(
+            {"device": jax.devices()[0].device_kind, "length": args.length, "pairs": args.pairs, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import os
 import statistics
 import time
 
-from asft_jax.demo import demo_gguf
 from asft_jax.generate import Generator, SamplingConfig, stop_token_ids
+from asft_jax.io import resolve
+from asft_jax.io.demo import demo_gguf
 from asft_jax.model import Llama
 from asft_jax.sharding import make_mesh
-from asft_jax.sources import resolve
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -35,7 +35,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--transformers", action="store_true", help="also time transformers' generate (needs torch, accelerate)")
+    parser.add_argument(
+        "--transformers", action="store_true", help="also time transformers' generate (needs torch, accelerate)"
+    )
     args = parser.parse_args()
 
     gguf = demo_gguf()
@@ -43,9 +45,23 @@ def main() -> None:
     tok = src.tokenizer()
     with open(os.path.join(DATA, "mt_bench", "question.jsonl")) as f:
         questions = [json.loads(line)["turns"][0] for line in f][: args.prompts]
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)["input_ids"]) for q in questions]
+    prompts = [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+        )
+        for q in questions
+    ]
     stops = stop_token_ids(src.config, tok)
-    gen = Generator(Llama(src.config), src.load_params(), make_mesh(), stops, SamplingConfig(args.max_new_tokens), batch_size=len(prompts))
+    gen = Generator(
+        Llama(src.config),
+        src.load_params(),
+        make_mesh(),
+        stops,
+        SamplingConfig(args.max_new_tokens),
+        batch_size=len(prompts),
+    )
     run = lambda: sum(len(o) for o in gen(prompts))
     first = timed(run)
     later = [timed(run) for _ in range(args.repeats)]
@@ -60,21 +76,36 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
+        ).eval()
         length = max(map(len, prompts))
         ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
 
         def hf() -> int:
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=list(stops), pad_token_id=0)
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=list(stops),
+                    pad_token_id=0,
+                )
             new = out[:, length:].tolist()
             return sum(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new)
 
         hf()  # warm-up
         runs = [timed(hf) for _ in range(args.repeats)]
         t = statistics.median(s for s, _ in runs)
-        results.update({"transformers decode s (median)": round(t, 2), "transformers new tokens/s": round(runs[0][1] / t, 1), "transformers new tokens": runs[0][1]})
+        results.update(
+            {
+                "transformers decode s (median)": round(t, 2),
+                "transformers new tokens/s": round(runs[0][1] / t, 1),
+                "transformers new tokens": runs[0][1],
+            }
+        )
     print(json.dumps(results, indent=1))
 
 

@@ -14,8 +14,9 @@ import time
 
 import jax
 
-from asft_jax.demo import demo_gguf, demo_hf_folder
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
+from asft_jax.io.demo import demo_gguf
+from asft_jax.io.export import demo_hf_folder
 
 
 def ours(src: str) -> float:

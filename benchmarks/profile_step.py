@@ -1,6 +1,7 @@
 """Where a train step's time goes: the layers' forward, their backward, the LM head's log-probs.
 
-Usage: python benchmarks/profile_step.py [--layout packed_shared_prefix] [--pairs 8] [--max-length 512] [--remat dots_no_batch]
+Usage: python benchmarks/profile_step.py [--layout packed_shared_prefix] [--pairs 8] [--max-length 512]
+       [--remat dots_no_batch]
 The demo SmolLM2-135M on the first UltraFeedback train pairs, float32, one micro-batch. Each part is
 jitted alone and timed on its second call.
 """
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 from common import real_pairs  # benchmarks/ is on sys.path
 
 from asft_jax.data.packing import LAYOUTS, layout_batch
-from asft_jax.demo import demo_gguf
+from asft_jax.io import resolve
+from asft_jax.io.demo import demo_gguf
 from asft_jax.logprobs import token_logps
 from asft_jax.model import Llama, lm_head_kernel
-from asft_jax.sources import resolve
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
 
 
@@ -44,7 +45,14 @@ def main() -> None:
     rows = jax.tree.map(lambda x: jnp.asarray(x[0]), host)
 
     def hidden(p):
-        return model.apply({"params": p}, rows["tokens"], rows["segment_ids"], rows["positions"], return_hidden=True, branch_ids=rows.get("branch_ids"))
+        return model.apply(
+            {"params": p},
+            rows["tokens"],
+            rows["segment_ids"],
+            rows["positions"],
+            return_hidden=True,
+            branch_ids=rows.get("branch_ids"),
+        )
 
     scored = jnp.take_along_axis(jax.jit(hidden)(params), rows["score_positions"][..., None], axis=1)
     kernel = lm_head_kernel(params, src.config)
@@ -55,10 +63,17 @@ def main() -> None:
     parts = {
         "layers forward": forward,
         "layers backward (remat recompute included)": both - forward,
-        "LM head log-probs forward + backward": timed(jax.grad(lambda h, k: token_logps(h, k, rows["targets"]).sum(), argnums=(0, 1)), scored, kernel),
-        "whole train step": timed(make_train_step(model, "asft", {}, tx, schedule), state, jax.tree.map(jnp.asarray, host)),
+        "LM head log-probs forward + backward": timed(
+            jax.grad(lambda h, k: token_logps(h, k, rows["targets"]).sum(), argnums=(0, 1)), scored, kernel
+        ),
+        "whole train step": timed(
+            make_train_step(model, "asft", {}, tx, schedule), state, jax.tree.map(jnp.asarray, host)
+        ),
     }
-    print(f"{args.layout}: rows x length {tuple(rows['tokens'].shape)}, scored positions per row {rows['score_positions'].shape[1]}")
+    print(
+        f"{args.layout}: rows x length {tuple(rows['tokens'].shape)}, scored positions per row "
+        f"{rows['score_positions'].shape[1]}"
+    )
     for name, seconds in parts.items():
         print(f"{name:<44} {seconds:6.1f} s")
 

@@ -30,13 +30,19 @@ def timed(log: str, cmd: list[str]) -> int:
     peak_gib = peak / 2**30 if sys.platform == "darwin" else peak / 2**20
     os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     with open(log, "a") as f:
-        row = {"command": " ".join(cmd), "exit_status": status, "wall_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak_gib, 3)}
+        row = {
+            "command": " ".join(cmd),
+            "exit_status": status,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(peak_gib, 3),
+        }
         f.write(json.dumps(row) + "\n")
     return status
 
 
 def read_metrics(path: str) -> dict[int, dict]:
-    """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated step: the later row wins)."""
+    """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated
+    step: the later row wins)."""
     from asft_jax.report import read_run
 
     return read_run(os.path.dirname(path) or ".")[2]
@@ -50,7 +56,9 @@ def check(config: str, committed: str, overrides: list[str]) -> int:
 
     want = read_metrics(committed)
     with tempfile.TemporaryDirectory(prefix="asft_check_") as tmp:
-        cfg = load_config(config, [*overrides, f"output_dir={tmp}", "eval_steps=0", f"save_steps={CHECK_STEPS}", "export_dir=null"])
+        cfg = load_config(
+            config, [*overrides, f"output_dir={tmp}", "eval_steps=0", f"save_steps={CHECK_STEPS}", "export_dir=null"]
+        )
         train(cfg, on_step=lambda step: step == CHECK_STEPS and os.kill(os.getpid(), signal.SIGTERM))
         got = read_metrics(os.path.join(tmp, "metrics.jsonl"))
     failures = 0
@@ -58,8 +66,15 @@ def check(config: str, committed: str, overrides: list[str]) -> int:
         a, b = got[step]["loss"], want[step]["loss"]
         ok = abs(a - b) <= CHECK_RTOL * abs(b)
         failures += not ok
-        print(f"step {step}: loss {a:.6f}, committed {b:.6f}, relative difference {abs(a - b) / abs(b):.2e} {'ok' if ok else 'FAIL'}")
-    print("reproduced" if not failures else f"NOT reproduced: {failures} of {CHECK_STEPS} steps differ by more than {CHECK_RTOL:g} relative")
+        print(
+            f"step {step}: loss {a:.6f}, committed {b:.6f}, relative difference {abs(a - b) / abs(b):.2e} "
+            f"{'ok' if ok else 'FAIL'}"
+        )
+    print(
+        "reproduced"
+        if not failures
+        else f"NOT reproduced: {failures} of {CHECK_STEPS} steps differ by more than {CHECK_RTOL:g} relative"
+    )
     return 1 if failures else 0
 
 
@@ -75,7 +90,16 @@ def _eval_json(path: str) -> dict:
 
 
 def _scored(summary: dict) -> dict:
-    keep = ("pairs_scored", "logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins", "bleu4", "rougeL", "generated_pairs")
+    keep = (
+        "pairs_scored",
+        "logps/chosen",
+        "logps/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "bleu4",
+        "rougeL",
+        "generated_pairs",
+    )
     return {k: summary[k] for k in keep if k in summary}
 
 
@@ -86,7 +110,13 @@ def _after_training(docs: str, name: str, file: str, base: dict) -> dict | None:
     if not os.path.isfile(path):
         return None
     final = _eval_json(path)
-    return {**_scored(final), **{f"logps/{side}": {"step_0": base[f"logps/{side}"], "final": final[f"logps/{side}"]} for side in ("chosen", "rejected")}}
+    return {
+        **_scored(final),
+        **{
+            f"logps/{side}": {"step_0": base[f"logps/{side}"], "final": final[f"logps/{side}"]}
+            for side in ("chosen", "rejected")
+        },
+    }
 
 
 def _run_summary(docs: str, name: str, base: dict) -> dict:
@@ -98,7 +128,8 @@ def _run_summary(docs: str, name: str, base: dict) -> dict:
     with open(os.path.join(docs, name, "resources.jsonl")) as f:
         resources = [json.loads(line) for line in f if line.strip()]
     return {
-        "training_eval": {  # in-training evaluation: the first held-out pairs (data.eval_pairs), truncated as in training
+        # in-training evaluation: the first held-out pairs (data.eval_pairs), truncated as in training
+        "training_eval": {
             "steps": sorted(evals),
             "logps/chosen": {"step_0": _per_token(first, "chosen"), "final": _per_token(last, "chosen")},
             "logps/rejected": {"step_0": _per_token(first, "rejected"), "final": _per_token(last, "rejected")},
@@ -137,7 +168,10 @@ def plot_claim_a(docs: str, objectives: list[str], path: str) -> None:
                 left.plot(steps, values, style, color=f"C{i}", marker="o", ms=3, label=f"{obj} {side}")
             if side == "chosen":
                 right.plot(steps, values, style, color=f"C{i}", marker="o", ms=3, label=obj)
-    for ax, title in ((left, "DPO vs ASFT: held-out chosen (solid) and rejected (dashed)"), (right, "every objective: held-out chosen")):
+    for ax, title in (
+        (left, "DPO vs ASFT: held-out chosen (solid) and rejected (dashed)"),
+        (right, "every objective: held-out chosen"),
+    ):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set(title=title, xlabel="step", ylabel="change in mean log-prob per token since step 0")
         ax.grid(alpha=0.3)
@@ -149,29 +183,40 @@ def plot_claim_a(docs: str, objectives: list[str], path: str) -> None:
 
 def table(results: dict) -> str:
     """The README's results table (markdown) from ``results.json``."""
+
     def cell(before: float, after: float) -> str:
         return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
 
     lines = [
-        "| objective | held-out chosen (per token) | held-out rejected | accuracy | margin | BLEU-4 | ROUGE-L | harmless-base chosen | harmless-base rejected | harmless accuracy | tokens/s | peak RSS GiB |",
+        (
+            "| objective | held-out chosen (per token) | held-out rejected | accuracy | margin | BLEU-4 | ROUGE-L | "
+            "harmless-base chosen | harmless-base rejected | harmless accuracy | tokens/s | peak RSS GiB |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = results["starting_model"]
     h, m = base["heldout"], base["harmless_base"]
     lines.append(
-        f"| starting model | {h['logps/chosen']:.3f} | {h['logps/rejected']:.3f} | {h['rewards/accuracies']:.2f} | {h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "
+        f"| starting model | {h['logps/chosen']:.3f} | {h['logps/rejected']:.3f} | {h['rewards/accuracies']:.2f} | "
+        f"{h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "
         f"| {m['logps/chosen']:.3f} | {m['logps/rejected']:.3f} | {m['rewards/accuracies']:.2f} | | |"
     )
     for obj, r in results["objectives"].items():
         h, m = r["heldout"], r["harmless_base"]
         if h is None or m is None:
-            lines.append(f"| {obj} | not scored yet | | | | | | | | | {r['train_tokens_per_second']['median']:.1f} | {r['peak_rss_gib']:.2f} |")
+            lines.append(
+                f"| {obj} | not scored yet | | | | | | | | | {r['train_tokens_per_second']['median']:.1f} | "
+                f"{r['peak_rss_gib']:.2f} |"
+            )
             continue
         lines.append(
-            f"| {obj} | {cell(h['logps/chosen']['step_0'], h['logps/chosen']['final'])} | {cell(h['logps/rejected']['step_0'], h['logps/rejected']['final'])} "
+            f"| {obj} | {cell(h['logps/chosen']['step_0'], h['logps/chosen']['final'])} | "
+            f"{cell(h['logps/rejected']['step_0'], h['logps/rejected']['final'])} "
             f"| {h['rewards/accuracies']:.2f} | {h['rewards/margins']:+.4f} | {h['bleu4']:.2f} | {h['rougeL']:.4f} "
-            f"| {cell(m['logps/chosen']['step_0'], m['logps/chosen']['final'])} | {cell(m['logps/rejected']['step_0'], m['logps/rejected']['final'])} "
-            f"| {m['rewards/accuracies']:.2f} | {r['train_tokens_per_second']['median']:.1f} | {r['peak_rss_gib']:.2f} |"
+            f"| {cell(m['logps/chosen']['step_0'], m['logps/chosen']['final'])} | "
+            f"{cell(m['logps/rejected']['step_0'], m['logps/rejected']['final'])} "
+            f"| {m['rewards/accuracies']:.2f} | {r['train_tokens_per_second']['median']:.1f} | "
+            f"{r['peak_rss_gib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -35,7 +35,9 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{LAYER['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
-def write_gguf(path: str, state_dict: dict, cfg: dict, qtype: str = "F32", tokens: int | None = None, rope_freqs=None) -> None:
+def write_gguf(
+    path: str, state_dict: dict, cfg: dict, qtype: str = "F32", tokens: int | None = None, rope_freqs=None
+) -> None:
     """``state_dict``: HF names -> float32 arrays; ``cfg``: HF config dict; 2-D weights stored as ``qtype``.
 
     ``rope_freqs``: per-frequency divisors, stored the way llama.cpp stores Llama 3.1 rope scaling.

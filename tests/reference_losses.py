@@ -52,7 +52,9 @@ def reference(name, sw, nw, sl, nl, rsw=None, rsl=None, **hp):
         loss = -lw + lam * align
         dlw = -1.0 - lam * beta * sigmoid(-beta * rw) * dlog_odds(lw)
         dll = lam * beta * sigmoid(beta * rl) * dlog_odds(ll)
-        metrics.update(rewards(beta, lw, ll), align_loss=align, log_odds_chosen=rw - rl, log_odds_ratio=log_sigmoid(rw - rl))
+        metrics.update(
+            rewards(beta, lw, ll), align_loss=align, log_odds_chosen=rw - rl, log_odds_ratio=log_sigmoid(rw - rl)
+        )
     elif name == "sft":
         loss, dlw, dll = -lw, -np.ones_like(lw), np.zeros_like(ll)
         metrics.update(rewards(1.0, lw, ll))

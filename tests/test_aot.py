@@ -8,14 +8,20 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY, TINY_INIT
 
 from asft_jax.aot import parse_topology
 from asft_jax.errors import AsftError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-TINY_INIT = "{" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + ", max_position_embeddings: 128}"
-BASE = [f"model.init={TINY_INIT}", "data.path=unused.jsonl", "batch_size=8", "data.max_length=64", "mesh.data=1", "mesh.fsdp=-1"]
+BASE = [
+    f"model.init={TINY_INIT}",
+    "data.path=unused.jsonl",
+    "batch_size=8",
+    "data.max_length=64",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+]
 
 needs_libtpu = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")'
@@ -30,7 +36,12 @@ def compile_cli(topology: str, *overrides: str, base=BASE, config=CONFIG) -> tup
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
         [sys.executable, "-m", "asft_jax", "compile", config, "--topology", topology, *base, *overrides],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
     )
     lines = done.stdout.strip().splitlines()
     return done.returncode, json.loads(lines[-1]) if lines else None, done.stderr
@@ -38,7 +49,17 @@ def compile_cli(topology: str, *overrides: str, base=BASE, config=CONFIG) -> tup
 
 def tiny_params() -> int:
     """Parameters of the TINY shape, counted from the architecture (untied head)."""
-    v, e, f, n, h, k = (TINY[x] for x in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"))
+    v, e, f, n, h, k = (
+        TINY[x]
+        for x in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    )
     d = e // h
     layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e  # q, k+v, o, gate/up/down, two norms
     return v * e + n * layer + e + e * v  # embedding, layers, final norm, LM head
@@ -65,18 +86,24 @@ def test_unknown_topology_is_one_line(capsys):
 
     assert main(["compile", "unused.yaml", "--topology", "v7x-8"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("asft: error: unknown topology 'v7x-8'; accepted: ") and "v5p-N" in err[0]
+    assert (
+        len(err) == 1 and err[0].startswith("asft: error: unknown topology 'v7x-8'; accepted: ") and "v5p-N" in err[0]
+    )
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
     rc, four, err = compile_cli("v5p:2x2x1")
     assert rc == 0, err[-2000:]
-    assert four["topology"] == "v5p:2x2x1" and four["chips"] == 4 and four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert (
+        four["topology"] == "v5p:2x2x1" and four["chips"] == 4 and four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    )
     assert four["attention"] in ("splash", "xla") and four["fits"] is True and four["hbm_per_chip_gib"] == 95
     n = tiny_params()
     assert four["params"] == n
-    # float32 parameters + two float32 AdamW moments, split over 4 chips by fsdp (a dimension 4 does not divide stays whole)
+    # float32 parameters + two float32 AdamW moments, split over 4 chips by fsdp (a dimension 4 does
+    # not divide stays whole)
     assert four["params_and_optimizer_per_chip_gib"] == pytest.approx(n * (4 + 8) / 4 / 2**30, rel=0.15)
     assert 0 < four["params_and_optimizer_per_chip_gib"] < four["peak_per_chip_gib"] < 1
     assert 0 < four["eval_peak_per_chip_gib"] < four["peak_per_chip_gib"]
@@ -90,6 +117,7 @@ def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_dpo_compiles_with_packed_layout():
     rc, report, err = compile_cli("v5e:2x2", "objective.name=dpo", "data.layout=packed")
     assert rc == 0, err[-2000:]
@@ -97,25 +125,45 @@ def test_dpo_compiles_with_packed_layout():
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_too_big_for_a_small_slice_is_one_line():
-    # Llama-3.2-3B (built-in architecture, no download): 3.2 B float32 parameters + AdamW = 36 GiB on one 16 GiB v5e chip
-    big = ["model.source=meta-llama/Llama-3.2-3B", "model.init=null", "data.path=unused.jsonl", "batch_size=8", "data.max_length=64"]
+    # Llama-3.2-3B (built-in architecture, no download): 3.2 B float32 parameters + AdamW = 36 GiB
+    # on one 16 GiB v5e chip
+    big = [
+        "model.source=meta-llama/Llama-3.2-3B",
+        "model.init=null",
+        "data.path=unused.jsonl",
+        "batch_size=8",
+        "data.max_length=64",
+    ]
     rc, report, err = compile_cli("v5e:1x1", base=big)
     last = err.strip().splitlines()[-1]
     assert rc == 1 and report is None
-    assert last.startswith("asft: error: does not fit v5e:1x1: parameters and AdamW state alone need 35.") and "v5e-4" in last, last
+    assert (
+        last.startswith("asft: error: does not fit v5e:1x1: parameters and AdamW state alone need 35.")
+        and "v5e-4" in last
+    ), last
     rc, _, err = compile_cli("v5e:2x2", "mesh.data=-1", base=big)  # replicated over 4 chips: shard it first
     assert rc == 1 and "first: set mesh.fsdp=-1" in err.strip().splitlines()[-1]
 
 
 @needs_libtpu
+@pytest.mark.spawn
 def test_the_70b_recipe_on_too_small_a_slice_is_one_line():
-    rc, _, err = compile_cli("v5p-16", base=[], config=os.path.join(REPO, "configs", "llama3_70b_instruct_ultrafeedback_asft.yaml"))
+    rc, _, err = compile_cli(
+        "v5p-16", base=[], config=os.path.join(REPO, "configs", "llama3_70b_instruct_ultrafeedback_asft.yaml")
+    )
     last = err.strip().splitlines()[-1]
     v, e, f, n, h, k, d = 128256, 8192, 28672, 80, 64, 8, 128  # Llama-3.1-70B's config.json
-    params = 2 * v * e + n * (2 * e * h * d + 2 * e * k * d + 3 * e * f + 2 * e) + e  # embedding + head, layers, final norm
+    params = (
+        2 * v * e + n * (2 * e * h * d + 2 * e * k * d + 3 * e * f + 2 * e) + e
+    )  # embedding + head, layers, final norm
     # float32 parameters + two AdamW moments = 12 bytes each, over 8 chips
-    assert rc == 1 and f"alone need {params * 12 / 8 / 2**30:.2f} GiB per chip" in last and "use more chips: v5p-32" in last, last
+    assert (
+        rc == 1
+        and f"alone need {params * 12 / 8 / 2**30:.2f} GiB per chip" in last
+        and "use more chips: v5p-32" in last
+    ), last
 
 
 @needs_libtpu
@@ -129,7 +177,10 @@ def test_peak_over_hbm_names_the_shortfall(monkeypatch):
     cfg = load_config(CONFIG, BASE)
     report = aot.compile_steps(cfg, "v5p-8")
     assert report["fits"] is False
-    assert report["error"].startswith("does not fit v5p:2x2x1: needs 0.0") and "per chip, has 0.0 of 0.01 GiB (10% headroom); first: " in report["error"]
+    assert (
+        report["error"].startswith("does not fit v5p:2x2x1: needs 0.0")
+        and "per chip, has 0.0 of 0.01 GiB (10% headroom); first: " in report["error"]
+    )
     with pytest.raises(AsftError, match="does not fit"):
         aot.main(cfg, "v5p-8")
 

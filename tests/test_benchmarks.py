@@ -7,19 +7,51 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from helpers import REPO
 
 
+@pytest.mark.spawn
 def test_bench_train_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--shape", "tiny", "--synthetic", "--max-length", "128", "--pairs", "4", "--steps", "2", "--dtype", "bfloat16",
-            "--layouts", "padded", "packed_shared_prefix", "--objectives", "asft", "dpo", "--json", str(out)]
-    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), *args], capture_output=True, text=True, check=False, cwd=tmp_path)
+    args = [
+        "--shape",
+        "tiny",
+        "--synthetic",
+        "--max-length",
+        "128",
+        "--pairs",
+        "4",
+        "--steps",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--layouts",
+        "padded",
+        "packed_shared_prefix",
+        "--objectives",
+        "asft",
+        "dpo",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["layout", "objective"] and len(lines) == 5
     results = json.loads(out.read_text())["results"]
-    assert [(r["layout"], r["objective"]) for r in results] == [("padded", "asft"), ("padded", "dpo"), ("packed_shared_prefix", "asft"), ("packed_shared_prefix", "dpo")]
+    assert [(r["layout"], r["objective"]) for r in results] == [
+        ("padded", "asft"),
+        ("padded", "dpo"),
+        ("packed_shared_prefix", "asft"),
+        ("packed_shared_prefix", "dpo"),
+    ]
     for r in results:
         assert r["tokens/s"] > 0 and len(r["step_times_s"]) == 2 and r["dtype"] == "bfloat16" and r["shapes"] >= 1
         assert r["MFU"] == "n/a"  # no known peak for a CPU

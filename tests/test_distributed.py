@@ -12,11 +12,12 @@ import time
 import types
 
 import pytest
-from test_train import TINY_INIT, assert_curves_close, config, curve
+from helpers import TINY_INIT, assert_curves_close, config, curve
 
+from asft_jax.data.pipeline import host_data_state
 from asft_jax.distributed import coordinates
 from asft_jax.errors import AsftError
-from asft_jax.train import host_data_state, train
+from asft_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "multiprocess_local.sh")
@@ -24,8 +25,17 @@ _ports = iter(range(23400, 23500))
 
 
 def overrides(out, pairs, *extra) -> list[str]:
-    return [f"output_dir={out}", f"data.path={pairs}", f"model.init={TINY_INIT}", "save_steps=3", "batch_size=8",
-            "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0", *extra]
+    return [
+        f"output_dir={out}",
+        f"data.path={pairs}",
+        f"model.init={TINY_INIT}",
+        "save_steps=3",
+        "batch_size=8",
+        "learning_rate=3e-3",
+        "data.max_length=64",
+        "optimizer.warmup_ratio=0.0",
+        *extra,
+    ]
 
 
 def empty_config(out) -> str:
@@ -37,9 +47,22 @@ def empty_config(out) -> str:
 
 def launch(n: int, out, pairs, *extra, devices: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
     """``launch/multiprocess_local.sh N`` with the tiny model; the config comes from overrides only."""
-    env = {**os.environ, "PORT": str(next(_ports)), "DEVICES": str(devices), "LOG_DIR": str(out) + "_logs", "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "PORT": str(next(_ports)),
+        "DEVICES": str(devices),
+        "LOG_DIR": str(out) + "_logs",
+        "PYTHON": sys.executable,
+    }
     cfg = empty_config(out)
-    return subprocess.run(["bash", LAUNCH, str(n), cfg, *overrides(out, pairs, *extra)], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        ["bash", LAUNCH, str(n), cfg, *overrides(out, pairs, *extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def logs(out) -> str:
@@ -48,14 +71,13 @@ def logs(out) -> str:
 
 
 @pytest.fixture(scope="module")
-def single(pairs, tmp_path_factory):
+def single(trained):
     """The single-process reference: 6 steps, global batch 8, on this process's 8 devices."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    train(config(out, pairs, "save_steps=3"))
-    return curve(out)
+    return curve(trained())
 
 
 @pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.spawn
 def test_processes_reproduce_the_single_process_curve(n, pairs, single, tmp_path):
     out = tmp_path / "run"
     done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
@@ -73,6 +95,7 @@ def rewind(out, step: int) -> None:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.spawn
 def test_checkpoints_move_between_process_counts(pairs, single, tmp_path):
     """Step 3 of a 2-process run resumed by one process, and step 3 of a 1-process run resumed by
     two, both continue the single-process curve."""
@@ -95,9 +118,22 @@ def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
     """Two processes of a long run, returned once both are past step 2."""
     port, procs = next(_ports), []
     for i in range(2):
-        env = {**os.environ, "ASFT_COORDINATOR_ADDRESS": f"localhost:{port}", "ASFT_NUM_PROCESSES": "2", "ASFT_PROCESS_ID": str(i),
-               "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-        args = [sys.executable, "-m", "asft_jax", "train", empty_config(out), *overrides(out, pairs, "max_steps=100000", "save_steps=100000", *extra)]
+        env = {
+            **os.environ,
+            "ASFT_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "ASFT_NUM_PROCESSES": "2",
+            "ASFT_PROCESS_ID": str(i),
+            "JAX_PLATFORMS": "cpu",
+            "JAX_NUM_CPU_DEVICES": "2",
+        }
+        args = [
+            sys.executable,
+            "-m",
+            "asft_jax",
+            "train",
+            empty_config(out),
+            *overrides(out, pairs, "max_steps=100000", "save_steps=100000", *extra),
+        ]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 300
     while not (os.path.isfile(out / "metrics.jsonl") and len(curve(out)) >= 2):
@@ -106,6 +142,7 @@ def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.spawn
 def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp_path):
     out = tmp_path / "run"
     procs = start_training(out, pairs)
@@ -117,6 +154,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp
     assert steps == [curve(out)[-1]["step"]]
 
 
+@pytest.mark.spawn
 def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, tmp_path):
     out = tmp_path / "run"
     procs = start_training(out, pairs, "distributed.heartbeat_timeout=5")
@@ -128,30 +166,64 @@ def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(pairs, t
     assert "another task died" in err or "unhealthy" in err, err[-2000:]
 
 
+@pytest.mark.spawn
 def test_the_launcher_stops_everyone_when_one_process_fails(pairs, tmp_path):
     out = tmp_path / "run"
     done = launch(2, out, pairs, "max_steps=2", "objective.name=nonsense")
     assert done.returncode == 1
-    assert "asft: process 0 of 2 exited with status 1" in done.stderr or "asft: process 1 of 2 exited with status 1" in done.stderr
+    assert (
+        "asft: process 0 of 2 exited with status 1" in done.stderr
+        or "asft: process 1 of 2 exited with status 1" in done.stderr
+    )
 
 
+@pytest.mark.spawn
 def test_a_missing_process_fails_after_the_join_timeout(pairs, tmp_path):
-    env = {**os.environ, "ASFT_COORDINATOR_ADDRESS": f"localhost:{next(_ports)}", "ASFT_NUM_PROCESSES": "2", "ASFT_PROCESS_ID": "0",
-           "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+    env = {
+        **os.environ,
+        "ASFT_COORDINATOR_ADDRESS": f"localhost:{next(_ports)}",
+        "ASFT_NUM_PROCESSES": "2",
+        "ASFT_PROCESS_ID": "0",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "2",
+    }
     start = time.time()
-    done = subprocess.run([sys.executable, "-m", "asft_jax", "train", empty_config(tmp_path / "run"),
-                           *overrides(tmp_path / "run", pairs, "max_steps=2", "distributed.initialization_timeout=5")],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asft_jax",
+            "train",
+            empty_config(tmp_path / "run"),
+            *overrides(tmp_path / "run", pairs, "max_steps=2", "distributed.initialization_timeout=5"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 1 and time.time() - start < 60
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("asft: error: distributed: could not join 2 processes at localhost:") and "within 5 s" in last
+    assert (
+        last.startswith("asft: error: distributed: could not join 2 processes at localhost:") and "within 5 s" in last
+    )
 
 
+@pytest.mark.spawn
 def test_dry_run_prints_one_command_per_process():
-    done = subprocess.run(["bash", LAUNCH, "3", "c.yaml", "max_steps=2"], env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["bash", LAUNCH, "3", "c.yaml", "max_steps=2"],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0 and len(lines) == 3
-    assert all(f"ASFT_PROCESS_ID={i} " in line and line.endswith("train c.yaml max_steps=2") for i, line in enumerate(lines))
+    assert all(
+        f"ASFT_PROCESS_ID={i} " in line and line.endswith("train c.yaml max_steps=2") for i, line in enumerate(lines)
+    )
 
 
 def dc(**kw):
@@ -174,7 +246,10 @@ def test_where_the_coordinates_come_from():
 
 
 def test_data_positions_are_shared_out_across_process_counts():
-    hosts = [{"items": {"next_index": 12}, "skipped": {"x": 1}, "first": {"x": "f:1"}}, {"items": {"next_index": 12}, "skipped": {"x": 2}, "first": {}}]
+    hosts = [
+        {"items": {"next_index": 12}, "skipped": {"x": 1}, "first": {"x": "f:1"}},
+        {"items": {"next_index": 12}, "skipped": {"x": 2}, "first": {}},
+    ]
     saved = {"process_count": 2, "hosts": hosts}
     assert host_data_state(saved, 1, 2) == hosts[1]
     assert host_data_state(saved, 0, 1) == {"items": {"next_index": 24}, "skipped": {"x": 3}, "first": {"x": "f:1"}}
@@ -185,6 +260,7 @@ SCRIPTS = ["multiprocess_local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.spawn
 def test_launch_scripts_parse_and_pass_shellcheck(script):
     path = os.path.join(REPO, "launch", script)
     assert subprocess.run(["bash", "-n", path], check=False).returncode == 0
@@ -193,26 +269,46 @@ def test_launch_scripts_parse_and_pass_shellcheck(script):
 
 
 def dry(script: str, *args, **env) -> list[str]:
-    done = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], env={**os.environ, "DRY_RUN": "1", **env},
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", script), *args],
+        env={**os.environ, "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()
 
 
+@pytest.mark.spawn
 def test_slurm_dry_run_gives_every_task_its_id_and_the_first_node_as_coordinator():
     lines = dry("gpu_slurm.sbatch", "c.yaml", "max_steps=5", NODES="4")
     assert lines[0].startswith("srun --nodes=4 --ntasks=4 --ntasks-per-node=1 ")
     for p, line in enumerate(lines[1:]):
-        assert line.startswith(f"node{p + 1:03d} task {p}: ASFT_COORDINATOR_ADDRESS=node001:12321 ASFT_NUM_PROCESSES=4 ASFT_PROCESS_ID={p} ")
+        assert line.startswith(
+            f"node{p + 1:03d} task {p}: ASFT_COORDINATOR_ADDRESS=node001:12321 ASFT_NUM_PROCESSES=4 "
+            f"ASFT_PROCESS_ID={p} "
+        )
         assert line.endswith("-m asft_jax train c.yaml max_steps=5")
     per_gpu = dry("gpu_slurm.sbatch", "c.yaml", NODES="2", PER_GPU="1", GPUS_PER_NODE="8")
     assert len(per_gpu) == 1 + 16 and per_gpu[16].startswith("node002 task 15: CUDA_VISIBLE_DEVICES=7 ")
 
 
+@pytest.mark.spawn
 def test_tpu_dry_run_creates_copies_runs_on_all_workers_and_collects_logs():
-    lines = dry("tpu_pod.sh", "c.yaml", "max_steps=5", TPU_NAME="pod", ZONE="z", ACCELERATOR_TYPE="v4-32", NUM_WORKERS="8")
-    assert lines[0] == "gcloud compute tpus tpu-vm create pod --zone z --accelerator-type v4-32 --version tpu-ubuntu2204-base"
+    lines = dry(
+        "tpu_pod.sh", "c.yaml", "max_steps=5", TPU_NAME="pod", ZONE="z", ACCELERATOR_TYPE="v4-32", NUM_WORKERS="8"
+    )
+    assert (
+        lines[0]
+        == "gcloud compute tpus tpu-vm create pod --zone z --accelerator-type v4-32 --version tpu-ubuntu2204-base"
+    )
     ssh = [line for line in lines if " ssh pod " in line]
-    assert len(ssh) == 1 and "--worker=all" in ssh[0] and "ASFT_DISTRIBUTED=auto" in ssh[0] and "train\\ c.yaml\\ max_steps=5" in ssh[0]
+    assert (
+        len(ssh) == 1
+        and "--worker=all" in ssh[0]
+        and "ASFT_DISTRIBUTED=auto" in ssh[0]
+        and "train\\ c.yaml\\ max_steps=5" in ssh[0]
+    )
     logs = [line for line in lines if line.endswith(tuple(f"--worker={i}" for i in range(8)))]
     assert len(logs) == 8

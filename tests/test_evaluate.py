@@ -6,30 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
-from asft_jax.cli import main
-
-
-def torch_response_logps(model, prompt: list[int], response: list[int]) -> float:
-    """Sum of log pi(response | prompt) computed with transformers (float32)."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.float()[0], dim=-1)
-    return float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(response)))
-
-
-def write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
-    return str(path)
-
-
-def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
-    code = main(["eval", *args])
-    captured = capsys.readouterr()
-    lines = captured.out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if lines else None), captured.err
+from helpers import run_eval, torch_response_logps, write_jsonl
 
 
 def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, capsys):
@@ -39,7 +16,10 @@ def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, 
     def ids(n):
         return rng.integers(0, 128, n).tolist()
 
-    good = [{"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r)} for p, c, r in ((5, 9, 3), (12, 1, 20), (30, 60, 7), (2, 4, 4), (9, 9, 9))]
+    good = [
+        {"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r)}
+        for p, c, r in ((5, 9, 3), (12, 1, 20), (30, 60, 7), (2, 4, 4), (9, 9, 9))
+    ]
     bad = [
         "{not json",
         {"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [2]},
@@ -89,7 +69,10 @@ def test_strict_mode_stops_at_first_bad_record(hf_llama, tmp_path, capsys):
 
 def test_too_long_pairs_are_skipped(hf_llama, tmp_path, capsys):
     folder, _ = hf_llama()
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt_input_ids": [1] * 10, "chosen_input_ids": [3] * 5, "rejected_input_ids": [4] * 2}])
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt_input_ids": [1] * 10, "chosen_input_ids": [3] * 5, "rejected_input_ids": [4] * 2}],
+    )
     code, summary, _ = run_eval(capsys, "--model", folder, "--data", data, "--max-length", "12")
     assert code == 0 and summary["pairs_scored"] == 0 and summary["pairs_skipped"] == {"longer_than_max_length": 1}
     assert summary["rewards/accuracies"] is None
@@ -100,14 +83,29 @@ def test_objective_loss_equals_the_float64_formula(hf_llama, tmp_path, capsys):
 
     folder, _ = hf_llama()
     rng = np.random.default_rng(3)
-    pairs = [{"prompt_input_ids": rng.integers(0, 128, 6).tolist(), "chosen_input_ids": rng.integers(0, 128, c).tolist(),
-              "rejected_input_ids": rng.integers(0, 128, r).tolist()} for c, r in ((4, 9), (12, 3), (7, 7))]
+    pairs = [
+        {
+            "prompt_input_ids": rng.integers(0, 128, 6).tolist(),
+            "chosen_input_ids": rng.integers(0, 128, c).tolist(),
+            "rejected_input_ids": rng.integers(0, 128, r).tolist(),
+        }
+        for c, r in ((4, 9), (12, 3), (7, 7))
+    ]
     data, out = write_jsonl(tmp_path / "p.jsonl", pairs), tmp_path / "s.jsonl"
-    code, summary, err = run_eval(capsys, "--model", folder, "--data", data, "--output", str(out), "--objective", "asft", "--lam", "0.5")
+    code, summary, err = run_eval(
+        capsys, "--model", folder, "--data", data, "--output", str(out), "--objective", "asft", "--lam", "0.5"
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     col = lambda k: np.array([r[k] for r in rows])
-    loss, _, _, metrics = reference("asft", col("chosen_logps_sum"), col("chosen_tokens"), col("rejected_logps_sum"), col("rejected_tokens"), lam=0.5)
+    loss, _, _, metrics = reference(
+        "asft",
+        col("chosen_logps_sum"),
+        col("chosen_tokens"),
+        col("rejected_logps_sum"),
+        col("rejected_tokens"),
+        lam=0.5,
+    )
     assert summary["objective"] == "asft"
     assert summary["loss"] == pytest.approx(loss.mean(), rel=1e-5)
     assert summary["objective_metrics"]["log_odds_ratio"] == pytest.approx(metrics["log_odds_ratio"].mean(), rel=1e-5)
@@ -119,24 +117,51 @@ def test_objective_loss_equals_the_float64_formula(hf_llama, tmp_path, capsys):
 
 def test_eval_generate_scores_bleu_and_rouge_of_greedy_answers(tiny_chat_model, tmp_path, capsys):
     from asft_jax.generate import Generator, SamplingConfig, stop_token_ids
+    from asft_jax.io import resolve
     from asft_jax.model import Llama
     from asft_jax.sharding import make_mesh
-    from asft_jax.sources import resolve
     from asft_jax.text_metrics import bleu4, rouge_l
 
-    records = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."} for i in range(5)]
+    records = [
+        {"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."}
+        for i in range(5)
+    ]
     data, out = write_jsonl(tmp_path / "p.jsonl", records), tmp_path / "s.jsonl"
-    code, summary, err = run_eval(capsys, "--model", tiny_chat_model, "--data", data, "--output", str(out), "--generate", "--generate-pairs", "4", "--max-new-tokens", "6")
+    code, summary, err = run_eval(
+        capsys,
+        "--model",
+        tiny_chat_model,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--generate",
+        "--generate-pairs",
+        "4",
+        "--max-new-tokens",
+        "6",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("reference") for r in rows] == [f"It is {2 * i}." for i in range(4)] + [None]
     hyps, refs = [r["generated"] for r in rows[:4]], [r["reference"] for r in rows[:4]]
     assert summary["generated_pairs"] == 4
-    assert summary["bleu4"] == pytest.approx(bleu4(hyps, refs)) and summary["rougeL"] == pytest.approx(rouge_l(hyps, refs))
+    assert summary["bleu4"] == pytest.approx(bleu4(hyps, refs)) and summary["rougeL"] == pytest.approx(
+        rouge_l(hyps, refs)
+    )
     assert summary["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
     # the generated texts are greedy answers to the templated prompts
     src = resolve(tiny_chat_model)
     tok = src.tokenizer()
-    gen = Generator(Llama(src.config), src.load_params(), make_mesh(), stop_token_ids(src.config, tok), SamplingConfig(6))
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True)["input_ids"]) for r in records[:4]]
+    gen = Generator(
+        Llama(src.config), src.load_params(), make_mesh(), stop_token_ids(src.config, tok), SamplingConfig(6)
+    )
+    prompts = [
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        )
+        for r in records[:4]
+    ]
     assert hyps == [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen(prompts)]

@@ -7,18 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from asft_jax.errors import AsftError
 from asft_jax.generate import Generator, SamplingConfig, sample_next, stop_token_ids
+from asft_jax.io import resolve
 from asft_jax.model import Llama
-from asft_jax.sharding import make_mesh, param_shardings, placer
-from asft_jax.sources import resolve
+from asft_jax.sharding import make_mesh, param_shardings
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import make_hf_llama
+    from helpers import make_hf_llama
 
     folder = str(tmp_path_factory.mktemp("tiny"))
     torch_model = make_hf_llama(folder, num_key_value_heads=2)
@@ -34,7 +34,7 @@ def prompts(seed: int = 0, lengths=(7, 30, 1, 18, 45)) -> list[list[int]]:
 def generator(src, sampling: SamplingConfig, stops=(), mesh=None, batch_size: int = 4) -> Generator:
     mesh = mesh or make_mesh()
     model = Llama(src.config)
-    params = src.load_params(place=placer(param_shardings(model, mesh)))
+    params = src.load_params(shardings=param_shardings(model, mesh))
     return Generator(model, params, mesh, stops, sampling, batch_size)
 
 
@@ -45,8 +45,12 @@ def test_greedy_matches_transformers_generate_on_a_sharded_mesh(tiny):
     for ids, mine in zip(prompts(), got):
         with torch.no_grad():
             out = torch_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
-                do_sample=False, eos_token_id=5, pad_token_id=0,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=5,
+                pad_token_id=0,
             )
         assert mine == out[0, len(ids) :].tolist()
 
@@ -63,7 +67,9 @@ def test_rows_stop_at_their_first_stop_token(tiny):
 
 def test_sampling_is_reproducible_and_depends_on_the_seed(tiny):
     src, _ = tiny
-    sample = lambda seed: list(generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts()))
+    sample = lambda seed: list(
+        generator(src, SamplingConfig(12, temperature=1.0, top_k=40, top_p=0.95, seed=seed))(prompts())
+    )
     first = sample(1)
     assert sample(1) == first
     assert sample(2) != first

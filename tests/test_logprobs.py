@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, direct_pair_logps, padded_batch
+from helpers import TINY, direct_pair_logps, padded_batch
 
 from asft_jax.data.packing import layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.logprobs import pair_logps, token_logps
 from asft_jax.model import Llama, LlamaConfig, init_params
 
@@ -61,7 +61,9 @@ def test_pair_logps_sum_response_tokens_only(tied):
     params = init_params(model, jax.random.key(1))
     rng = np.random.default_rng(2)
     lengths = ((8, 12, 5), (5, 9, 14), (1, 3, 2))
-    pairs = [TokenizedPair(i, *(rng.integers(0, TINY["vocab_size"], n).tolist() for n in ns)) for i, ns in enumerate(lengths)]
+    pairs = [
+        TokenizedPair(i, *(rng.integers(0, TINY["vocab_size"], n).tolist() for n in ns)) for i, ns in enumerate(lengths)
+    ]
     rows = jax.tree.map(lambda x: jnp.asarray(x[0]), layout_batch(pairs, "padded", 64))
 
     def chunked(p):

@@ -23,7 +23,13 @@ CASE_HPARAMS = {
     "orpo": [{}, {"lam": 1.0}],
     "simpo": [{}, {"beta": 10.0, "gamma": 0.5}],
     "dpo": [{}, {"beta": 0.5}],
-    "ipo": [{"beta": 0.1}, {"beta": 1.0}, {"beta": 0.1, "normalize": "mean"}, {"beta": 1.0, "normalize": "sum"}, {"beta": 2.0, "normalize": "mean"}],
+    "ipo": [
+        {"beta": 0.1},
+        {"beta": 1.0},
+        {"beta": 0.1, "normalize": "mean"},
+        {"beta": 1.0, "normalize": "sum"},
+        {"beta": 2.0, "normalize": "mean"},
+    ],
     "hinge": [{"beta": 0.1}, {"beta": 2.0}],
 }
 CASES = [(name, hp) for name, hps in CASE_HPARAMS.items() for hp in hps]
@@ -54,11 +60,16 @@ def ours(name, sw, nw, sl, nl, rsw, rsl, hp):
         chosen, rejected = SequenceLogps(s_w, jnp.asarray(nw)), SequenceLogps(s_l, jnp.asarray(nl))
         refs = {}
         if name in NEEDS_REFERENCE:
-            refs = {"ref_chosen": SequenceLogps(jnp.asarray(rsw), jnp.asarray(nw)), "ref_rejected": SequenceLogps(jnp.asarray(rsl), jnp.asarray(nl))}
+            refs = {
+                "ref_chosen": SequenceLogps(jnp.asarray(rsw), jnp.asarray(nw)),
+                "ref_rejected": SequenceLogps(jnp.asarray(rsl), jnp.asarray(nl)),
+            }
         loss, metrics = preference_loss(name, chosen, rejected, **refs, **hp)
         return loss.sum(), (loss, metrics)
 
-    (_, (loss, metrics)), (gw, gl) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(jnp.asarray(sw), jnp.asarray(sl))
+    (_, (loss, metrics)), (gw, gl) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(sw), jnp.asarray(sl)
+    )
     return np.asarray(loss), np.asarray(gw), np.asarray(gl), {k: float(v) for k, v in metrics.items()}
 
 
@@ -72,7 +83,9 @@ def assert_close(got, expected, what):
 
 
 @pytest.mark.parametrize("batch", ["random", "edge"])
-@pytest.mark.parametrize(("name", "hp"), CASES, ids=[f"{n}-{i}" for n, hps in CASE_HPARAMS.items() for i in range(len(hps))])
+@pytest.mark.parametrize(
+    ("name", "hp"), CASES, ids=[f"{n}-{i}" for n, hps in CASE_HPARAMS.items() for i in range(len(hps))]
+)
 def test_loss_and_gradients_match_float64_reference(name, hp, batch):
     data = random_batch() if batch == "random" else edge_batch()
     loss, gw, gl, metrics = ours(name, *data, hp)
@@ -103,7 +116,9 @@ def test_asft_chosen_gradient_is_constant(lam):
     counts = jnp.ones(lw.shape, jnp.int32)
 
     def total(l):
-        loss, _ = preference_loss("asft", SequenceLogps(l, counts), SequenceLogps(jnp.asarray(ll), counts), lam=lam, beta=1.0)
+        loss, _ = preference_loss(
+            "asft", SequenceLogps(l, counts), SequenceLogps(jnp.asarray(ll), counts), lam=lam, beta=1.0
+        )
         return loss.sum()
 
     np.testing.assert_allclose(jax.grad(total)(jnp.asarray(lw)), -(1 + lam), rtol=1e-5)
@@ -115,7 +130,9 @@ def test_dpo_chosen_gradient_vanishes_as_the_margin_grows():
 
     def dpo_total(sw):
         zero = SequenceLogps(jnp.zeros_like(sw), ones)
-        return preference_loss("dpo", SequenceLogps(sw, ones), zero, ref_chosen=zero, ref_rejected=zero, beta=0.1)[0].sum()
+        return preference_loss("dpo", SequenceLogps(sw, ones), zero, ref_chosen=zero, ref_rejected=zero, beta=0.1)[
+            0
+        ].sum()
 
     push = -np.asarray(jax.grad(dpo_total)(margins))
     # beta * sigmoid(-beta * margin): 0.088 at margin -20, 2.5e-4 at margin 60
@@ -171,7 +188,9 @@ def test_hparams_agree_with_what_each_loss_accepts(name):
         with pytest.raises(TypeError):
             LOSSES[name](*logps, **{hparam: _valid(hparam)})
         accepted = ", ".join(EXPECTED_HPARAMS[name]) or "none"
-        with pytest.raises(ValueError, match=f"objective '{name}' takes no hyperparameter '{hparam}': it takes {accepted}$"):
+        with pytest.raises(
+            ValueError, match=f"objective '{name}' takes no hyperparameter '{hparam}': it takes {accepted}$"
+        ):
             preference_loss(name, one, one, **refs, **{hparam: _valid(hparam)})
 
 
@@ -187,8 +206,22 @@ def test_ipo_mean_divides_reference_sums_by_the_policy_counts():
     sw, nw, sl, nl, rsw, rsl = random_batch(2, 16)
     chosen, rejected = SequenceLogps(jnp.asarray(sw), jnp.asarray(nw)), SequenceLogps(jnp.asarray(sl), jnp.asarray(nl))
     ones = jnp.ones(16, jnp.int32)
-    with_counts = preference_loss("ipo", chosen, rejected, ref_chosen=SequenceLogps(rsw, nw), ref_rejected=SequenceLogps(rsl, nl), normalize="mean")
-    with_ones = preference_loss("ipo", chosen, rejected, ref_chosen=SequenceLogps(rsw, ones), ref_rejected=SequenceLogps(rsl, ones), normalize="mean")
+    with_counts = preference_loss(
+        "ipo",
+        chosen,
+        rejected,
+        ref_chosen=SequenceLogps(rsw, nw),
+        ref_rejected=SequenceLogps(rsl, nl),
+        normalize="mean",
+    )
+    with_ones = preference_loss(
+        "ipo",
+        chosen,
+        rejected,
+        ref_chosen=SequenceLogps(rsw, ones),
+        ref_rejected=SequenceLogps(rsl, ones),
+        normalize="mean",
+    )
     np.testing.assert_array_equal(with_counts[0], with_ones[0])
     expected = reference("ipo", sw, nw, sl, nl, rsw, rsl, normalize="mean")[0]
     assert_close(with_ones[0], expected, "ipo mean with reference counts of 1")

@@ -10,6 +10,7 @@ import pytest
 from asft_jax.cli import main
 from asft_jax.data.records import BadRecord
 from asft_jax.errors import AsftError
+from asft_jax.io import resolve
 from asft_jax.prompts import (
     Conversation,
     answer,
@@ -18,7 +19,6 @@ from asft_jax.prompts import (
     render,
     to_conversation,
 )
-from asft_jax.sources import resolve
 
 
 def write_jsonl(path, records) -> str:
@@ -48,7 +48,10 @@ def test_record_kinds():
         ({"turns": []}, "turns_must_be_non_empty_strings"),
         ({"turns": ["ok", 3]}, "turns_must_be_non_empty_strings"),
         ({"prompt": "  "}, "empty_prompt"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages_must_end_with_a_user_turn"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "messages_must_end_with_a_user_turn",
+        ),
         ({"text": "q"}, "needs_prompt_messages_or_turns"),
         ([1, 2], "not_an_object"),
     ],
@@ -67,29 +70,53 @@ def test_bad_record_in_a_file_names_its_line(tmp_path):
 
 def test_second_turn_sees_the_first_answer(tokenizer):
     seen: list[list[int]] = []
+    labels: list[str] = []
     replies = iter(["Paris it is.", "Berlin.", "And then Rome."])
 
-    def fake_generate(batch):
+    def fake_generate(batch, label):
         seen.extend(batch)
+        labels.append(label)
         for _ in batch:
-            yield tokenizer.encode(next(replies), add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+            yield tokenizer.encode(next(replies), add_special_tokens=False) + [
+                tokenizer.convert_tokens_to_ids("<|im_end|>")
+            ]
 
-    convs = [Conversation({"question_id": 1, "turns": ["Capital of France?", "And Italy?"]}, [], ["Capital of France?", "And Italy?"]),
-             Conversation({"prompt": "Capital of Germany?"}, [], ["Capital of Germany?"])]
+    convs = [
+        Conversation(
+            {"question_id": 1, "turns": ["Capital of France?", "And Italy?"]}, [], ["Capital of France?", "And Italy?"]
+        ),
+        Conversation({"prompt": "Capital of Germany?"}, [], ["Capital of Germany?"]),
+    ]
     answers = answer(convs, tokenizer, fake_generate, chat=True)
     assert answers == [["Paris it is.", "And then Rome."], ["Berlin."]]  # special tokens stripped
-    second = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris it is."}, {"role": "user", "content": "And Italy?"}]
+    assert labels == ["turn 1 of 2", "turn 2 of 2"]  # each turn's progress bar says which it is
+    second = [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris it is."},
+        {"role": "user", "content": "And Italy?"},
+    ]
     assert seen[2] == render(tokenizer, second, chat=True)
-    assert seen[2] == list(tokenizer.apply_chat_template(second, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert seen[2] == list(
+        tokenizer.apply_chat_template(second, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
 
 
 def test_without_a_template_messages_become_an_hh_transcript(tokenizer):
-    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
-    assert tokenizer.decode(render(tokenizer, msgs, chat=False)) == "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:"
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    assert (
+        tokenizer.decode(render(tokenizer, msgs, chat=False))
+        == "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:"
+    )
 
 
 def test_output_records():
-    mt = output_record(Conversation({"question_id": 81, "category": "writing", "turns": ["a", "b"]}, [], ["a", "b"]), ["x", "y"], "m")
+    mt = output_record(
+        Conversation({"question_id": 81, "category": "writing", "turns": ["a", "b"]}, [], ["a", "b"]), ["x", "y"], "m"
+    )
     assert set(mt) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
     assert (mt["question_id"], mt["model_id"], mt["choices"]) == (81, "m", [{"index": 0, "turns": ["x", "y"]}])
     plain = output_record(Conversation({"prompt": "p", "id": 5}, [], ["p"]), ["r"], "m")
@@ -109,8 +136,25 @@ def test_asft_generate_writes_fastchat_answers_for_mt_bench(tiny_chat_model, sha
     for name in ("a", "b", "c"):
         seed = "2" if name == "c" else "1"
         code, err = run_generate(
-            capsys, "--model", tiny_chat_model, "--prompts", prompts, "--output", str(tmp_path / f"{name}.jsonl"),
-            "--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.9", "--seed", seed, "--model-id", "tiny", "--batch-size", "2",
+            capsys,
+            "--model",
+            tiny_chat_model,
+            "--prompts",
+            prompts,
+            "--output",
+            str(tmp_path / f"{name}.jsonl"),
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--model-id",
+            "tiny",
+            "--batch-size",
+            "2",
         )
         assert code == 0, err
         with open(tmp_path / f"{name}.jsonl") as f:
@@ -126,8 +170,21 @@ def test_asft_generate_writes_fastchat_answers_for_mt_bench(tiny_chat_model, sha
 
 
 def test_asft_generate_keeps_the_input_fields(tiny_chat_model, tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "x1", "prompt": "Hello"}, {"id": "x2", "messages": [{"role": "user", "content": "Hi"}]}])
-    code, err = run_generate(capsys, "--model", tiny_chat_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "5")
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "x1", "prompt": "Hello"}, {"id": "x2", "messages": [{"role": "user", "content": "Hi"}]}],
+    )
+    code, err = run_generate(
+        capsys,
+        "--model",
+        tiny_chat_model,
+        "--prompts",
+        prompts,
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--max-new-tokens",
+        "5",
+    )
     assert code == 0, err
     with open(tmp_path / "o.jsonl") as f:
         rows = [json.loads(line) for line in f]
@@ -137,5 +194,7 @@ def test_asft_generate_keeps_the_input_fields(tiny_chat_model, tmp_path, capsys)
 
 def test_asft_generate_reports_a_bad_prompt_file(tiny_chat_model, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"messages": []}])
-    code, err = run_generate(capsys, "--model", tiny_chat_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl"))
+    code, err = run_generate(
+        capsys, "--model", tiny_chat_model, "--prompts", prompts, "--output", str(tmp_path / "o.jsonl")
+    )
     assert code == 1 and err.strip().splitlines()[-1] == f"asft: error: {prompts}:2: needs prompt messages or turns"

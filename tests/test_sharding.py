@@ -7,10 +7,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import TINY
+from helpers import TINY
 
 from asft_jax.data.packing import layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.sharding import (
     activate,
@@ -21,7 +21,12 @@ from asft_jax.sharding import (
 )
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
 
-UNEVEN = {**TINY, "num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 60}  # SmolLM2's 9/3 heads, in small
+UNEVEN = {
+    **TINY,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 3,
+    "hidden_size": 60,
+}  # SmolLM2's 9/3 heads, in small
 
 
 def step_and_batch(config, mesh):

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import padded_batch
-from test_evaluate import run_eval, torch_response_logps
+from helpers import padded_batch, run_eval, torch_response_logps
 
-from asft_jax.export import export_model
+from asft_jax.io import resolve
+from asft_jax.io.export import export_model
 from asft_jax.model import Llama
-from asft_jax.sources import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,14 @@ def prompt_batch(ours, shared_data):
     tok = src.tokenizer()
     with open(os.path.join(shared_data, "mt_bench", "question.jsonl")) as f:
         questions = [json.loads(line)["turns"][0] for line in f][:8]
-    seqs = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)["input_ids"]) for q in questions]
+    seqs = [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+        )
+        for q in questions
+    ]
     return padded_batch(seqs, left=[i % 2 == 1 for i in range(len(seqs))])
 
 
@@ -62,7 +68,9 @@ def our_logits(src, params, tokens, mask) -> np.ndarray:
 def torch_logits(model, tokens, mask) -> np.ndarray:
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits.numpy()
+        return model(
+            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
 
 
 def test_config_read_from_gguf(ours):
@@ -101,9 +109,37 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
     from asft_jax.cli import main
 
     pairs = str(tmp_path / "uf.jsonl")
-    assert main(["data", "tokenize", "--model", smollm2_gguf, "--data", os.path.join(shared_data, "ultrafeedback", "eval.jsonl"), "--limit", "100", "--output", pairs]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "tokenize",
+                "--model",
+                smollm2_gguf,
+                "--data",
+                os.path.join(shared_data, "ultrafeedback", "eval.jsonl"),
+                "--limit",
+                "100",
+                "--output",
+                pairs,
+            ]
+        )
+        == 0
+    )
     scores = tmp_path / "scores.jsonl"
-    code, summary, _ = run_eval(capsys, "--model", smollm2_gguf, "--data", pairs, "--output", str(scores), "--max-length", "192", "--batch-size", "4")
+    code, summary, _ = run_eval(
+        capsys,
+        "--model",
+        smollm2_gguf,
+        "--data",
+        pairs,
+        "--output",
+        str(scores),
+        "--max-length",
+        "192",
+        "--batch-size",
+        "4",
+    )
     assert code == 0 and summary["pairs_scored"] >= 8
     with open(pairs) as f:
         records = [json.loads(line) for line in f]
@@ -116,7 +152,19 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
     # the same pairs scored straight from the text file (format detected, chat template applied)
     standard = os.path.join(shared_data, "ultrafeedback", "eval.jsonl")
     text_scores = tmp_path / "text_scores.jsonl"
-    code, text_summary, _ = run_eval(capsys, "--model", smollm2_gguf, "--data", standard, "--output", str(text_scores), "--max-length", "192", "--batch-size", "4")
+    code, text_summary, _ = run_eval(
+        capsys,
+        "--model",
+        smollm2_gguf,
+        "--data",
+        standard,
+        "--output",
+        str(text_scores),
+        "--max-length",
+        "192",
+        "--batch-size",
+        "4",
+    )
     from_ids = [json.loads(line) for line in scores.read_text().splitlines()]
     from_text = [json.loads(line) for line in text_scores.read_text().splitlines() if json.loads(line)["index"] < 100]
     assert code == 0 and len(from_text) == len(from_ids)
@@ -133,12 +181,22 @@ def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, 
     reference, mine = AutoTokenizer.from_pretrained(folder, gguf_file=name), ours[0].tokenizer()
     with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
         texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in map(json.loads, f)][:60]
-    texts += ["  two spaces, tabs\tand\n\nnewlines", "digits 1234567 and émoji 🤖 中文", "<|im_start|>user\nHi<|im_end|>"]
+    texts += [
+        "  two spaces, tabs\tand\n\nnewlines",
+        "digits 1234567 and émoji 🤖 中文",
+        "<|im_start|>user\nHi<|im_end|>",
+    ]
     for text in texts:
         assert mine(text)["input_ids"] == reference(text)["input_ids"], text[:80]
         assert mine.decode(mine(text)["input_ids"]) == text
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    assert mine.apply_chat_template(chat, add_generation_prompt=True) == reference.apply_chat_template(chat, add_generation_prompt=True)
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert mine.apply_chat_template(chat, add_generation_prompt=True) == reference.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(mine, attr) == getattr(reference, attr), attr
 
@@ -146,7 +204,7 @@ def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, 
 MEMORY_PROBE = """
 import sys, threading, time
 import jax
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 def anon():  # resident anonymous memory: excludes the memory-mapped weight files
     with open("/proc/self/status") as f:
@@ -171,6 +229,7 @@ print(sum(x.nbytes for x in jax.tree.leaves(params)), peak[0] - base)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
+@pytest.mark.spawn
 def test_loading_never_holds_two_copies(exported, smollm2_gguf, kind):
     """Peak host memory while loading stays under two copies of the float32 model.
 
@@ -212,7 +271,9 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
     model = Llama(src.config)
     sums = jax.jit(lambda p, r: pair_logps(model, p, r, chunk=64, vocab_chunk=8192))(params, rows)
     counts = rows["counts"]
-    loss, metrics = preference_loss("asft", SequenceLogps(sums[:, 0], counts[:, 0]), SequenceLogps(sums[:, 1], counts[:, 1]), lam=1.0, beta=1.0)
+    loss, metrics = preference_loss(
+        "asft", SequenceLogps(sums[:, 0], counts[:, 0]), SequenceLogps(sums[:, 1], counts[:, 1]), lam=1.0, beta=1.0
+    )
 
     from reference_losses import reference as reference_formulas
 
@@ -236,16 +297,29 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
     tok = src.tokenizer()
     with open(os.path.join(shared_data, "mt_bench", "question.jsonl")) as f:
         questions = [json.loads(line)["turns"][0] for line in f][:8]
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)["input_ids"]) for q in questions]
+    prompts = [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+        )
+        for q in questions
+    ]
     stops = stop_token_ids(src.config, tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
-    generator = Generator(Llama(src.config), params, make_mesh(), stops, SamplingConfig(max_new_tokens=40), batch_size=8)
+    generator = Generator(
+        Llama(src.config), params, make_mesh(), stops, SamplingConfig(max_new_tokens=40), batch_size=8
+    )
     mine = list(generator(prompts))
     for ids, got in zip(prompts, mine):
         with torch.no_grad():
             out = reference.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=40,
-                do_sample=False, eos_token_id=list(stops), pad_token_id=stops[0],
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=40,
+                do_sample=False,
+                eos_token_id=list(stops),
+                pad_token_id=stops[0],
             )
         expected = out[0, len(ids) :].tolist()
         assert len(expected) >= 32
@@ -255,7 +329,7 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
 def test_layouts_agree_on_real_pairs(ours, shared_data):
     """Real UltraFeedback pairs (chosen and rejected of very different lengths, several pairs per
     packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients."""
-    from test_train_step import assert_grads_close, loss_sums_grads
+    from helpers import assert_grads_close, loss_sums_grads
 
     from asft_jax.data.packing import layout_batch
     from asft_jax.data.pipeline import encode_source
@@ -272,7 +346,10 @@ def test_layouts_agree_on_real_pairs(ours, shared_data):
     assert layout_batch(pairs, "packed", 256)["tokens"].shape[1] < 2 * len(pairs)  # several sequences per row
     assert layout_batch(pairs, "packed_shared_prefix", 256)["tokens"].shape[1] < len(pairs)
     model = Llama(src.config)
-    results = {layout: loss_sums_grads(model, params, pairs, layout, "asft", max_length=256) for layout in ("padded", "packed", "packed_shared_prefix")}
+    results = {
+        layout: loss_sums_grads(model, params, pairs, layout, "asft", max_length=256)
+        for layout in ("padded", "packed", "packed_shared_prefix")
+    }
     loss, sums, grads = results["padded"]
     for layout in ("packed", "packed_shared_prefix"):
         np.testing.assert_allclose(results[layout][1], sums, rtol=1e-5)

@@ -11,31 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import assert_curves_close, config, curve, overrides
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
 from asft_jax.train import resolve_data_paths, train
-
-TINY_INIT = "{vocab_size: 128, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
-
-
-def config(out, pairs, *extra):
-    base = [f"output_dir={out}", f"data.path={pairs}", f"model.init={TINY_INIT}", "max_steps=6", "save_steps=100", "batch_size=8", "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0"]
-    return load_config(None, [*base, *extra])
-
-
-def curve(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
-
-
-def assert_curves_close(a, b, rtol):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        for k in x:
-            assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-6), (x["step"], k)
-
 
 SINGLE_DEVICE = """
 import jax, sys
@@ -46,17 +26,20 @@ train(load_config(None, sys.argv[1:]))
 """
 
 
-def test_every_mesh_gives_the_single_device_loss_curve(pairs, tmp_path):
+@pytest.mark.spawn
+def test_every_mesh_gives_the_single_device_loss_curve(pairs, trained, tmp_path):
     single = tmp_path / "single"
     cfg = config(single, pairs, "mesh.data=1")
-    args = [f"{f}" for f in (f"output_dir={single}", f"data.path={pairs}", f"model.init={TINY_INIT}", "max_steps=6", "save_steps=100", "batch_size=8", "learning_rate=3e-3", "data.max_length=64", "optimizer.warmup_ratio=0.0")]
-    done = subprocess.run([sys.executable, "-c", SINGLE_DEVICE, *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SINGLE_DEVICE, *overrides(single, pairs)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     reference = curve(single)
     assert cfg.max_steps == len(reference)
     losses = [r["loss"] for r in reference]
     assert losses[-1] < losses[0]  # it learns
-    for shape in ((8, 1, 1), (2, 2, 2), (1, 4, 2)):
+    assert_curves_close(curve(trained()), reference, rtol=2e-4)  # data=-1: 8 x 1 x 1
+    for shape in ((2, 2, 2), (1, 4, 2)):
         out = tmp_path / "x".join(map(str, shape))
         train(config(out, pairs, f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"))
         assert_curves_close(curve(out), reference, rtol=2e-4)
@@ -68,8 +51,8 @@ def test_four_micro_batches_equal_one_big_batch(pairs, tmp_path):
     assert_curves_close(curve(tmp_path / "micro"), curve(tmp_path / "big"), rtol=1e-4)
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, tmp_path):
-    train(config(tmp_path / "whole", pairs, "mesh.fsdp=2", "mesh.tensor=2"))
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, trained, tmp_path):
+    whole = trained("mesh.fsdp=2", "mesh.tensor=2")
 
     def preempt(step):
         if step == 3:
@@ -80,21 +63,23 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, tmp_path):
     assert [r["step"] for r in curve(stopped)] == [1, 2, 3]
     assert sorted(os.listdir(stopped / "checkpoints")) == ["3"]
     train(config(stopped, pairs, "mesh.fsdp=2", "mesh.tensor=2"))
-    assert curve(stopped) == curve(tmp_path / "whole")  # bitwise: same batches, same arithmetic
+    assert curve(stopped) == curve(whole)  # bitwise: same batches, same arithmetic
 
 
-def test_resume_onto_another_mesh(pairs, tmp_path):
-    train(config(tmp_path / "whole", pairs, "mesh.fsdp=2", "mesh.tensor=2"))
+def test_resume_onto_another_mesh(pairs, trained, tmp_path):
     moved = tmp_path / "moved"
-    train(config(moved, pairs, "mesh.fsdp=2", "mesh.tensor=2", "max_steps=6"), on_step=lambda s: s == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    train(
+        config(moved, pairs, "mesh.fsdp=2", "mesh.tensor=2", "max_steps=6"),
+        on_step=lambda s: s == 3 and os.kill(os.getpid(), signal.SIGTERM),
+    )
     train(config(moved, pairs, "mesh.data=8"))
-    assert_curves_close(curve(moved), curve(tmp_path / "whole"), rtol=2e-4)
+    assert_curves_close(curve(moved), curve(trained("mesh.fsdp=2", "mesh.tensor=2")), rtol=2e-4)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(pairs, tmp_path, caplog):
     out = tmp_path / "run"
     train(config(out, pairs, "save_steps=2", "max_steps=4"))
-    latest = out / "checkpoints" / "4" / "state"
+    latest = out / "checkpoints" / "4" / "params"
     for root, _, files in os.walk(latest):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
@@ -120,40 +105,66 @@ def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
     with pytest.raises(AsftError, match=r"object-store URLs are not supported yet"):
         load_config(None, [f"data.path={pairs}", "output_dir=gs://bucket/run", "model.init={vocab_size: 8}"])
     for bad in ("0", "-4", "64", "100"):  # data.max_length is 64
-        with pytest.raises(AsftError, match=rf"data.max_prompt_length {bad} must be positive and below data.max_length 64"):
+        with pytest.raises(
+            AsftError, match=rf"data.max_prompt_length {bad} must be positive and below data.max_length 64"
+        ):
             config(tmp_path / "f", pairs, f"data.max_prompt_length={bad}")
     with pytest.raises(AsftError, match=r"data.truncation 'left' is not one of head_and_tail, keep_end, drop"):
         config(tmp_path / "g", pairs, "data.truncation=left")
-    with pytest.raises(AsftError, match=r"^config: objective.gamma does not apply to asft \(its hyperparameters: lam, beta\)$"):
+    with pytest.raises(
+        AsftError,
+        match=r"^override 'objective.gamma=0.5': objective.gamma does not apply to asft "
+        r"\(its hyperparameters: lam, beta\)$",
+    ):
         config(tmp_path / "h", pairs, "objective.gamma=0.5")
     with pytest.raises(AsftError, match=r"objective.normalize does not apply to dpo \(its hyperparameters: beta\)"):
         config(tmp_path / "i", pairs, "objective.name=dpo", "objective.normalize=mean")
-    assert config(tmp_path / "j", pairs, "objective.name=ipo", "objective.normalize=mean").objective.hparams() == {"normalize": "mean"}
+    assert config(tmp_path / "j", pairs, "objective.name=ipo", "objective.normalize=mean").objective.hparams() == {
+        "normalize": "mean"
+    }
 
 
 def test_a_missing_data_path_is_an_error_naming_it_unless_declared_optional(pairs, tmp_path, caplog):
     missing = str(tmp_path / "typo.jsonl")
     with pytest.raises(AsftError, match=rf"^config: data.path '{missing}': no such data file$"):
         train(config(tmp_path / "a", missing))
-    with pytest.raises(AsftError, match=r"data.eval_path 'data/typo.jsonl': no such data file; set data.path_optional: true to read data.fallback instead"):
+    with pytest.raises(
+        AsftError,
+        match=r"data.eval_path 'data/typo.jsonl': no such data file; "
+        r"set data.path_optional: true to read data.fallback instead",
+    ):
         train(config(tmp_path / "b", pairs, "data.eval_path=data/typo.jsonl", "data.fallback=org/name", "eval_steps=1"))
     cfg = config(tmp_path / "c", missing, f"data.fallback={pairs}", "data.path_optional=true")
     with caplog.at_level("WARNING"):
         resolved = resolve_data_paths(cfg)
-    assert resolved.data.path == pairs and f"{missing} not found; data.path_optional is set, so reading {pairs} instead" in caplog.text
-    assert resolve_data_paths(config(tmp_path / "d", pairs, "data.fallback=org/name", "data.path_optional=true")).data.path == pairs
+    assert (
+        resolved.data.path == pairs
+        and f"{missing} not found; data.path_optional is set, so reading {pairs} instead" in caplog.text
+    )
+    assert (
+        resolve_data_paths(config(tmp_path / "d", pairs, "data.fallback=org/name", "data.path_optional=true")).data.path
+        == pairs
+    )
 
 
 def test_skipped_records_are_counted_in_the_metrics_or_stop_a_strict_run(pairs, tmp_path):
     with open(pairs) as f:
         good = f.readlines()
-    bad = ["{not json\n", json.dumps({"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [2]}) + "\n", "[1, 2]\n"]
+    bad = [
+        "{not json\n",
+        json.dumps({"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [2]}) + "\n",
+        "[1, 2]\n",
+    ]
     data = tmp_path / "some_bad.jsonl"
     data.write_text("".join(good[:5] + bad + good[5:30]))
     train(config(tmp_path / "counted", str(data), "data.shuffle=false", "max_steps=2"))
     rows = curve(tmp_path / "counted")
     assert rows[-1]["data/skipped_records"] == 3
-    assert {k: v for k, v in rows[-1].items() if k.startswith("data/skipped/")} == {"data/skipped/unparsable_json": 1, "data/skipped/empty_response": 1, "data/skipped/not_an_object": 1}
+    assert {k: v for k, v in rows[-1].items() if k.startswith("data/skipped/")} == {
+        "data/skipped/unparsable_json": 1,
+        "data/skipped/empty_response": 1,
+        "data/skipped/not_an_object": 1,
+    }
     with pytest.raises(AsftError, match=rf"^{data}:6: unparsable json$"):
         train(config(tmp_path / "strict", str(data), "data.shuffle=false", "data.strict=true"))
 
@@ -177,8 +188,12 @@ def saved_state(out, step) -> dict:
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(os.path.join(out, "checkpoints")) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+        items = ("params", "optimizer")
+        restored = manager.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in items}))
+        state = {k: restored[k] for k in items}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
 
 
 def test_a_non_finite_step_changes_nothing_and_training_goes_on(pairs, tmp_path, monkeypatch):
@@ -198,12 +213,18 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(pairs, tmp_path,
         np.testing.assert_array_equal(skipped[k], before[k], err_msg=k)
     for state in (skipped, last):
         assert all(np.isfinite(v).all() for k, v in state.items() if v.dtype.kind == "f")
-    assert not np.array_equal(last["['params']['norm']['scale']"], before["['params']['norm']['scale']"])  # and it kept learning
+    assert not np.array_equal(
+        last["['params']['norm']['scale']"], before["['params']['norm']['scale']"]
+    )  # and it kept learning
 
 
 def test_consecutive_non_finite_steps_stop_the_run_naming_the_checkpoint(pairs, tmp_path, monkeypatch):
     poison_steps(monkeypatch, set(range(3, 100)))
-    with pytest.raises(AsftError, match=r"step 5: 3 consecutive steps had a non-finite loss or gradient \(skipped\); last good checkpoint: .*checkpoints/4$"):  # 4 holds the weights of 2
+    with pytest.raises(
+        AsftError,
+        match=r"step 5: 3 consecutive steps had a non-finite loss or gradient \(skipped\); "
+        r"last good checkpoint: .*checkpoints/4$",
+    ):  # 4 holds the weights of 2
         train(config(tmp_path / "nan", pairs, "max_consecutive_skips=3", "save_steps=2", "max_steps=20"))
 
 
@@ -227,22 +248,40 @@ def test_bf16_dpo_rewards_start_at_zero_and_dpo_runs_are_evaluated(pairs, tmp_pa
     so step 1's implicit rewards are zero up to one bfloat16 rounding of the sums (2^-8 relative);
     the eval split gets its own cached reference log-probs."""
     out = tmp_path / "dpo"
-    train(config(out, pairs, "objective.name=dpo", "model.dtype=bfloat16", "max_steps=2", f"data.eval_path={pairs}", "eval_steps=2", "data.eval_pairs=16"))
+    train(
+        config(
+            out,
+            pairs,
+            "objective.name=dpo",
+            "model.dtype=bfloat16",
+            "max_steps=2",
+            f"data.eval_path={pairs}",
+            "eval_steps=2",
+            "data.eval_pairs=16",
+        )
+    )
     rows = curve(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/loss" in rows[0] and "eval/loss" in rows[2]
     for prefix, row in (("", rows[1]), ("eval/", rows[0])):
         bound = 0.1 * 2**-8 * abs(row[f"{prefix}logps/chosen"])  # beta x one bfloat16 rounding of the summed log-probs
-        assert abs(row[f"{prefix}rewards/chosen"]) <= bound and abs(row[f"{prefix}rewards/rejected"]) <= bound, (prefix, row)
+        assert abs(row[f"{prefix}rewards/chosen"]) <= bound and abs(row[f"{prefix}rewards/rejected"]) <= bound, (
+            prefix,
+            row,
+        )
         assert row[f"{prefix}loss"] == pytest.approx(np.log(2), abs=0.1 * bound)
     assert rows[2]["eval/rewards/margins"] != 0.0  # the policy moved away from the reference
     with open(out / "reference_logps_eval.jsonl") as f:
         assert len(f.readlines()) == 16
 
 
-def test_evaluation_during_training(pairs, tmp_path):
+def test_evaluation_during_training(pairs, tmp_path, caplog):
     out = tmp_path / "eval"
-    train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
+    with caplog.at_level("INFO", logger="asft_jax"):
+        train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
     rows = curve(out)
+    logged = [r.getMessage() for r in caplog.records if ": eval loss " in r.getMessage()]
+    assert [m.split(":")[0] for m in logged] == ["step 0", "step 3", "step 6"]  # each as it was computed
+    assert f"eval loss {rows[0]['eval/loss']:.4f}," in logged[0]
     assert rows[0]["step"] == 0 and "eval/loss" in rows[0] and "loss" not in rows[0]
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
@@ -252,7 +291,7 @@ def test_evaluation_during_training(pairs, tmp_path):
 
 def test_a_run_directory_is_a_model_source(pairs, tmp_path, capsys):
     from asft_jax.cli import main
-    from asft_jax.sources import resolve
+    from asft_jax.io import resolve
 
     out = tmp_path / "run"
     train(config(out, pairs, "save_steps=2", "max_steps=4", f"export_dir={tmp_path / 'hf'}"))

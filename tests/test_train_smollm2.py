@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_train import curve
+from helpers import curve
 
 from asft_jax.config import load_config
 from asft_jax.train import train
@@ -16,17 +16,32 @@ pytestmark = pytest.mark.slow
 
 def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_path):
     with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if r["chosen"] != r["rejected"] and len(r["prompt"]) + len(r["chosen"]) < 400][:4]
+        records = [
+            r for r in map(json.loads, f) if r["chosen"] != r["rejected"] and len(r["prompt"]) + len(r["chosen"]) < 400
+        ][:4]
     data = tmp_path / "four.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # The same four pairs at every step (a 4-pair dataset, batch 4): the change is the training's
     # effect on those pairs, not a difference between batches.
     out = tmp_path / "run"
-    cfg = load_config(None, [
-        f"output_dir={out}", f"data.path={data}", f"model.source={smollm2_gguf}", "max_steps=4", "save_steps=100",
-        "batch_size=4", "learning_rate=5e-5", "data.max_length=128", "data.max_prompt_length=64",
-        "optimizer.warmup_ratio=0.0", "mesh.data=4", "mesh.tensor=2", f"export_dir={tmp_path / 'hf'}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"data.path={data}",
+            f"model.source={smollm2_gguf}",
+            "max_steps=4",
+            "save_steps=100",
+            "batch_size=4",
+            "learning_rate=5e-5",
+            "data.max_length=128",
+            "data.max_prompt_length=64",
+            "optimizer.warmup_ratio=0.0",
+            "mesh.fsdp=4",  # parameters and AdamW state sharded 8 ways, not replicated 4 times
+            "mesh.tensor=2",
+            f"export_dir={tmp_path / 'hf'}",
+        ],
+    )
     train(cfg)
     rows = curve(out)
     first, last = rows[0], rows[-1]

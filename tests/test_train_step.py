@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, direct_pair_logps
 from data.test_packing import random_pairs
+from helpers import TINY, assert_grads_close, direct_pair_logps, loss_sums_grads
 
 from asft_jax.data.packing import LAYOUTS, layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
-from asft_jax.logprobs import pair_logps
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.train_step import TrainState, make_optimizer, make_train_step, micro_loss
+from asft_jax.train_step import TrainState, make_optimizer, make_train_step
 
 ARCHS = {
     "gqa": {},
@@ -28,24 +27,6 @@ RTOL = 1e-5
 def with_refs(pairs, seed=0):
     rng = np.random.default_rng(seed)
     return [type(p)(p.index, p.prompt, p.chosen, p.rejected, *(-rng.uniform(10, 60, 2)).tolist()) for p in pairs]
-
-
-def micro(batch):
-    return jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-
-
-def loss_sums_grads(model, params, pairs, layout, objective, hparams=None, max_length=128):
-    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``."""
-    mb = micro(layout_batch(pairs, layout, max_length))
-    fn = jax.jit(jax.value_and_grad(lambda p: micro_loss(model, objective, hparams or {}, p, mb), has_aux=True))
-    (loss, _), grads = fn(params)
-    return float(loss), np.asarray(jax.jit(lambda p: pair_logps(model, p, mb))(params)), grads
-
-
-def assert_grads_close(got, expected, rtol):
-    for (path, g), e in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
-        err = float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e))
-        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,12 +64,24 @@ def test_micro_batches_give_the_full_batch_step(layout):
     assert_grads_close(two.params, one.params, RTOL)
 
 
-@pytest.mark.parametrize(("attention", "layout"), [("dot_product", "packed_shared_prefix"), ("dot_product", "packed"), ("splash", "packed_shared_prefix"), ("splash", "packed"), ("splash", "padded")])
+@pytest.mark.parametrize(
+    ("attention", "layout"),
+    [
+        ("dot_product", "packed_shared_prefix"),
+        ("dot_product", "packed"),
+        ("splash", "packed_shared_prefix"),
+        ("splash", "packed"),
+        ("splash", "padded"),
+    ],
+)
 def test_fused_attention_paths_match_xla(attention, layout):
     config = LlamaConfig(**TINY)
-    reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
+    reference, fused = Llama(config, attention_impl="xla"), Llama(config, attention_impl=attention)
     params = init_params(reference, jax.random.key(1))
-    pairs = [*random_pairs(6, seed=6), TokenizedPair(6, list(range(1, 41)), list(range(2, 32)), list(range(3, 63)))]  # rows of 128
+    pairs = [
+        *random_pairs(6, seed=6),
+        TokenizedPair(6, list(range(1, 41)), list(range(2, 32)), list(range(3, 63))),
+    ]  # rows of 128
     loss, sums, grads = loss_sums_grads(reference, params, pairs, layout, "asft")
     got_loss, got_sums, got_grads = loss_sums_grads(fused, params, pairs, layout, "asft")
     np.testing.assert_allclose(got_sums, sums, rtol=RTOL)

@@ -91,7 +91,9 @@ def split_implicit_messages(chosen: list[dict], rejected: list[dict]) -> Pair:
     k = 0
     while k < min(len(chosen), len(rejected)) and _turn(chosen[k]) == _turn(rejected[k]):
         k += 1
-    while k >= 1 and not (k < len(chosen) and k < len(rejected) and chosen[k]["role"] == rejected[k]["role"] == "assistant"):
+    while k >= 1 and not (
+        k < len(chosen) and k < len(rejected) and chosen[k]["role"] == rejected[k]["role"] == "assistant"
+    ):
         k -= 1
     if k == 0:
         raise BadRecord("no_common_prompt")
@@ -136,7 +138,9 @@ def normalize(rec: dict, fmt: str) -> Pair:
                 raise BadRecord(f"non_integer_{k}")
             ids.append(v)
         refs = [rec.get(k) for k in ("ref_chosen_logps", "ref_rejected_logps")]
-        if any(r is not None for r in refs) and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r <= 0 for r in refs):
+        if any(r is not None for r in refs) and not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r <= 0 for r in refs
+        ):
             raise BadRecord("bad_reference_logps")
         pair = Pair(*ids, *(None if r is None else float(r) for r in refs))
     else:

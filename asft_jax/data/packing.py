@@ -15,9 +15,9 @@ predicts the first token of both responses.
 
 A batch ``[micro_batches, rows, length]`` (rows per micro-batch equal; pair ``j`` of the step goes to
 micro-batch ``j % micro_batches``) holds ``tokens``, ``segment_ids`` (0 padding), ``positions``,
-``score_positions`` ``[micro_batches, rows, width]``, ``targets``/``target_slots`` ``[..., width, 2]``, ``counts`` ``[micro_batches, pairs, 2]`` (scored
-response tokens), ``branch_ids`` for the shared-prefix layout and ``ref_logps``
-``[micro_batches, pairs, 2]`` when the pairs carry reference log-probs.
+``score_positions`` ``[micro_batches, rows, width]``, ``targets``/``target_slots`` ``[..., width, 2]``,
+``counts`` ``[micro_batches, pairs, 2]`` (scored response tokens), ``branch_ids`` for the shared-prefix
+layout and ``ref_logps`` ``[micro_batches, pairs, 2]`` when the pairs carry reference log-probs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from asft_jax.data.batching import bucket_for, bucket_lengths
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 
 LAYOUTS = ("padded", "packed", "packed_shared_prefix")
 ROW_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "targets", "target_slots")  # built [rows, length(, 2)]
@@ -46,7 +46,13 @@ def _sequence(prompt: list[int], response: list[int], slot: int, dump: int) -> d
     slots = np.full((n, 2), dump, np.int32)
     targets[:-1, 0] = ids[1:]
     slots[max(len(prompt), 1) - 1 : n - 1, 0] = slot  # positions whose next token is a response token
-    return {"tokens": ids, "positions": np.arange(n, dtype=np.int32), "branch_ids": np.zeros(n, np.int32), "targets": targets, "target_slots": slots}
+    return {
+        "tokens": ids,
+        "positions": np.arange(n, dtype=np.int32),
+        "branch_ids": np.zeros(n, np.int32),
+        "targets": targets,
+        "target_slots": slots,
+    }
 
 
 def _shared(pair: TokenizedPair, chosen_slot: int, dump: int) -> dict[str, np.ndarray]:
@@ -70,7 +76,14 @@ def _shared(pair: TokenizedPair, chosen_slot: int, dump: int) -> dict[str, np.nd
 def _units(pairs: list[TokenizedPair], layout: str, dump: int) -> list[dict[str, np.ndarray]]:
     if layout == "packed_shared_prefix":
         return [_shared(pair, 2 * j, dump) for j, pair in enumerate(pairs)]
-    return [u for j, pair in enumerate(pairs) for u in (_sequence(pair.prompt, pair.chosen, 2 * j, dump), _sequence(pair.prompt, pair.rejected, 2 * j + 1, dump))]
+    return [
+        u
+        for j, pair in enumerate(pairs)
+        for u in (
+            _sequence(pair.prompt, pair.chosen, 2 * j, dump),
+            _sequence(pair.prompt, pair.rejected, 2 * j + 1, dump),
+        )
+    ]
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -98,8 +111,13 @@ def round_rows(n: int, multiple: int) -> int:
     return q * multiple
 
 
-def _rows(units: list[dict[str, np.ndarray]], groups: list[list[int]], rows: int, length: int, dump: int) -> dict[str, np.ndarray]:
-    out = {k: np.zeros((rows, length, 2) if k in ("targets", "target_slots") else (rows, length), np.int32) for k in ROW_KEYS}
+def _rows(
+    units: list[dict[str, np.ndarray]], groups: list[list[int]], rows: int, length: int, dump: int
+) -> dict[str, np.ndarray]:
+    out = {
+        k: np.zeros((rows, length, 2) if k in ("targets", "target_slots") else (rows, length), np.int32)
+        for k in ROW_KEYS
+    }
     out["target_slots"][:] = dump
     for r, group in enumerate(groups):
         start = 0
@@ -131,7 +149,9 @@ def _compact(targets: np.ndarray, slots: np.ndarray, dump: int) -> dict[str, np.
     return {"score_positions": positions, "targets": out_targets, "target_slots": out_slots}
 
 
-def layout_batch(pairs: list[TokenizedPair], layout: str, max_length: int, micro_batches: int = 1, row_multiple: int = 1) -> dict[str, np.ndarray]:
+def layout_batch(
+    pairs: list[TokenizedPair], layout: str, max_length: int, micro_batches: int = 1, row_multiple: int = 1
+) -> dict[str, np.ndarray]:
     """The arrays of one step (see the module docstring); ``len(pairs)`` must divide by ``micro_batches``.
 
     Row length: the smallest bucket (``bucket_lengths`` of the layout's longest possible unit) that
@@ -157,7 +177,11 @@ def layout_batch(pairs: list[TokenizedPair], layout: str, max_length: int, micro
         del batch["branch_ids"]
     batch.update(_compact(batch["targets"], batch["target_slots"], dump))
     slots = batch["target_slots"].reshape(micro_batches, -1)
-    batch["counts"] = np.stack([np.bincount(s, minlength=dump + 1)[:dump] for s in slots]).reshape(micro_batches, per_micro, 2).astype(np.int32)
+    batch["counts"] = (
+        np.stack([np.bincount(s, minlength=dump + 1)[:dump] for s in slots])
+        .reshape(micro_batches, per_micro, 2)
+        .astype(np.int32)
+    )
     if pairs[0].ref_chosen is not None:
         batch["ref_logps"] = np.array([[[p.ref_chosen, p.ref_rejected] for p in mb] for mb in micro], np.float32)
     return batch

@@ -12,7 +12,6 @@ whenever no record is dropped.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -20,33 +19,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
 from asft_jax.data.packing import LAYOUTS, layout_batch
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    path: str  # a file, or a Hub dataset id (``org/name`` or ``org/name:split``)
-    split: str = "train"
-    format: str | None = None  # None: detected from the records
-    max_length: int = 1024
-    max_prompt_length: int | None = None  # None: max_length // 2
-    truncation: str = "head_and_tail"  # see asft_jax.data.tokenize
-    batch_size: int = 8  # pairs per step, over all hosts
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = 1  # None: repeat forever
-    strict: bool = False
-    num_threads: int = 4
-    layout: str = "packed_shared_prefix"  # see asft_jax.data.packing
-    micro_batches: int = 1  # gradient accumulation steps: the pairs of a step are laid out per micro-batch
-    row_multiple: int = 1  # rows per micro-batch rounded to a multiple of this (the host's batch shards)
 
 
 def detect_source_format(source: RecordSource, probe: int = 100) -> str:
@@ -111,34 +92,44 @@ class PairBatches:
         self,
         cfg: DataConfig,
         tokenizer: Any,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        micro_batches: int = 1,
+        row_multiple: int = 1,
+        vocab_size: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-        vocab_size: int | None = None,
     ):
+        """``cfg.path`` read as ``batch_size`` pairs per step over all hosts, shuffled with ``seed``,
+        laid out in ``micro_batches`` with rows rounded to ``row_multiple`` (the host's batch shards)."""
         if process_index is None or process_count is None:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
-        if cfg.batch_size % process_count:
-            raise AsftError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} hosts")
+        if batch_size % process_count:
+            raise AsftError(f"batch_size {batch_size} is not divisible by the {process_count} hosts")
         if cfg.layout not in LAYOUTS:
             raise AsftError(f"data.layout {cfg.layout!r}: expected one of {', '.join(LAYOUTS)}")
-        if (cfg.batch_size // process_count) % cfg.micro_batches:
-            raise AsftError(f"batch_size {cfg.batch_size} does not split into {cfg.micro_batches} micro-batches on each of the {process_count} hosts")
-        self.cfg = cfg
+        if (batch_size // process_count) % micro_batches:
+            raise AsftError(
+                f"batch_size {batch_size} does not split into {micro_batches} micro-batches on each of the "
+                f"{process_count} hosts"
+            )
+        self.cfg, self.micro_batches, self.row_multiple = cfg, micro_batches, row_multiple
         self.source = RecordSource(cfg.path, cfg.split)
         self.format = cfg.format or detect_source_format(self.source)
         if self.format not in FORMATS:
             raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
         self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size, truncation=cfg.truncation)
-        self.local_batch = cfg.batch_size // process_count
+        self.local_batch = batch_size // process_count
         self.skipped: collections.Counter = collections.Counter()
         self._first: dict[str, str] = {}
         self.last_pair_tokens = 0  # tokens of the last batch's pairs as two sequences each, layout aside
 
         ds = grain.MapDataset.range(len(self.source))
         if cfg.shuffle:
-            ds = ds.shuffle(seed=cfg.seed)
+            ds = ds.shuffle(seed=seed)
         ds = ds.repeat(cfg.num_epochs)
         ds = ds[process_index::process_count]
         ds = ds.map(lambda i: encode_record(self.source, self.format, self.encoder, int(i)))
@@ -160,7 +151,7 @@ class PairBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         pairs = self.next_pairs()
         self.last_pair_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-        return layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.cfg.micro_batches, self.cfg.row_multiple)
+        return layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.micro_batches, self.row_multiple)
 
     def next_pairs(self) -> list[TokenizedPair]:
         """This host's pairs of the next step, in order."""
@@ -189,3 +180,33 @@ class PairBatches:
         total = sum(self.skipped.values())
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
         return f"{self.source.name} ({self.format}): skipped {total} records" + (f" ({reasons})" if reasons else "")
+
+
+def host_data_state(saved: dict, process_index: int, process_count: int) -> dict:
+    """This host's data-pipeline state from a checkpoint's ``{"process_count", "hosts": [...]}``.
+
+    On the same number of processes each host resumes its own slice exactly. On another number,
+    the records consumed by all hosts are shared out evenly (exact when no host had dropped a bad
+    record; otherwise within the number dropped) and the skip counts go to process 0.
+    """
+    hosts, saved_count = saved["hosts"], saved["process_count"]
+    if saved_count == process_count:
+        return hosts[process_index]
+    try:
+        consumed = sum(int(h["items"]["next_index"]) for h in hosts)
+    except (KeyError, TypeError):
+        raise AsftError(
+            f"checkpoint: cannot map the data position of {saved_count} processes onto {process_count}"
+        ) from None
+    log.warning(
+        "resuming a %d-process run on %d processes: %d records consumed in all", saved_count, process_count, consumed
+    )
+    first = process_index == 0
+    skipped = collections.Counter()
+    for h in hosts:
+        skipped.update(h["skipped"])
+    return {
+        "items": {"next_index": consumed // process_count},
+        "skipped": dict(skipped) if first else {},
+        "first": hosts[0]["first"] if first else {},
+    }

@@ -113,20 +113,33 @@ def parse_selection(spec: str) -> tuple[str, dict[str, Any]]:
     usage = "expected part=train|heldout,holdout=FRACTION[,seed=N][,limit=N] or limit=N"
     try:
         fields = dict(item.split("=", 1) for item in text.split(","))
-        chosen = {key: cast(fields.pop(key)) for key, cast in (("part", str), ("holdout", float), ("seed", int), ("limit", int)) if key in fields}
+        chosen = {
+            key: cast(fields.pop(key))
+            for key, cast in (("part", str), ("holdout", float), ("seed", int), ("limit", int))
+            if key in fields
+        }
     except ValueError:
         raise AsftError(f"{spec}: bad selection {text!r} ({usage})") from None
     split = "part" in chosen or "holdout" in chosen
-    if fields or not chosen or (split and not ("part" in chosen and "holdout" in chosen)) or ("seed" in chosen and not split):
+    if (
+        fields
+        or not chosen
+        or (split and not ("part" in chosen and "holdout" in chosen))
+        or ("seed" in chosen and not split)
+    ):
         raise AsftError(f"{spec}: bad selection {text!r} ({usage})")
     if split and (chosen["part"] not in HOLDOUT_PARTS or not 0 < chosen["holdout"] < 1):
-        raise AsftError(f"{spec}: bad selection {text!r}: part must be train or heldout and holdout a fraction in (0, 1)")
+        raise AsftError(
+            f"{spec}: bad selection {text!r}: part must be train or heldout and holdout a fraction in (0, 1)"
+        )
     if chosen.get("limit", 1) < 1:
         raise AsftError(f"{spec}: bad selection {text!r}: limit must be at least 1")
     return base, chosen
 
 
-def select_indices(n: int, part: str | None = None, holdout: float = 0.0, seed: int = 0, limit: int | None = None) -> np.ndarray:
+def select_indices(
+    n: int, part: str | None = None, holdout: float = 0.0, seed: int = 0, limit: int | None = None
+) -> np.ndarray:
     """The sorted record indices a selection keeps (see the module docstring for the rule)."""
     index = np.arange(n)
     if part is not None:
@@ -140,7 +153,12 @@ def is_hub_id(spec: str) -> bool:
     """Whether ``spec`` names a Hub dataset (``org/name[:split]``) rather than a local path."""
     spec = spec.partition("#")[0]
     name = spec.split(":")[0]
-    return not os.path.exists(spec) and not spec.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(DATA_SUFFIXES)
+    return (
+        not os.path.exists(spec)
+        and not spec.startswith((".", "/", "~"))
+        and name.count("/") == 1
+        and not name.endswith(DATA_SUFFIXES)
+    )
 
 
 def is_readable_spec(spec: str) -> bool:

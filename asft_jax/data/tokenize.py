@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any
 
 from asft_jax.data.formats import ENCODED_AS, Pair
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord
 from asft_jax.errors import AsftError
 
@@ -53,7 +53,8 @@ def common_prefix(a: list[int], b: list[int]) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """Normalised pairs -> ``TokenizedPair`` within ``max_length`` / ``max_prompt_length``, cut the ``truncation`` way."""
+    """Normalised pairs -> ``TokenizedPair`` within ``max_length`` / ``max_prompt_length``, cut the
+    ``truncation`` way."""
 
     tokenizer: Any
     max_length: int
@@ -63,7 +64,9 @@ class Encoder:
 
     def __post_init__(self) -> None:
         if not 0 < self.prompt_limit < self.max_length:
-            raise AsftError(f"max_prompt_length ({self.prompt_limit}) must be at least 1 and below max_length ({self.max_length})")
+            raise AsftError(
+                f"max_prompt_length ({self.prompt_limit}) must be at least 1 and below max_length ({self.max_length})"
+            )
         if self.truncation not in TRUNCATIONS:
             raise AsftError(f"truncation {self.truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
 
@@ -84,14 +87,18 @@ class Encoder:
     def _raw(self, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]]]:
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return tok.encode(prompt, add_special_tokens=True), [tok.encode(r, add_special_tokens=False) + eos for r in responses]
+        return tok.encode(prompt, add_special_tokens=True), [
+            tok.encode(r, add_special_tokens=False) + eos for r in responses
+        ]
 
     def _conversation(self, kind: str, pair: Pair) -> tuple[list[dict], list[list[dict]]] | None:
         """The prompt and responses as messages when the chat template applies, else None."""
         if kind == "conversational":
             return pair.prompt, [pair.chosen, pair.rejected]
         if kind == "standard" and self.tokenizer.chat_template:
-            return [{"role": "user", "content": pair.prompt}], [[{"role": "assistant", "content": r}] for r in (pair.chosen, pair.rejected)]
+            return [{"role": "user", "content": pair.prompt}], [
+                [{"role": "assistant", "content": r}] for r in (pair.chosen, pair.rejected)
+            ]
         return None
 
     def _head(self, prompt: list[int], kind: str, messages: list[dict] | None) -> list[int]:

@@ -28,7 +28,8 @@ IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash")
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q ``[b, kv, group, t, d]`` (pre-scaled), k/v ``[b, kv, s, d]``, mask ``[b, 1, 1, t, s]`` -> ``[b, t, kv, group, d]``."""
+    """q ``[b, kv, group, t, d]`` (pre-scaled), k/v ``[b, kv, s, d]``, mask ``[b, 1, 1, t, s]``
+    -> ``[b, t, kv, group, d]``."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -51,7 +52,9 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 128) -
     if t != k.shape[2] or t <= block or t % block:
         return _attend(q, k, v, mask).reshape(b, t, h, d)
     outs = [
-        _attend(q[:, :, :, i : i + block], k[:, :, : i + block], v[:, :, : i + block], mask[..., i : i + block, : i + block])
+        _attend(
+            q[:, :, :, i : i + block], k[:, :, : i + block], v[:, :, : i + block], mask[..., i : i + block, : i + block]
+        )
         for i in range(0, t, block)
     ]
     return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
@@ -60,7 +63,9 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 128) -
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """``jax.nn.dot_product_attention``; cuDNN on GPU when the dtype allows it."""
     cudnn = target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], is_causal=cudnn, implementation="cudnn" if cudnn else None)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, :, 0], is_causal=cudnn, implementation="cudnn" if cudnn else None
+    )
 
 
 def _splash_block(length: int) -> int:
@@ -81,8 +86,14 @@ def _splash_kernel(length: int, group: int, interpret: bool, save_residuals: boo
     sk, sm = _splash()
     block = _splash_block(length)
     sizes = sk.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
     )
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(group)])
     return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, save_residuals=save_residuals, interpret=interpret)
@@ -151,7 +162,9 @@ def _segments_local(q: Array, k: Array, v: Array, segment_ids: Array, *, interpr
     segments = _splash()[0].SegmentIds
     qh, kh, vh = _to_head_major(q, k, v)
     # padding tokens (id 0) form their own segment; their outputs are never read
-    per_head = jax.vmap(lambda qh, kh, vh, seg: kernel(qh, kh, vh, segment_ids=segments(seg, seg)), in_axes=(0, 0, 0, None))
+    per_head = jax.vmap(
+        lambda qh, kh, vh, seg: kernel(qh, kh, vh, segment_ids=segments(seg, seg)), in_axes=(0, 0, 0, None)
+    )
     out = jax.vmap(per_head)(qh, kh, vh, segment_ids)  # [b, kv, g, t, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
@@ -191,7 +204,10 @@ def _shared_prefix_fwd(q, k, v, q_ids, kv_ids, interpret):
     segments = _splash()[0].SegmentIds
     (o0, (lse0,)), (o1, (lse1,)) = (kernel(q, k, v, segment_ids=segments(q_ids[i], kv_ids[i])) for i in range(2))
     lse = jnp.logaddexp(lse0, lse1)  # [g, t] float32
-    out = (jnp.exp(lse0 - lse)[..., None] * o0.astype(jnp.float32) + jnp.exp(lse1 - lse)[..., None] * o1.astype(jnp.float32)).astype(q.dtype)
+    out = (
+        jnp.exp(lse0 - lse)[..., None] * o0.astype(jnp.float32)
+        + jnp.exp(lse1 - lse)[..., None] * o1.astype(jnp.float32)
+    ).astype(q.dtype)
     return out, (q, k, v, q_ids, kv_ids, out, lse)
 
 
@@ -209,26 +225,41 @@ def _shared_prefix_bwd(interpret, res, do):
     for i in range(2):
         part = (q, k, v, sk.SegmentIds(q_ids[i], kv_ids[i]), None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
         grads = sk._splash_attention_bwd(
-            False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"], kw["attn_logits_soft_cap"], interpret, part, do
+            False,
+            kw["mask_value"],
+            kw["is_mqa"],
+            kw["block_sizes"],
+            None,
+            kw["mask_function"],
+            kw["attn_logits_soft_cap"],
+            interpret,
+            part,
+            do,
         )[3:6]
         grads = [g.astype(jnp.float32) for g in grads]
         dq, dk, dv = grads if dq is None else (dq + grads[0], dk + grads[1], dv + grads[2])
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
-_shared_prefix_head.defvjp(lambda q, k, v, q_ids, kv_ids, interpret: _shared_prefix_fwd(q, k, v, q_ids, kv_ids, interpret), _shared_prefix_bwd)
+_shared_prefix_head.defvjp(
+    lambda q, k, v, q_ids, kv_ids, interpret: _shared_prefix_fwd(q, k, v, q_ids, kv_ids, interpret), _shared_prefix_bwd
+)
 
 
-def _shared_prefix_local(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Array, *, interpret: bool) -> Array:
+def _shared_prefix_local(
+    q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Array, *, interpret: bool
+) -> Array:
     b, t, h, d = q.shape
     qh, kh, vh = _to_head_major(q, k, v)
     q_ids, kv_ids = _part_ids(segment_ids, branch_ids)
-    per_head = jax.vmap(lambda qh, kh, vh, qi, ki: _shared_prefix_head(qh, kh, vh, qi, ki, interpret), in_axes=(0, 0, 0, None, None))
+    per_head = jax.vmap(
+        lambda qh, kh, vh, qi, ki: _shared_prefix_head(qh, kh, vh, qi, ki, interpret), in_axes=(0, 0, 0, None, None)
+    )
     out = jax.vmap(per_head)(qh, kh, vh, q_ids, kv_ids)  # [b, kv, g, t, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def resolve(implementation: str, *, length: int) -> str:
+def choose(implementation: str, *, length: int) -> str:
     """The implementation used for one call: ``auto`` resolved, and ``splash`` replaced by ``xla``
     where the length is not a multiple of 128 (the kernel's blocks)."""
     if implementation not in IMPLEMENTATIONS:

@@ -87,7 +87,9 @@ class KVCache(NamedTuple):
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype: DType = jnp.float32) -> KVCache:
         shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
+        )
 
     def extend(self, segment_ids: Array) -> tuple[KVCache, Array, Array]:
         """Marks the slots of ``segment_ids`` ``[batch, t]`` (non-zero: real token) as written.
@@ -184,7 +186,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (kk, v)
 
-        impl = attention.resolve(self.implementation, length=x.shape[1])
+        impl = attention.choose(self.implementation, length=x.shape[1])
         if kv is not None or segment_ids is None or impl == "xla":
             out = attention.xla_attention(q, kk, v, mask)
         elif impl == "dot_product":
@@ -216,7 +218,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
-    attention: str = "auto"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -231,7 +233,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention, name="attn")(normed, positions, mask, segment_ids, kv, index, branch_ids)
+        attn, kv = Attention(c, dt, pdt, self.attention_impl, name="attn")(
+            normed, positions, mask, segment_ids, kv, index, branch_ids
+        )
         h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
@@ -253,7 +257,7 @@ class Llama(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
-    attention: str = "auto"  # see asft_jax.model.attention
+    attention_impl: str = "auto"  # auto | xla | dot_product | splash: see asft_jax.model.attention
 
     def setup(self) -> None:
         c = self.config
@@ -264,8 +268,10 @@ class Llama(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=_logical(nn.initializers.normal(0.02), "vocab", "embed"),
         )
-        if self.attention not in attention.IMPLEMENTATIONS:
-            raise ValueError(f"attention {self.attention!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}")
+        if self.attention_impl not in attention.IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_impl {self.attention_impl!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}"
+            )
         layer = DecoderLayer
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -275,10 +281,17 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),  # x carried, kv scanned per layer
+            in_axes=(
+                nn.broadcast,
+                nn.broadcast,
+                nn.broadcast,
+                0,
+                nn.broadcast,
+                nn.broadcast,
+            ),  # x carried, kv scanned per layer
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype, self.attention)
+        )(c, self.dtype, self.param_dtype, self.attention_impl)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)
@@ -312,7 +325,9 @@ class Llama(nn.Module):
     def head(self, hidden: Array) -> Array:
         """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""
         logits = self.embed.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return nn.with_logical_constraint(logits, ("batch", *("length",) * (logits.ndim - 2), "vocab"))  # [b, v] when decoding
+        return nn.with_logical_constraint(
+            logits, ("batch", *("length",) * (logits.ndim - 2), "vocab")
+        )  # [b, v] when decoding
 
 
 def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
@@ -322,10 +337,9 @@ def lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
     return params["lm_head"]["kernel"]
 
 
-def init_params(model: Llama, rng: Array, batch: int = 1, length: int = 8) -> dict:
+def init_params(model: Llama, rng: Array) -> dict:
     """Random parameters (HF's init: normal(0.02) weights, unit norms, zero biases), unboxed."""
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    return nn.unbox(model.init(rng, tokens))["params"]
+    return nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32)))["params"]
 
 
 def param_logical_axes(model: Llama) -> dict:

@@ -14,7 +14,11 @@ from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.errors import AsftError
 
 EXPECTED = {  # records, then skip reasons (the quirks listed in shared/data/README.md, and empty responses)
-    "hh-rlhf/helpful-base/test.jsonl.gz": ("hh", 2354, {"identical_responses": 2, "prompt_mismatch": 9, "empty_response": 4}),
+    "hh-rlhf/helpful-base/test.jsonl.gz": (
+        "hh",
+        2354,
+        {"identical_responses": 2, "prompt_mismatch": 9, "empty_response": 4},
+    ),
     "hh-rlhf/harmless-base/test.jsonl.gz": ("hh", 2312, {"prompt_mismatch": 5, "empty_response": 4}),
     "ultrafeedback/train.jsonl": ("standard", 1000, {"identical_responses": 4, "empty_response": 2}),
     "ultrafeedback/eval.jsonl": ("standard", 200, {"identical_responses": 1}),
@@ -62,7 +66,10 @@ def test_all_file_kinds_give_the_same_records(shared_data, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows))
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]), tmp_path / "a.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
+        tmp_path / "a.parquet",
+    )
     for kind in ("a.json", "a.jsonl.gz", "a.parquet"):
         source = RecordSource(str(tmp_path / kind))
         assert len(source) == 20
@@ -80,7 +87,9 @@ def test_hub_dataset_id_goes_through_datasets(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     source = RecordSource("trl-lib/ultrafeedback_binarized:test")
-    assert asked == [("trl-lib/ultrafeedback_binarized", "test")] and len(source) == 1 and source.name.endswith("[test]")
+    assert (
+        asked == [("trl-lib/ultrafeedback_binarized", "test")] and len(source) == 1 and source.name.endswith("[test]")
+    )
 
 
 def test_bad_paths_are_one_clear_error(tmp_path):
@@ -104,7 +113,10 @@ U, A1, A2 = msg("user", "What is 2 + 2?"), msg("assistant", "4"), msg("assistant
         ({"prompt_input_ids": [1], "prompt": "x", "chosen": [2], "rejected": [3]}, "pretokenized"),
         ({"prompt": [U], "chosen": [A1], "rejected": [A2]}, "conversational"),
         ({"prompt": "x", "chosen": [A1], "rejected": [A2]}, "standard"),
-        ({"chosen": [U, A1], "rejected": [U, A2], "score_chosen": 8.0, "score_rejected": 2.0}, "implicit_conversational"),
+        (
+            {"chosen": [U, A1], "rejected": [U, A2], "score_chosen": 8.0, "score_rejected": 2.0},
+            "implicit_conversational",
+        ),
         ({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}, "hh"),
         ({"chosen": "2 + 2 = 4", "rejected": "2 + 2 = 5"}, "implicit_standard"),
         ({"chosen": 4, "rejected": 5}, None),
@@ -118,7 +130,11 @@ def test_detection_order(record, fmt):
 @pytest.mark.parametrize(
     ("chosen", "rejected", "expected"),
     [  # (prompt, chosen, rejected) written down from the rule, or the skip reason
-        ("Q: capital of France? A: Paris", "Q: capital of France? A: Lyon", ("Q: capital of France? A:", " Paris", " Lyon")),
+        (
+            "Q: capital of France? A: Paris",
+            "Q: capital of France? A: Lyon",
+            ("Q: capital of France? A:", " Paris", " Lyon"),
+        ),
         ("2+2=4", "2+2=5", ("2+2=", "4", "5")),
         ("The cat sat", "The car sat", ("The ca", "t sat", "r sat")),  # a character prefix, not a word prefix
         ("Say hi. Hello", "Say hi. Hey", ("Say hi. He", "llo", "y")),
@@ -146,7 +162,11 @@ S, U2, A = msg("system", "Be brief."), msg("user", "And 3 + 3?"), msg("assistant
     ("chosen", "rejected", "expected"),
     [
         ([U, A1], [U, A2], ([U], [A1], [A2])),
-        ([S, U, A, U2, msg("assistant", "6")], [S, U, A, U2, msg("assistant", "7")], ([S, U, A, U2], [msg("assistant", "6")], [msg("assistant", "7")])),
+        (
+            [S, U, A, U2, msg("assistant", "6")],
+            [S, U, A, U2, msg("assistant", "7")],
+            ([S, U, A, U2], [msg("assistant", "6")], [msg("assistant", "7")]),
+        ),
         # common up to the assistant turn, which is not followed by another assistant turn: back to the last one that is
         ([U, A, msg("user", "x")], [U, A, msg("user", "y")], ([U], [A, msg("user", "x")], [A, msg("user", "y")])),
         ([U, A1], [U, msg("user", "5")], "no_common_prompt"),  # after the common prefix, rejected has no assistant turn
@@ -165,7 +185,11 @@ def test_implicit_conversational_split(chosen, rejected, expected):
             normalize(rec, "implicit_conversational")
     else:
         prompt, c, r = expected
-        assert normalize(rec, "implicit_conversational") == Pair(prompt, c, r) == normalize({"prompt": prompt, "chosen": c, "rejected": r}, "conversational")
+        assert (
+            normalize(rec, "implicit_conversational")
+            == Pair(prompt, c, r)
+            == normalize({"prompt": prompt, "chosen": c, "rejected": r}, "conversational")
+        )
 
 
 @pytest.mark.parametrize("side", ["chosen", "rejected"])
@@ -180,7 +204,12 @@ def test_conversational_pair_with_one_blank_response_is_empty(side):
 def uf_as_implicit_conversation(rec: dict) -> dict:
     """An UltraFeedback record the way trl-lib/ultrafeedback_binarized stores it."""
     user = msg("user", rec["prompt"])
-    return {"chosen": [user, msg("assistant", rec["chosen"])], "rejected": [user, msg("assistant", rec["rejected"])], "score_chosen": 1.0, "score_rejected": 0.0}
+    return {
+        "chosen": [user, msg("assistant", rec["chosen"])],
+        "rejected": [user, msg("assistant", rec["rejected"])],
+        "score_chosen": 1.0,
+        "score_rejected": 0.0,
+    }
 
 
 @pytest.mark.parametrize("name", ["ultrafeedback/train.jsonl", "ultrafeedback/eval.jsonl"])
@@ -195,4 +224,6 @@ def test_implicit_conversational_real_files_give_the_explicit_pairs(shared_data,
     assert dict(skipped) == EXPECTED[name][2]  # the same skips as the flat strings
     for i, pair in pairs:
         r = rows[i]
-        assert pair == Pair([msg("user", r["prompt"])], [msg("assistant", r["chosen"])], [msg("assistant", r["rejected"])])
+        assert pair == Pair(
+            [msg("user", r["prompt"])], [msg("assistant", r["chosen"])], [msg("assistant", r["rejected"])]
+        )

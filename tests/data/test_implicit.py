@@ -12,15 +12,23 @@ from asft_jax.cli import main
 from asft_jax.data.formats import detect_format, normalize
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 def forms(rec: dict) -> dict[str, dict]:
     """One UltraFeedback record in the implicit-conversational, conversational and standard forms."""
     user = {"role": "user", "content": rec["prompt"]}
-    chosen, rejected = [{"role": "assistant", "content": rec["chosen"]}], [{"role": "assistant", "content": rec["rejected"]}]
+    chosen, rejected = (
+        [{"role": "assistant", "content": rec["chosen"]}],
+        [{"role": "assistant", "content": rec["rejected"]}],
+    )
     return {
-        "implicit_conversational": {"chosen": [user, *chosen], "rejected": [user, *rejected], "score_chosen": 8.0, "score_rejected": 6.5},
+        "implicit_conversational": {
+            "chosen": [user, *chosen],
+            "rejected": [user, *rejected],
+            "score_chosen": 8.0,
+            "score_rejected": 6.5,
+        },
         "conversational": {"prompt": [user], "chosen": chosen, "rejected": rejected},
         "standard": {k: rec[k] for k in ("prompt", "chosen", "rejected")},
     }
@@ -67,19 +75,27 @@ def eval_rows(capsys, tmp_path, model: str, data: str) -> tuple[list[dict], dict
     code = main(["eval", "--model", model, "--data", data, "--output", str(out), "--max-length", "512"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    return [json.loads(line) for line in out.read_text().splitlines()], json.loads(captured.out.strip().splitlines()[-1])
+    return [json.loads(line) for line in out.read_text().splitlines()], json.loads(
+        captured.out.strip().splitlines()[-1]
+    )
 
 
 def test_eval_and_inspect_read_implicit_conversations(tiny_chat_model, uf_eval, tmp_path, capsys):
     paths = write_forms(tmp_path, uf_eval[:16])
     rows, summary = eval_rows(capsys, tmp_path, tiny_chat_model, paths["implicit_conversational"])
     keys = ("index", "chosen_logps_sum", "chosen_tokens", "rejected_logps_sum", "rejected_tokens")
-    assert summary["pairs_scored"] == len(rows) >= 8 and summary["pairs_scored"] + sum(summary["pairs_skipped"].values()) == 16
+    assert (
+        summary["pairs_scored"] == len(rows) >= 8
+        and summary["pairs_scored"] + sum(summary["pairs_skipped"].values()) == 16
+    )
     for fmt in ("conversational", "standard"):
         other_rows, other_summary = eval_rows(capsys, tmp_path, tiny_chat_model, paths[fmt])
         assert [[r[k] for k in keys] for r in other_rows] == [[r[k] for k in keys] for r in rows], fmt
         assert other_summary["pairs_skipped"] == summary["pairs_skipped"]
-    assert main(["data", "inspect", paths["implicit_conversational"], "--model", tiny_chat_model, "--max-length", "256"]) == 0
+    assert (
+        main(["data", "inspect", paths["implicit_conversational"], "--model", tiny_chat_model, "--max-length", "256"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{paths['implicit_conversational']}: format implicit_conversational, 16 records" in out
     assert "<|im_start|>user\n" in out and "<|im_start|>assistant\n[/PROMPT]" in out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asft_jax.data.packing import LAYOUTS, first_fit, layout_batch, pad_rows, round_rows
-from asft_jax.data.pretokenized import TokenizedPair
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.llama import attention_mask
 
 
@@ -31,7 +31,9 @@ def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
             for k in range(2):
                 slot = int(batch["target_slots"][micro, row, i, k])
                 if slot < 2 * batch["counts"].shape[1]:
-                    out.setdefault(slot, []).append((int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k])))
+                    out.setdefault(slot, []).append(
+                        (int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k]))
+                    )
     return out
 
 

@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from asft_jax.data.pipeline import DataConfig, PairBatches
+from asft_jax.data.config import DataConfig
+from asft_jax.data.pipeline import PairBatches
 from asft_jax.errors import AsftError
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +47,27 @@ def same(a, b) -> bool:
 
 
 def test_same_seed_same_batches_and_fixed_shapes(tokenizer, uf_train):
-    cfg = DataConfig(uf_train, max_length=256, batch_size=4, seed=3)
-    first, second = take(PairBatches(cfg, tokenizer), 5), take(PairBatches(cfg, tokenizer), 5)
+    cfg = DataConfig(uf_train, max_length=256)
+    first, second = take(PairBatches(cfg, tokenizer, 4, seed=3), 5), take(PairBatches(cfg, tokenizer, 4, seed=3), 5)
     assert same(first, second)
-    assert not same(first, take(PairBatches(DataConfig(uf_train, max_length=256, batch_size=4, seed=4), tokenizer), 5))
+    assert not same(first, take(PairBatches(cfg, tokenizer, 4, seed=4), 5))
     for b in first:  # the default layout: a shared prompt, several pairs per row
-        assert b["tokens"].shape[0] == 1 and b["tokens"].shape[2] in (64, 128, 256, 512) and b["counts"].shape == (1, 4, 2)
+        assert (
+            b["tokens"].shape[0] == 1 and b["tokens"].shape[2] in (64, 128, 256, 512) and b["counts"].shape == (1, 4, 2)
+        )
         assert (b["counts"] > 0).all()
-    for b in take(PairBatches(dataclasses.replace(cfg, layout="padded"), tokenizer), 5):
+    for b in take(PairBatches(dataclasses.replace(cfg, layout="padded"), tokenizer, 4, seed=3), 5):
         assert b["tokens"].shape[:2] == (1, 8) and b["tokens"].shape[2] in (64, 128, 256)
 
 
 RESUME = """
 import json, sys
 import numpy as np
-from asft_jax.data.pipeline import DataConfig, PairBatches
-from asft_jax.sources import resolve
+from asft_jax.data.config import DataConfig
+from asft_jax.data.pipeline import PairBatches
+from asft_jax.io import resolve
 model, data, state_in, out = sys.argv[1:5]
-p = PairBatches(DataConfig(data, max_length=128, batch_size=4, seed=7, num_epochs=2), resolve(model).tokenizer())
+p = PairBatches(DataConfig(data, max_length=128, num_epochs=2), resolve(model).tokenizer(), 4, seed=7)
 if state_in != "-":
     with open(state_in) as f:
         p.set_state(json.load(f))
@@ -74,16 +78,22 @@ with open(out + ".state.json", "w") as f:
 """
 
 
+@pytest.mark.spawn
 def test_restored_state_in_a_fresh_process_continues_exactly(smollm2_gguf, uf_train, tmp_path, tokenizer):
     def run(state, out):
-        done = subprocess.run([sys.executable, "-c", RESUME, smollm2_gguf, uf_train, state, str(out)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", RESUME, smollm2_gguf, uf_train, state, str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         with np.load(str(out) + ".npz") as z:
             return [z[f"arr_{i}"] for i in range(3)]
 
     run("-", tmp_path / "a")  # batches 1-3, state saved after 3
     resumed = run(str(tmp_path / "a.state.json"), tmp_path / "b")  # a fresh process: batches 4-6
-    whole = take(PairBatches(DataConfig(uf_train, max_length=128, batch_size=4, seed=7, num_epochs=2), tokenizer), 6)
+    whole = take(PairBatches(DataConfig(uf_train, max_length=128, num_epochs=2), tokenizer, 4, seed=7), 6)
     for got, expected in zip(resumed, whole[3:], strict=True):
         assert np.array_equal(got, expected["tokens"])
 
@@ -93,13 +103,13 @@ def test_two_hosts_are_disjoint_and_together_the_single_host_batch(tokenizer, tm
         clean = [r for r in map(json.loads, f) if r["chosen"] != r["rejected"]][:64]
     path = tmp_path / "clean.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in clean))
-    cfg = DataConfig(str(path), max_length=256, batch_size=8, seed=1)
+    cfg = DataConfig(str(path), max_length=256)
 
     def rows(pairs):
         return {tuple(p.prompt + p.chosen) for p in pairs}
 
-    single = take_pairs(PairBatches(cfg, tokenizer), 3)
-    hosts = [take_pairs(PairBatches(cfg, tokenizer, process_index=h, process_count=2), 3) for h in (0, 1)]
+    single = take_pairs(PairBatches(cfg, tokenizer, 8, seed=1), 3)
+    hosts = [take_pairs(PairBatches(cfg, tokenizer, 8, seed=1, process_index=h, process_count=2), 3) for h in (0, 1)]
     for k in range(3):
         a, b = rows(hosts[0][k]), rows(hosts[1][k])
         assert len(a) == len(b) == 4 and not a & b
@@ -110,7 +120,12 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(12)]
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batches = take_pairs(PairBatches(DataConfig(str(path), max_length=64, batch_size=3, seed=5, num_epochs=2), tokenizer, 0, 1), 9)
+    batches = take_pairs(
+        PairBatches(
+            DataConfig(str(path), max_length=64, num_epochs=2), tokenizer, 3, seed=5, process_index=0, process_count=1
+        ),
+        9,
+    )
     assert len(batches) == 8
     prompts = [tokenizer.decode(p.prompt) for b in batches for p in b]
     first, second = prompts[:12], prompts[12:]
@@ -119,20 +134,37 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
 
 def test_bad_lines_are_counted_or_stop_strict_mode(tokenizer, tmp_path):
     good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
-    lines = [good, "{broken", {"prompt": "x", "chosen": "a"}, {**good, "chosen": ""}, {**good, "rejected": 3}, {**good, "chosen": "5"}, good, good, good]
+    lines = [
+        good,
+        "{broken",
+        {"prompt": "x", "chosen": "a"},
+        {**good, "chosen": ""},
+        {**good, "rejected": 3},
+        {**good, "chosen": "5"},
+        good,
+        good,
+        good,
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in lines))
-    p = PairBatches(DataConfig(str(path), max_length=64, batch_size=2, shuffle=False), tokenizer)
+    one_pass = DataConfig(str(path), max_length=64, shuffle=False, num_epochs=1)
+    p = PairBatches(one_pass, tokenizer, 2)
     assert len(list(p)) == 2
-    assert dict(p.skipped) == {"unparsable_json": 1, "missing_rejected": 1, "empty_response": 1, "non_string_rejected": 1, "identical_responses": 1}
-    strict = PairBatches(DataConfig(str(path), max_length=64, batch_size=2, shuffle=False, strict=True), tokenizer)
+    assert dict(p.skipped) == {
+        "unparsable_json": 1,
+        "missing_rejected": 1,
+        "empty_response": 1,
+        "non_string_rejected": 1,
+        "identical_responses": 1,
+    }
+    strict = PairBatches(dataclasses.replace(one_pass, strict=True), tokenizer, 2)
     with pytest.raises(AsftError, match=rf"^{path}:2: unparsable json$"):
         list(strict)
 
 
 def test_batch_must_split_over_hosts(tokenizer, uf_train):
     with pytest.raises(AsftError, match="batch_size 6 is not divisible by the 4 hosts"):
-        PairBatches(DataConfig(uf_train, batch_size=6), tokenizer, process_index=0, process_count=4)
+        PairBatches(DataConfig(uf_train), tokenizer, 6, process_index=0, process_count=4)
 
 
 def test_inspect_shows_format_counts_and_a_marked_example(smollm2_gguf, shared_data, capsys):

@@ -46,7 +46,17 @@ def test_limit_keeps_the_first_records_of_the_selection_and_locations_stay_in_th
 
 @pytest.mark.parametrize(
     "selection",
-    ["part=test,holdout=0.1", "holdout=0.1", "part=train", "part=train,holdout=1", "part=train,holdout=0.1,shuffle=1", "seed=2", "limit=0", "limit=ten", ""],
+    [
+        "part=test,holdout=0.1",
+        "holdout=0.1",
+        "part=train",
+        "part=train,holdout=1",
+        "part=train,holdout=0.1,shuffle=1",
+        "seed=2",
+        "limit=0",
+        "limit=ten",
+        "",
+    ],
 )
 def test_a_bad_selection_is_one_line_naming_it(numbered, selection):
     with pytest.raises(AsftError, match="bad selection") as err:

@@ -15,7 +15,7 @@ from asft_jax.data.packing import layout_batch
 from asft_jax.data.records import BadRecord
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
-from asft_jax.sources import resolve
+from asft_jax.io import resolve
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,10 @@ def test_hh_is_raw_text_closed_by_eos(tokenizer):
 
 
 # what SmolLM2's chat template puts before the first user message's content (no system message given)
-SMOL_HEAD = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+SMOL_HEAD = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n"
+)
 SMOL_GENERATION_PROMPT = "<|im_end|>\n<|im_start|>assistant\n"  # the end of every templated prompt
 
 
@@ -142,7 +145,12 @@ def test_head_and_tail_keeps_the_start_and_the_generation_prompt(tokenizer, uf_r
 def test_head_is_the_system_prompt_and_first_role_header(tokenizer):
     system = "Answer in one word."
     head = tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
-    turns = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour. " * 30}, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another one?"}]
+    turns = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Name a colour. " * 30},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another one?"},
+    ]
     pair = Pair(turns, [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "No."}])
     whole = Encoder(tokenizer, 100_000).encode(pair, "conversational")
     got = Encoder(tokenizer, 200, 40).encode(pair, "conversational")
@@ -165,10 +173,14 @@ def test_raw_text_head_is_the_tokenizers_bos(tokenizer, bos_tokenizer, hh_record
 def test_pretokenized_head_is_bos_when_known(tokenizer):
     bos = tokenizer.bos_token_id
     prompt = [bos] + list(range(100, 140))
-    assert Encoder(tokenizer, 64, 16).encode(Pair(prompt, [5, 6], [7, 8]), "pretokenized").prompt == [bos] + list(range(125, 140))
+    assert Encoder(tokenizer, 64, 16).encode(Pair(prompt, [5, 6], [7, 8]), "pretokenized").prompt == [bos] + list(
+        range(125, 140)
+    )
     assert Encoder(None, 64, 16).encode(Pair(prompt, [5, 6], [7, 8]), "pretokenized").prompt == list(range(124, 140))
     no_bos = list(range(100, 140))
-    assert Encoder(tokenizer, 64, 16).encode(Pair(no_bos, [5, 6], [7, 8]), "pretokenized").prompt == list(range(124, 140))
+    assert Encoder(tokenizer, 64, 16).encode(Pair(no_bos, [5, 6], [7, 8]), "pretokenized").prompt == list(
+        range(124, 140)
+    )
 
 
 def test_keep_end_keeps_exactly_the_last_tokens(tokenizer, uf_records, hh_records):
@@ -179,13 +191,20 @@ def test_keep_end_keeps_exactly_the_last_tokens(tokenizer, uf_records, hh_record
             assert got == "identical_after_truncation" or got.prompt == whole.prompt[-16:]
 
 
-@pytest.mark.parametrize(("fmt", "max_length", "max_prompt_length"), [("standard", 512, 128), ("standard", 300, 200), ("hh", 200, 100)])
+@pytest.mark.parametrize(
+    ("fmt", "max_length", "max_prompt_length"), [("standard", 512, 128), ("standard", 300, 200), ("hh", 200, 100)]
+)
 def test_drop_skips_what_does_not_fit(tokenizer, uf_records, hh_records, fmt, max_length, max_prompt_length):
     records = uf_records if fmt == "standard" else hh_records
     enc, full = Encoder(tokenizer, max_length, max_prompt_length, truncation="drop"), Encoder(tokenizer, 100_000)
     wholes = [full.encode(normalize(r, fmt), fmt) for r in records]
     expected = collections.Counter(
-        "prompt_longer_than_max_prompt_length" if len(w.prompt) > max_prompt_length else "longer_than_max_length" if len(w) > max_length else "kept" for w in wholes
+        "prompt_longer_than_max_prompt_length"
+        if len(w.prompt) > max_prompt_length
+        else "longer_than_max_length"
+        if len(w) > max_length
+        else "kept"
+        for w in wholes
     )
     assert len(expected) == 3, expected  # the limits exercise every case
     got = [encode_or_reason(enc, r, fmt) for r in records]
@@ -234,7 +253,14 @@ def test_template_errors_become_bad_records():
             raise ValueError("roles must alternate")
 
     with pytest.raises(BadRecord, match="chat_template_error"):
-        Encoder(Strict(), max_length=64).encode(Pair([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], [{"role": "assistant", "content": "c"}]), "conversational")
+        Encoder(Strict(), max_length=64).encode(
+            Pair(
+                [{"role": "user", "content": "a"}],
+                [{"role": "user", "content": "b"}],
+                [{"role": "assistant", "content": "c"}],
+            ),
+            "conversational",
+        )
 
 
 def test_out_of_vocabulary_ids_are_bad_records():

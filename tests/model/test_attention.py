@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from helpers import TINY
 from jax.sharding import NamedSharding, PartitionSpec
 
 from asft_jax.model import Llama, LlamaConfig, attention, init_params
@@ -33,7 +33,10 @@ def _ids(layout: str) -> tuple[jax.Array, jax.Array | None]:
     if layout == "padded":  # one sequence per row, right padding
         rows = [_row([(90, 60, 0)], False), _row([(200, 56, 0)], False)]
     else:
-        rows = [_row([(40, 30, 60), (50, 1, 40)], layout == "packed_shared_prefix"), _row([(100, 80, 70)], layout == "packed_shared_prefix")]
+        rows = [
+            _row([(40, 30, 60), (50, 1, 40)], layout == "packed_shared_prefix"),
+            _row([(100, 80, 70)], layout == "packed_shared_prefix"),
+        ]
     seg = jnp.asarray([r[0] for r in rows], jnp.int32)
     br = jnp.asarray([r[1] for r in rows], jnp.int32)
     return seg, (br if layout == "packed_shared_prefix" else None)
@@ -46,7 +49,10 @@ def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
     mask = attention_mask(seg, br)
     b, d = seg.shape[0], 32
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(b, LENGTH, heads, d), (b, LENGTH, kv_heads, d), (b, LENGTH, kv_heads, d)])
+    q, k, v = (
+        jnp.asarray(rng.normal(size=s), jnp.float32)
+        for s in [(b, LENGTH, heads, d), (b, LENGTH, kv_heads, d), (b, LENGTH, kv_heads, d)]
+    )
     real = np.asarray(seg) > 0  # padding outputs are never read
     w = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real[:, :, None, None]
 
@@ -57,16 +63,18 @@ def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
     got, got_grads = loss(lambda q, k, v: attention.splash_attention(q, k, v, seg, br))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     out = attention.splash_attention(q, k, v, seg, br)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(attention.xla_attention(q, k, v, mask))[real], atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(out)[real], np.asarray(attention.xla_attention(q, k, v, mask))[real], atol=2e-5
+    )
     for g, ref in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, ref, atol=5e-5 * float(jnp.abs(ref).max()))
 
 
 def test_resolve_keeps_splash_for_every_mask_and_falls_back_off_block_lengths():
-    assert attention.resolve("splash", length=256) == "splash"
-    assert attention.resolve("splash", length=200) == "xla"
+    assert attention.choose("splash", length=256) == "splash"
+    assert attention.choose("splash", length=200) == "xla"
     with pytest.raises(ValueError, match="expected one of"):
-        attention.resolve("flash", length=256)
+        attention.choose("flash", length=256)
 
 
 def _tpu_topology():
@@ -87,7 +95,7 @@ def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
     config = LlamaConfig(**{**TINY, "num_hidden_layers": 1})
-    model = Llama(config, attention="splash")
+    model = Llama(config, attention_impl="splash")
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     seg, br = _ids(layout)
     rows = seg.shape[0]
@@ -98,7 +106,9 @@ def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
 
     batch = NamedSharding(mesh, PartitionSpec(sharding.BATCH))
     args = (
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())), params),
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec())), params
+        ),
         jax.ShapeDtypeStruct((rows, LENGTH), jnp.int32, sharding=batch),
         jax.ShapeDtypeStruct((rows, LENGTH), jnp.int32, sharding=batch),
         None if br is None else jax.ShapeDtypeStruct((rows, LENGTH), jnp.int32, sharding=batch),
@@ -120,12 +130,18 @@ def test_llama_with_splash_matches_xla_on_the_shared_prefix_layout():
     config = LlamaConfig(**TINY)
     seg, br = _ids("packed_shared_prefix")
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, TINY["vocab_size"], seg.shape), jnp.int32) * (seg > 0)
-    params = init_params(Llama(config, attention="xla"), jax.random.key(3))
+    params = init_params(Llama(config, attention_impl="xla"), jax.random.key(3))
     real = (seg > 0)[..., None]
 
     def loss(impl):
-        model = Llama(config, attention=impl)
-        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.where(real, jax.nn.log_softmax(model.apply({"params": p}, tokens, seg, branch_ids=br)), 0.0))))
+        model = Llama(config, attention_impl=impl)
+        return jax.jit(
+            jax.value_and_grad(
+                lambda p: jnp.sum(
+                    jnp.where(real, jax.nn.log_softmax(model.apply({"params": p}, tokens, seg, branch_ids=br)), 0.0)
+                )
+            )
+        )
 
     want, want_grads = loss("xla")(params)
     got, got_grads = loss("splash")(params)
@@ -141,7 +157,9 @@ def test_splash_lowers_for_tpu_when_tensor_does_not_divide_the_kv_heads():
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
     batch = NamedSharding(mesh, PartitionSpec(sharding.BATCH))
-    q = jax.ShapeDtypeStruct((2, LENGTH, 6, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(sharding.BATCH, None, "tensor")))
+    q = jax.ShapeDtypeStruct(
+        (2, LENGTH, 6, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(sharding.BATCH, None, "tensor"))
+    )
     kv = jax.ShapeDtypeStruct((2, LENGTH, 3, 32), jnp.float32, sharding=batch)
     ids = jax.ShapeDtypeStruct((2, LENGTH), jnp.int32, sharding=batch)
     f = jax.grad(lambda q, k, v, s, b: jnp.sum(attention.splash_attention(q, k, v, s, b)), (0, 1, 2))

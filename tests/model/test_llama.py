@@ -9,12 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, padded_batch
+from helpers import TINY, padded_batch
 
+from asft_jax.io import resolve
 from asft_jax.model import KVCache, Llama, LlamaConfig, init_params, param_logical_axes
-from asft_jax.sources import resolve
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 CASES = {
     "gqa_untied": {},
@@ -48,7 +54,9 @@ def test_logits_match_transformers_with_left_and_right_padding(hf_llama, case):
     seqs = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (40, 23, 31, 40)]
     tokens, mask = padded_batch(seqs, left=[False, True, False, True])
 
-    ours = np.asarray(Llama(src.config).apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    ours = np.asarray(
+        Llama(src.config).apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
+    )
     ref = hf_logits(torch_model, tokens, mask)
 
     real = mask.astype(bool)
@@ -64,7 +72,9 @@ def test_padding_does_not_change_logits(hf_llama):
     seq = list(range(3, 30))
     alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
     tokens, mask = padded_batch([seq, list(range(40))], left=[True, False])
-    padded = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[0, -len(seq) :]
+    padded = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[
+        0, -len(seq) :
+    ]
     np.testing.assert_allclose(padded, alone, atol=2e-5)
 
 
@@ -153,7 +163,9 @@ def test_kv_cache_equals_recompute_at_every_step(hf_llama, case):
     tails = rng.integers(0, TINY["vocab_size"], (3, 9)).tolist()
     tokens, mask = padded_batch(prompts, left=[True] * 3)
     cache = KVCache.empty(src.config, 3, tokens.shape[1] + 9)
-    out, cache = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), cache=cache)
+    out, cache = model.apply(
+        {"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), cache=cache
+    )
     steps = [out[:, -1:]]
     for start, stop in ((0, 1), (1, 2), (2, 5), (5, 6), (6, 7), (7, 8)):
         chunk = jnp.asarray([t[start:stop] for t in tails], jnp.int32)

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_json
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf_writer import llama_cpp_permute, write_gguf
+from helpers import TINY, read_json
 
 from asft_jax.errors import AsftError
-from asft_jax.gguf_io import dequantize, unpermute_qk
+from asft_jax.io import resolve
+from asft_jax.io.gguf import dequantize, unpermute_qk
 from asft_jax.model import Llama
-from asft_jax.sources import resolve
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
@@ -62,9 +62,13 @@ def test_tiny_gguf_matches_transformers_gguf_loader(hf_llama, tmp_path, qtype):
 
 def test_unsupported_quantisation_is_reported(tmp_path):
     w = GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_shape=(4, 144), raw_dtype=GGMLQuantizationType.Q4_K)
+    w.add_tensor(
+        "blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_shape=(4, 144), raw_dtype=GGMLQuantizationType.Q4_K
+    )
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(AsftError, match=r"k\.gguf: tensor 'blk\.0\.attn_q\.weight' is quantised as Q4_K, .*supported: F32"):
+    with pytest.raises(
+        AsftError, match=r"k\.gguf: tensor 'blk\.0\.attn_q\.weight' is quantised as Q4_K, .*supported: F32"
+    ):
         resolve(str(tmp_path / "k.gguf"))
 
 
@@ -81,7 +85,13 @@ def test_damaged_gguf_is_reported(tmp_path):
         resolve(str(tmp_path / "bad.gguf"))
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def llama31_rope_freqs(hf_config) -> np.ndarray:

@@ -9,24 +9,39 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import read_json
+from helpers import read_json
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from asft_jax.errors import AsftError
-from asft_jax.export import export_model
+from asft_jax.io import resolve
+from asft_jax.io.export import export_model
 from asft_jax.model import LlamaConfig
-from asft_jax.sources import resolve
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ROUND_TRIP_CASES = {
     "gqa_untied": {},
     "tied_llama3_rope": {"tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
     "mha_bias": {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
 }
 CONFIG_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
 )
 
 
@@ -41,7 +56,9 @@ def load_tensors(folder: str) -> dict[str, np.ndarray]:
 
 
 def reload(folder: str):
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True, attn_implementation="eager"
+    )
     assert not any(info.values()), info  # no missing / unexpected / mismatched weights
     return model.eval()
 
@@ -81,7 +98,9 @@ def test_sharded_export_loads_in_transformers_and_back(hf_llama, tmp_path):
     # and our loader reads the sharded layout back (re-export as a single file: same tensors)
     single = str(tmp_path / "single")
     export_model(out, single)
-    assert {k: v.tobytes() for k, v in load_tensors(single).items()} == {k: v.tobytes() for k, v in load_tensors(folder).items()}
+    assert {k: v.tobytes() for k, v in load_tensors(single).items()} == {
+        k: v.tobytes() for k, v in load_tensors(folder).items()
+    }
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -109,8 +128,21 @@ def test_bfloat16_export_rounds_once(hf_llama, tmp_path):
 
 
 def test_old_and_new_config_spellings_agree():
-    common = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
-    old = LlamaConfig.from_hf({**common, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **{k: LLAMA3_ROPE[k] for k in LLAMA3_ROPE if k != "rope_type"}}})
+    common = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    old = LlamaConfig.from_hf(
+        {
+            **common,
+            "rope_theta": 5e5,
+            "rope_scaling": {"type": "llama3", **{k: LLAMA3_ROPE[k] for k in LLAMA3_ROPE if k != "rope_type"}},
+        }
+    )
     new = LlamaConfig.from_hf({**common, "rope_parameters": {"rope_theta": 5e5, **LLAMA3_ROPE}})
     assert old == new
     assert new.rope_theta == 5e5 and new.rope_scaling == LLAMA3_ROPE
@@ -122,11 +154,18 @@ def test_llama3_inv_freq_matches_transformers():
     from transformers import LlamaConfig as HFConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = HFConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE}, max_position_embeddings=2048)
+    hf = HFConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE},
+        max_position_embeddings=2048,
+    )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = LlamaConfig.from_hf(hf.to_dict()).rope_inv_freq()
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
-    assert not np.allclose(ours, LlamaConfig.from_hf({**hf.to_dict(), "rope_parameters": {"rope_theta": 5e5}}).rope_inv_freq())
+    assert not np.allclose(
+        ours, LlamaConfig.from_hf({**hf.to_dict(), "rope_parameters": {"rope_theta": 5e5}}).rope_inv_freq()
+    )
 
 
 # --- bad input: one clear line naming the file and the cause -------------------------------------
@@ -154,7 +193,18 @@ def test_truncated_safetensors_is_reported(hf_llama):
 
 
 def test_folder_without_weights_is_reported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(AsftError, match=r"no model\.safetensors.*pytorch_model\.bin"):
         resolve(str(tmp_path))
@@ -166,7 +216,9 @@ def test_shape_mismatch_names_the_tensor(hf_llama):
     cfg = {**read_json(cfg_path), "intermediate_size": 100}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(AsftError, match=r"mlp\.down_proj\.weight' has shape \[64, 96\], the config implies \[64, 100\]"):
+    with pytest.raises(
+        AsftError, match=r"mlp\.down_proj\.weight' has shape \[64, 96\], the config implies \[64, 100\]"
+    ):
         resolve(folder).load_params()
 
 

@@ -124,7 +124,6 @@ def write_sharded(
     directory: str,
     specs: Iterable[TensorSpec],
     max_shard_bytes: int = 5 * 10**9,
-    metadata: dict[str, str] | None = None,
 ) -> list[str]:
     """Writes ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards plus
     ``model.safetensors.index.json`` when the total exceeds ``max_shard_bytes``.
@@ -132,7 +131,7 @@ def write_sharded(
     Tensors are produced and written one at a time, so peak host memory is one tensor.
     Returns the file names written.
     """
-    metadata = {"format": "pt", **(metadata or {})}
+    metadata = {"format": "pt"}  # what transformers expects of a PyTorch-layout checkpoint
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for s in specs:

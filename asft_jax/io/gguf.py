@@ -1,4 +1,4 @@
-"""Reading llama.cpp GGUF files: config and tensors, dequantised with NumPy.
+"""llama.cpp GGUF files as model sources: config and tensors, dequantised with NumPy.
 
 The ``gguf`` package parses the container (metadata and memory-mapped raw tensors); the block
 formats below are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does,
@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from asft_jax.errors import AsftError
+from asft_jax.io.hf import TensorModel
 from asft_jax.model import LlamaConfig
 
 QK = 32  # elements per quantisation block for Q8_0, Q4_0 and Q4_1
@@ -62,12 +63,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's permutation (HF half-split -> interleaved rotary pairs); for writing test files."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -99,7 +94,7 @@ def _llama3_factors(cfg: LlamaConfig) -> np.ndarray:
     return np.asarray(base) / np.asarray(cfg.rope_inv_freq())
 
 
-class GGUFModel:
+class GGUFTensors:
     """A GGUF file as HF-named float32 tensors plus the ``LlamaConfig`` from its metadata."""
 
     def __init__(self, path: str):
@@ -173,9 +168,17 @@ class GGUFModel:
         """Llama 3.1 GGUFs store llama3 rope scaling as per-frequency factors: accept them when
         Llama 3.1's published parameters reproduce them, since the file does not carry those."""
         factors = dequantize(t.data, t.tensor_type.name, (int(t.n_elements),))
-        llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        llama31 = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         candidate = LlamaConfig(**{**self.config.__dict__, "rope_scaling": llama31})
-        if factors.shape == (self.config.head_dim // 2,) and np.allclose(factors, _llama3_factors(candidate), rtol=1e-4):
+        if factors.shape == (self.config.head_dim // 2,) and np.allclose(
+            factors, _llama3_factors(candidate), rtol=1e-4
+        ):
             self.config = candidate
         else:
             raise AsftError(f"{self.path}: rope_freqs.weight does not match Llama 3.1 rope scaling; cannot recover it")
@@ -194,3 +197,22 @@ class GGUFModel:
         elif ".k_proj." in name:
             w = unpermute_qk(w, self.config.num_key_value_heads)
         return w
+
+
+class GGUFFile(TensorModel):
+    """A ``.gguf`` file: config and tokenizer from its metadata, weights dequantised to float32."""
+
+    stored_dtype = "float32"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors = GGUFTensors(path)
+        self.config = self.tensors.config
+
+    def has_tokenizer(self) -> bool:
+        return self.tensors.field("tokenizer.ggml.model") is not None
+
+    def _tokenizer(self):
+        from asft_jax.io.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(self.tensors, self.path)

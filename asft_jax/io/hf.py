@@ -1,4 +1,4 @@
-"""Our Llama parameters <-> Hugging Face ``LlamaForCausalLM`` tensors and folders.
+"""Hugging Face model folders, and our Llama parameters <-> ``LlamaForCausalLM`` tensors.
 
 Each parameter of ``asft_jax.model.Llama`` has one Hugging Face name (per layer for the scanned
 ``layers`` subtree) and one of two reversible transforms:
@@ -21,8 +21,9 @@ import ml_dtypes
 import numpy as np
 
 from asft_jax.errors import AsftError
+from asft_jax.io.safetensors import SafetensorsFile, TensorSpec, write_sharded
+from asft_jax.io.source import placer, token_ids
 from asft_jax.model import Llama, LlamaConfig
-from asft_jax.safetensors_io import SafetensorsFile, TensorSpec, write_sharded
 
 _LAYER = "model.layers.{i}."
 HF_NAMES: dict[str, str] = {
@@ -31,12 +32,24 @@ HF_NAMES: dict[str, str] = {
     "lm_head/kernel": "lm_head.weight",
     "layers/attn_norm/scale": _LAYER + "input_layernorm.weight",
     "layers/mlp_norm/scale": _LAYER + "post_attention_layernorm.weight",
-    **{f"layers/attn/{p}/{kind}": f"{_LAYER}self_attn.{p}_proj.{hf}" for p in "qkvo" for kind, hf in (("kernel", "weight"), ("bias", "bias"))},
-    **{f"layers/mlp/{p}/{kind}": f"{_LAYER}mlp.{p}_proj.{hf}" for p in ("gate", "up", "down") for kind, hf in (("kernel", "weight"), ("bias", "bias"))},
+    **{
+        f"layers/attn/{p}/{kind}": f"{_LAYER}self_attn.{p}_proj.{hf}"
+        for p in "qkvo"
+        for kind, hf in (("kernel", "weight"), ("bias", "bias"))
+    },
+    **{
+        f"layers/mlp/{p}/{kind}": f"{_LAYER}mlp.{p}_proj.{hf}"
+        for p in ("gate", "up", "down")
+        for kind, hf in (("kernel", "weight"), ("bias", "bias"))
+    },
 }
 # HF names that may sit in a checkpoint without being parameters of the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+EXPORT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 class TensorSource(Protocol):
@@ -94,7 +107,7 @@ def _unflatten(flat: dict[str, object]) -> dict:
     return tree
 
 
-def load_params(
+def params_from_tensors(
     config: LlamaConfig,
     source: TensorSource,
     param_dtype=jnp.float32,
@@ -102,8 +115,8 @@ def load_params(
 ) -> dict:
     """Builds our parameter tree from HF-named tensors, one parameter at a time.
 
-    ``place(path, host_array)`` puts each parameter on devices (e.g. ``jax.device_put`` with its
-    sharding); by default it goes to the default device. Unknown tensors in the source are an
+    ``place(path, host_array)`` puts each parameter on devices (``asft_jax.io.source.placer``);
+    by default it goes to the default device. Unknown tensors in the source are an
     error, so a checkpoint of another architecture is not half-loaded silently.
     """
     place = place or (lambda _, a: jax.device_put(a))
@@ -122,7 +135,10 @@ def load_params(
                 raise AsftError(f"{source.where}: tensor {name!r} is missing")
             hf = source.get(name)
             if hf.shape != hf_shape(path, inner):
-                raise AsftError(f"{source.where}: tensor {name!r} has shape {list(hf.shape)}, the config implies {list(hf_shape(path, inner))}")
+                raise AsftError(
+                    f"{source.where}: tensor {name!r} has shape {list(hf.shape)}, the config implies "
+                    f"{list(hf_shape(path, inner))}"
+                )
             value = to_ours(path, hf, inner)
             if stacked:
                 out[i] = value
@@ -157,7 +173,12 @@ def hf_tensor_specs(params: dict, config: LlamaConfig, dtype: np.dtype) -> Itera
                     lambda v=value, i=i, p=path: to_hf(p, np.asarray(jax.device_get(v[i]))),
                 )
         else:
-            yield TensorSpec(HF_NAMES[path], hf_shape(path, leaf.shape), dtype, lambda v=value, p=path: to_hf(p, np.asarray(jax.device_get(v))))
+            yield TensorSpec(
+                HF_NAMES[path],
+                hf_shape(path, leaf.shape),
+                dtype,
+                lambda v=value, p=path: to_hf(p, np.asarray(jax.device_get(v))),
+            )
 
 
 class SafetensorsFolder:
@@ -223,3 +244,62 @@ def export_params(
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(config.to_hf(dtype), f, indent=2)
     return [*files, "config.json"]
+
+
+class TensorModel:
+    """A model stored as HF-named tensors (an HF folder, a GGUF file); subclasses set ``path``,
+    ``config`` and ``tensors`` and supply the tokenizer."""
+
+    path: str
+    config: LlamaConfig
+    tensors: TensorSource
+
+    def load_params(self, param_dtype=None, shardings=None, host: bool = False) -> dict:
+        return params_from_tensors(self.config, self.tensors, param_dtype or jnp.float32, placer(shardings, host))
+
+    def tokenizer(self):
+        try:
+            return self._tokenizer()
+        except (OSError, ValueError) as e:
+            raise AsftError(f"{self.path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+
+    def _tokenizer(self):
+        raise NotImplementedError
+
+    def generation_config(self) -> dict:
+        return token_ids(self.config)
+
+
+class HFFolder(TensorModel):
+    """A ``transformers`` model folder: ``config.json``, safetensors weights, tokenizer files."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config = read_config(path)
+        self.tensors = SafetensorsFolder(path)
+
+    @property
+    def stored_dtype(self) -> str:
+        stored = self.tensors.dtype(HF_NAMES["embed/embedding"])
+        return next((name for name, dt in EXPORT_DTYPES.items() if dt == stored), "float32")
+
+    def has_tokenizer(self) -> bool:
+        return any(
+            os.path.isfile(os.path.join(self.path, f))
+            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        )
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def generation_config(self) -> dict:
+        path = os.path.join(self.path, "generation_config.json")
+        if not os.path.isfile(path):
+            return super().generation_config()
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise AsftError(f"{path}: invalid JSON ({e})") from None

