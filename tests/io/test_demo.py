@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from asft_jax import demo
 from asft_jax.errors import AsftError
+from asft_jax.io import demo
 
 
 @pytest.mark.spawn
