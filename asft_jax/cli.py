@@ -85,12 +85,13 @@ def _sampling(args: argparse.Namespace):
 def _eval(args: argparse.Namespace) -> None:
     from asft_jax.evaluate import add_generations, evaluate_model, require_reference
     from asft_jax.io import load_model, resolve
-    from asft_jax.losses import check_hparams
+    from asft_jax.losses import HPARAMS, foreign_hparam
 
     src = resolve(args.model)
     hparams = {k: getattr(args, k) for k in ("beta", "lam", "gamma", "normalize") if getattr(args, k) is not None}
-    if args.objective and (problem := check_hparams(args.objective, hparams)):
-        raise AsftError(f"--{problem.replace(' to ', ' to --objective ', 1)}")
+    if args.objective and (foreign := foreign_hparam(args.objective, hparams)):
+        takes = ", ".join(HPARAMS[args.objective]) or "none"
+        raise AsftError(f"--{foreign} does not apply to --objective {args.objective} (its hyperparameters: {takes})")
     pairs, skipped, max_length = _read_pairs(args, src)
     if args.objective:
         require_reference(args.objective, pairs)  # before any weights load

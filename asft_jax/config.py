@@ -246,7 +246,7 @@ def validate(cfg: TrainConfig) -> None:
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.records import parse_selection
     from asft_jax.data.tokenize import TRUNCATIONS
-    from asft_jax.losses import LOSSES, check_hparams
+    from asft_jax.losses import HPARAMS, LOSSES, foreign_hparam
     from asft_jax.model import LlamaConfig
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
@@ -266,10 +266,11 @@ def validate(cfg: TrainConfig) -> None:
         unknown = sorted(set(m.init) - set(fields))
         if unknown:
             raise ConfigError("model.init", f"model.init: unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
-    problem = check_hparams(cfg.objective.name, cfg.objective.hparams())
-    if problem:
-        key = f"objective.{problem.split()[0]}"
-        raise ConfigError(key, f"objective.{problem}")
+    name = cfg.objective.name
+    if foreign := foreign_hparam(name, cfg.objective.hparams()):
+        takes = ", ".join(HPARAMS[name]) or "none"
+        key = f"objective.{foreign}"
+        raise ConfigError(key, f"{key} does not apply to {name} (its hyperparameters: {takes})")
     one_of("model.remat_policy", m.remat_policy, REMAT_POLICIES)
     one_of("model.attention", m.attention, IMPLEMENTATIONS)
     one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -233,9 +233,6 @@ def preference_loss(
     return loss, {"loss": loss.mean(), **metrics}
 
 
-def check_hparams(name: str, hparams: dict) -> str | None:
-    """Why ``hparams`` do not fit objective ``name`` (the first foreign one), or None if they do."""
-    foreign = sorted(set(hparams) - set(HPARAMS[name]))
-    if not foreign:
-        return None
-    return f"{foreign[0]} does not apply to {name} (its hyperparameters: {', '.join(HPARAMS[name]) or 'none'})"
+def foreign_hparam(name: str, hparams: dict) -> str | None:
+    """The first key of ``hparams`` that objective ``name`` does not take, or None if all fit."""
+    return min(set(hparams) - set(HPARAMS[name]), default=None)

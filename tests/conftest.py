@@ -19,6 +19,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # with libtpu installed (the tpu extra), su
 _XLA_CACHE = tempfile.mkdtemp(prefix="asft-tests-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# Most tests compile many small programs and run each a few times: XLA's LLVM optimizations cost more
+# than they save there (a tiny `train()` took 21 s with them, 15 s without). Tests marked `optimized`
+# turn them back on (see below); subprocesses inherit the setting through the environment.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh
@@ -40,6 +44,17 @@ def _release_memory_after_each_module():
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):  # glibc only
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@pytest.fixture(autouse=True)
+def _optimizations(request, monkeypatch):
+    """XLA's optimizations stay off unless the test is marked ``optimized`` (its time is spent running
+    big compiled programs, or it inspects what the compiler produced)."""
+    optimized = request.node.get_closest_marker("optimized") is not None
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0" if optimized else "1")
+    jax.config.update("jax_disable_most_optimizations", not optimized)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture

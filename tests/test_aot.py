@@ -13,6 +13,8 @@ from helpers import TINY, TINY_INIT
 from asft_jax.aot import parse_topology
 from asft_jax.errors import AsftError
 
+pytestmark = pytest.mark.optimized  # the memory and FLOPs reported are those of the real TPU compile
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = [
     f"model.init={TINY_INIT}",

@@ -76,12 +76,24 @@ def single(trained):
     return curve(trained())
 
 
+@pytest.fixture(scope="module")
+def two_processes(pairs, tmp_path_factory):
+    """A 6-step run of 2 processes with 4 devices each (checkpoints at 3 and 6); read it, or copy it."""
+    out = tmp_path_factory.mktemp("two_processes") / "run"
+    done = launch(2, out, pairs, "max_steps=6", devices=4)
+    assert done.returncode == 0, done.stderr + logs(out)
+    return out
+
+
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.spawn
-def test_processes_reproduce_the_single_process_curve(n, pairs, single, tmp_path):
-    out = tmp_path / "run"
-    done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
-    assert done.returncode == 0, done.stderr + logs(out)
+def test_processes_reproduce_the_single_process_curve(n, pairs, single, request, tmp_path):
+    if n == 2:
+        out = request.getfixturevalue("two_processes")
+    else:
+        out = tmp_path / "run"
+        done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
+        assert done.returncode == 0, done.stderr + logs(out)
     assert_curves_close(curve(out), single, rtol=2e-5)
     assert f"process 1 of {n} joined" in logs(out)
 
@@ -96,11 +108,11 @@ def rewind(out, step: int) -> None:
 
 
 @pytest.mark.spawn
-def test_checkpoints_move_between_process_counts(pairs, single, tmp_path):
+def test_checkpoints_move_between_process_counts(pairs, single, two_processes, tmp_path):
     """Step 3 of a 2-process run resumed by one process, and step 3 of a 1-process run resumed by
     two, both continue the single-process curve."""
     two_then_one = tmp_path / "a"
-    assert launch(2, two_then_one, pairs, "max_steps=6", devices=4).returncode == 0, logs(two_then_one)
+    shutil.copytree(two_processes, two_then_one)
     rewind(two_then_one, 3)
     train(config(two_then_one, pairs, "save_steps=3"))
     assert_curves_close(curve(two_then_one), single, rtol=2e-5)

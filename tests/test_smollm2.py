@@ -17,7 +17,7 @@ from asft_jax.io import resolve
 from asft_jax.io.export import export_model
 from asft_jax.model import Llama
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from helpers import curve
 from asft_jax.config import load_config
 from asft_jax.train import train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_path):
