@@ -16,9 +16,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # with libtpu installed (the tpu extra), su
 # One persistent compilation cache for this session and the processes it starts: the many tiny runs
 # that compile the same train step hit it (a repeated tiny `train()` went from 18 s to 3.5 s here).
 # Fresh per session, so that nothing cached by an earlier checkout is ever reused.
-_XLA_CACHE = tempfile.mkdtemp(prefix="asft-tests-xla-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# pytest-xdist workers share their controller's cache.
+if "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="asft-tests-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the many small programs too
 # Most tests compile many small programs and run each a few times: XLA's LLVM optimizations cost more
 # than they save there (a tiny `train()` took 21 s with them, 15 s without). Tests marked `optimized`
 # turn them back on (see below); subprocesses inherit the setting through the environment.
@@ -28,6 +33,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import numpy as np
 import pytest

@@ -16,6 +16,7 @@ import pytest
 
 from asft_jax.config import TrainConfig, load_config
 from asft_jax.data.packing import layout_batch
+from asft_jax.data.pairs import TokenizedPair
 from asft_jax.logprobs import pair_logps
 from asft_jax.train_step import micro_loss
 
@@ -118,6 +119,19 @@ def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+def random_pairs(n: int, seed: int = 0, vocab: int = 128) -> list[TokenizedPair]:
+    """Pairs of very different shapes: short and long prompts, responses differing a lot in length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, c, r = int(rng.integers(1, 30)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        if i % 3 == 0:
+            c, r = 1, 45  # one token against many
+        ids = [rng.integers(1, vocab, k).tolist() for k in (p, c, r)]
+        out.append(TokenizedPair(i, *ids))
+    return out
 
 
 def micro(batch):

@@ -110,3 +110,24 @@ def test_imports_point_down_the_layers():
         if d and _layer(d) > _layer(m)
     ]
     assert not upward, "\n".join(upward)
+
+
+def test_test_modules_share_code_through_helpers_only():
+    """No test module imports another test module or conftest (what they share is in helpers.py)."""
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(REPO, "tests")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    targets = [node.module]
+                for target in targets:
+                    last = target.split(".")[-1]
+                    if last == "conftest" or last.startswith("test_"):
+                        offenders.append(f"{os.path.relpath(path, REPO)}: {target}")
+    assert not offenders, offenders

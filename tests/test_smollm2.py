@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from asft_jax.io import resolve
 from asft_jax.io.export import export_model
 from asft_jax.model import Llama
 
-pytestmark = [pytest.mark.slow, pytest.mark.optimized]
+pytestmark = [pytest.mark.slow, pytest.mark.optimized, pytest.mark.xdist_group("smollm2")]
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +166,11 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
         "192",
         "--batch-size",
         "4",
+        "--limit",
+        "100",
     )
     from_ids = [json.loads(line) for line in scores.read_text().splitlines()]
-    from_text = [json.loads(line) for line in text_scores.read_text().splitlines() if json.loads(line)["index"] < 100]
+    from_text = [json.loads(line) for line in text_scores.read_text().splitlines()]
     assert code == 0 and len(from_text) == len(from_ids)
     for a, b in zip(from_text, from_ids):
         assert (a["chosen_tokens"], a["rejected_tokens"]) == (b["chosen_tokens"], b["rejected_tokens"])
@@ -296,7 +300,7 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
     src, params = ours
     tok = src.tokenizer()
     with open(os.path.join(shared_data, "mt_bench", "question.jsonl")) as f:
-        questions = [json.loads(line)["turns"][0] for line in f][:8]
+        questions = [json.loads(line)["turns"][0] for line in f][:4]
     prompts = [
         list(
             tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
@@ -308,7 +312,7 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
     stops = stop_token_ids(src.config, tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
     generator = Generator(
-        Llama(src.config), params, make_mesh(), stops, SamplingConfig(max_new_tokens=40), batch_size=8
+        Llama(src.config), params, make_mesh(), stops, SamplingConfig(max_new_tokens=40), batch_size=4
     )
     mine = list(generator(prompts))
     for ids, got in zip(prompts, mine):
@@ -328,7 +332,10 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
 
 def test_layouts_agree_on_real_pairs(ours, shared_data):
     """Real UltraFeedback pairs (chosen and rejected of very different lengths, several pairs per
-    packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients."""
+    packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients.
+
+    On the model's first 6 layers (its real weights, embedding and head): every layer runs the same
+    code on the same masks and positions, so the other 24 would add four minutes, not coverage."""
     from helpers import assert_grads_close, loss_sums_grads
 
     from asft_jax.data.packing import layout_batch
@@ -345,7 +352,9 @@ def test_layouts_agree_on_real_pairs(ours, shared_data):
     pairs = uneven + short
     assert layout_batch(pairs, "packed", 256)["tokens"].shape[1] < 2 * len(pairs)  # several sequences per row
     assert layout_batch(pairs, "packed_shared_prefix", 256)["tokens"].shape[1] < len(pairs)
-    model = Llama(src.config)
+    depth = 6
+    model = Llama(dataclasses.replace(src.config, num_hidden_layers=depth))
+    params = {**params, "layers": jax.tree.map(lambda x: x[:depth], params["layers"])}
     results = {
         layout: loss_sums_grads(model, params, pairs, layout, "asft", max_length=256)
         for layout in ("padded", "packed", "packed_shared_prefix")

@@ -11,7 +11,7 @@ from helpers import curve
 from asft_jax.config import load_config
 from asft_jax.train import train
 
-pytestmark = [pytest.mark.slow, pytest.mark.optimized]
+pytestmark = [pytest.mark.slow, pytest.mark.optimized, pytest.mark.xdist_group("smollm2")]
 
 
 def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_path):
@@ -30,7 +30,7 @@ def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_pat
             f"output_dir={out}",
             f"data.path={data}",
             f"model.source={smollm2_gguf}",
-            "max_steps=4",
+            "max_steps=2",  # one update already moves these four pairs ten times past the bounds below
             "save_steps=100",
             "batch_size=4",
             "learning_rate=5e-5",

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from data.test_packing import random_pairs
-from helpers import TINY, assert_grads_close, direct_pair_logps, loss_sums_grads
+from helpers import TINY, assert_grads_close, direct_pair_logps, loss_sums_grads, random_pairs
 
 from asft_jax.data.packing import LAYOUTS, layout_batch
 from asft_jax.data.pairs import TokenizedPair

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import random_pairs
 
 from asft_jax.data.packing import LAYOUTS, first_fit, layout_batch, pad_rows, round_rows
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.llama import attention_mask
-
-
-def random_pairs(n: int, seed: int = 0, vocab: int = 128) -> list[TokenizedPair]:
-    """Pairs of very different shapes: short and long prompts, responses differing a lot in length."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        p, c, r = int(rng.integers(1, 30)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
-        if i % 3 == 0:
-            c, r = 1, 45  # one token against many
-        ids = [rng.integers(1, vocab, k).tolist() for k in (p, c, r)]
-        out.append(TokenizedPair(i, *ids))
-    return out
 
 
 def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:

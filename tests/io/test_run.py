@@ -132,6 +132,7 @@ def _export_peak_rss(model: str, output: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.spawn
+@pytest.mark.xdist_group("smollm2")
 def test_exporting_a_run_holds_about_one_copy_of_the_parameters(tmp_path):
     big = {
         **TINY,
