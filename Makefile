@@ -34,9 +34,9 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest -q tests
 
-# the quick loop: no real SmolLM2 runs, no spawned processes
+# the quick loop: no real SmolLM2 runs, no spawned processes, no whole training jobs
 test-fast:
-	$(PYTHON) -m pytest -q tests -m "not slow and not spawn"
+	$(PYTHON) -m pytest -q tests -m "not slow and not spawn and not training"
 
 lint:
 	ruff check asft_jax tests benchmarks experiments

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,13 @@ from asft_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "multiprocess_local.sh")
-_ports = iter(range(23400, 23500))
+
+
+def free_port() -> int:
+    """A port nothing listens on now (asked of the OS: tests in parallel workers never share one)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def overrides(out, pairs, *extra) -> list[str]:
@@ -49,7 +56,7 @@ def launch(n: int, out, pairs, *extra, devices: int = 2, timeout: int = 400) -> 
     """``launch/multiprocess_local.sh N`` with the tiny model; the config comes from overrides only."""
     env = {
         **os.environ,
-        "PORT": str(next(_ports)),
+        "PORT": str(free_port()),
         "DEVICES": str(devices),
         "LOG_DIR": str(out) + "_logs",
         "PYTHON": sys.executable,
@@ -128,7 +135,7 @@ def test_checkpoints_move_between_process_counts(pairs, single, two_processes, t
 
 def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
     """Two processes of a long run, returned once both are past step 2."""
-    port, procs = next(_ports), []
+    port, procs = free_port(), []
     for i in range(2):
         env = {
             **os.environ,
@@ -193,7 +200,7 @@ def test_the_launcher_stops_everyone_when_one_process_fails(pairs, tmp_path):
 def test_a_missing_process_fails_after_the_join_timeout(pairs, tmp_path):
     env = {
         **os.environ,
-        "ASFT_COORDINATOR_ADDRESS": f"localhost:{next(_ports)}",
+        "ASFT_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
         "ASFT_NUM_PROCESSES": "2",
         "ASFT_PROCESS_ID": "0",
         "JAX_PLATFORMS": "cpu",

@@ -17,6 +17,8 @@ from asft_jax.config import load_config
 from asft_jax.errors import AsftError
 from asft_jax.train import resolve_data_paths, train
 
+pytestmark = pytest.mark.training
+
 SINGLE_DEVICE = """
 import jax, sys
 jax.config.update("jax_num_cpu_devices", 1)
