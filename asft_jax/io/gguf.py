@@ -1,20 +1,20 @@
 """llama.cpp GGUF files as model sources: config and tensors, dequantised with NumPy.
 
-The ``gguf`` package parses the container (metadata and memory-mapped raw tensors); the block
-formats below are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does,
+``gguf_container`` parses the file (metadata and memory-mapped raw tensors); the block formats
+are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does,
 except that llama.cpp's converter permutes the rows of the q and k projections from HF's
 half-split rotary layout to interleaved pairs; ``unpermute_qk`` undoes that.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import ml_dtypes
 import numpy as np
 
 from asft_jax.errors import AsftError
+from asft_jax.io.gguf_container import TensorInfo, read_gguf
 from asft_jax.io.hf import TensorModel
 from asft_jax.model import LlamaConfig
 
@@ -46,6 +46,13 @@ def _q4_1(b: np.ndarray) -> np.ndarray:  # [scale f16][min f16][16 bytes of nibb
 _BLOCK_FORMATS = {"Q8_0": (34, QK, _q8_0), "Q4_0": (18, QK, _q4_0), "Q4_1": (20, QK, _q4_1)}
 _PLAIN = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 SUPPORTED = (*_PLAIN, *_BLOCK_FORMATS)
+
+
+def _nbytes(t: TensorInfo) -> int:
+    if t.type_name in _PLAIN:
+        return t.n_elements * np.dtype(_PLAIN[t.type_name]).itemsize
+    block_bytes, block, _ = _BLOCK_FORMATS[t.type_name]
+    return t.n_elements // block * block_bytes
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -98,27 +105,25 @@ class GGUFTensors:
     """A GGUF file as HF-named float32 tensors plus the ``LlamaConfig`` from its metadata."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader  # imported here: only GGUF sources need it
-
         self.path = self.where = path
         if not os.path.isfile(path):
             raise AsftError(f"{path}: file not found")
-        try:
-            self._reader = GGUFReader(path, "r")
-        except Exception as e:  # noqa: BLE001 (the reader raises ValueError/struct.error/... on a damaged file)
-            raise AsftError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self._fields = self._reader.fields
+        self._fields, index, self._file = read_gguf(path)
         arch = self.field("general.architecture")
         if arch != "llama":
             raise AsftError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
         self._tensors = {}
         rope_freqs = None
-        for t in self._reader.tensors:
-            if t.tensor_type.name not in SUPPORTED:
+        for t in index:
+            if t.type_name not in SUPPORTED:
                 raise AsftError(
-                    f"{path}: tensor {t.name!r} is quantised as {t.tensor_type.name}, which asft-jax "
+                    f"{path}: tensor {t.name!r} is quantised as {t.type_name}, which asft-jax "
                     f"cannot read (supported: {', '.join(SUPPORTED)})"
                 )
+            if t.type_name in _BLOCK_FORMATS and (not t.dims or t.dims[0] % QK):
+                raise AsftError(f"{path}: tensor {t.name!r} ({t.type_name}): rows are not whole {QK}-value blocks")
+            if t.offset + _nbytes(t) > len(self._file):
+                raise AsftError(f"{path}: tensor {t.name!r} runs past the end of the file (truncated?)")
             if t.name == "rope_freqs.weight":
                 rope_freqs = t
                 continue
@@ -131,8 +136,10 @@ class GGUFTensors:
             self._check_rope_freqs(rope_freqs)
 
     def field(self, key: str, default=None):
-        f = self._fields.get(key)
-        return default if f is None else f.contents()
+        return self._fields.get(key, default)
+
+    def _raw(self, t: TensorInfo) -> np.ndarray:
+        return np.frombuffer(self._file, np.uint8, _nbytes(t), t.offset)
 
     def _config(self) -> LlamaConfig:
         heads = self.field("llama.attention.head_count")
@@ -142,8 +149,8 @@ class GGUFTensors:
         scaling = self.field("llama.rope.scaling.type")
         if scaling not in (None, "none"):
             raise AsftError(f"{self.path}: rope scaling {scaling!r} is not supported")
-        tokens = self._fields.get("tokenizer.ggml.tokens")
-        vocab = self.field("llama.vocab_size") or (len(tokens.data) if tokens else None)
+        tokens = self.field("tokenizer.ggml.tokens")
+        vocab = self.field("llama.vocab_size") or (len(tokens) if tokens else None)
         return LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -167,7 +174,7 @@ class GGUFTensors:
     def _check_rope_freqs(self, t) -> None:
         """Llama 3.1 GGUFs store llama3 rope scaling as per-frequency factors: accept them when
         Llama 3.1's published parameters reproduce them, since the file does not carry those."""
-        factors = dequantize(t.data, t.tensor_type.name, (int(t.n_elements),))
+        factors = dequantize(self._raw(t), t.type_name, (t.n_elements,))
         llama31 = {
             "rope_type": "llama3",
             "factor": 8.0,
@@ -188,10 +195,7 @@ class GGUFTensors:
 
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))
-        if math.prod(shape) != int(t.n_elements):
-            raise AsftError(f"{self.path}: tensor {t.name!r} has inconsistent dimensions {list(t.shape)}")
-        w = dequantize(t.data, t.tensor_type.name, shape)
+        w = dequantize(self._raw(t), t.type_name, t.dims[::-1])
         if ".q_proj." in name:
             w = unpermute_qk(w, self.config.num_attention_heads)
         elif ".k_proj." in name:
