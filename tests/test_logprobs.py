@@ -46,7 +46,7 @@ def test_gradients_equal_full_log_softmax():
     weights = jax.random.uniform(jax.random.key(2), targets.shape)  # an arbitrary upstream gradient
 
     def loss(fn):
-        return jax.grad(lambda h, w: (fn(h, w, targets) * weights).sum(), argnums=(0, 1))(hidden, kernel)
+        return jax.jit(jax.grad(lambda h, w: (fn(h, w, targets) * weights).sum(), argnums=(0, 1)))(hidden, kernel)
 
     got = loss(lambda h, w, t: token_logps(h, w, t, chunk=8, vocab_chunk=16))
     expected = loss(naive_token_logps)
@@ -80,12 +80,12 @@ def test_pair_logps_sum_response_tokens_only(tied):
         picked = jnp.take_along_axis(logp[:, :-1], jnp.asarray(tokens)[:, 1:, None], -1)[..., 0]
         return (picked * scored[:, :-1]).sum(-1).reshape(-1, 2)
 
-    sums = chunked(params)
+    sums = jax.jit(chunked)(params)
     np.testing.assert_allclose(sums, direct_pair_logps(model, params, pairs), rtol=1e-5)
     assert rows["counts"].tolist() == [[c, r] for _, c, r in lengths]
 
-    got = jax.grad(lambda p: chunked(p).sum())(params)
-    expected = jax.grad(lambda p: naive(p).sum())(params)
+    got = jax.jit(jax.grad(lambda p: chunked(p).sum()))(params)
+    expected = jax.jit(jax.grad(lambda p: naive(p).sum()))(params)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
 

@@ -63,8 +63,8 @@ def exported(smollm2_gguf, tmp_path_factory) -> str:
 
 
 def our_logits(src, params, tokens, mask) -> np.ndarray:
-    model = Llama(src.config)
-    return np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    forward = jax.jit(Llama(src.config).apply)
+    return np.asarray(forward({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
 
 def torch_logits(model, tokens, mask) -> np.ndarray:

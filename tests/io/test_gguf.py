@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_tiny_gguf_matches_transformers_gguf_loader(hf_llama, tmp_path, qtype):
     assert (src.config.num_key_value_heads, src.config.tie_word_embeddings) == (2, False)
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
     tokens = np.arange(40)[None] % TINY["vocab_size"]
-    ours = np.asarray(Llama(src.config).apply({"params": src.load_params()}, jnp.asarray(tokens)))
+    ours = np.asarray(jax.jit(Llama(src.config).apply)({"params": src.load_params()}, jnp.asarray(tokens)))
     with torch.no_grad():
         ref = reference(torch.tensor(tokens)).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-4
@@ -118,7 +119,7 @@ def test_llama31_rope_freqs_become_llama3_scaling(hf_llama, tmp_path):
     src = resolve(str(tmp_path / "l31.gguf"))
     assert src.config.rope_scaling == LLAMA31_ROPE
     tokens = np.arange(40)[None] % TINY["vocab_size"]
-    ours = np.asarray(Llama(src.config).apply({"params": src.load_params()}, jnp.asarray(tokens)))
+    ours = np.asarray(jax.jit(Llama(src.config).apply)({"params": src.load_params()}, jnp.asarray(tokens)))
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor(tokens)).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-4

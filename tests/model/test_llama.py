@@ -54,9 +54,8 @@ def test_logits_match_transformers_with_left_and_right_padding(hf_llama, case):
     seqs = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (40, 23, 31, 40)]
     tokens, mask = padded_batch(seqs, left=[False, True, False, True])
 
-    ours = np.asarray(
-        Llama(src.config).apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))
-    )
+    forward = jax.jit(Llama(src.config).apply)
+    ours = np.asarray(forward({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
     ref = hf_logits(torch_model, tokens, mask)
 
     real = mask.astype(bool)
@@ -68,27 +67,25 @@ def test_logits_match_transformers_with_left_and_right_padding(hf_llama, case):
 def test_padding_does_not_change_logits(hf_llama):
     folder, _ = hf_llama()
     src = resolve(folder)
-    model, params = Llama(src.config), src.load_params()
+    forward, params = jax.jit(Llama(src.config).apply), src.load_params()
     seq = list(range(3, 30))
-    alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
+    alone = forward({"params": params}, jnp.asarray([seq]))[0]
     tokens, mask = padded_batch([seq, list(range(40))], left=[True, False])
-    padded = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[
-        0, -len(seq) :
-    ]
+    padded = forward({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32))[0, -len(seq) :]
     np.testing.assert_allclose(padded, alone, atol=2e-5)
 
 
 def test_packed_segments_equal_separate_sequences(hf_llama):
     folder, _ = hf_llama(rope_scaling=LLAMA3_ROPE)
     src = resolve(folder)
-    model, params = Llama(src.config), src.load_params()
+    forward, params = jax.jit(Llama(src.config).apply), src.load_params()
     rng = np.random.default_rng(1)
     a, b, c = (rng.integers(0, TINY["vocab_size"], n).tolist() for n in (11, 17, 6))
     packed = jnp.asarray([a + b + c + [0] * 6])
     segments = jnp.asarray([[1] * 11 + [2] * 17 + [3] * 6 + [0] * 6])
-    out = model.apply({"params": params}, packed, segments)[0]
+    out = forward({"params": params}, packed, segments)[0]
     for seq, start in ((a, 0), (b, 11), (c, 28)):
-        alone = model.apply({"params": params}, jnp.asarray([seq]))[0]
+        alone = forward({"params": params}, jnp.asarray([seq]))[0]
         np.testing.assert_allclose(out[start : start + len(seq)], alone, atol=2e-5)
 
 
@@ -99,7 +96,8 @@ def test_remat_policies_agree():
 
     def loss_and_grad(policy):
         model = Llama(config, remat_policy=policy)
-        return jax.value_and_grad(lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).std())(params)
+        loss = jax.value_and_grad(lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).std())
+        return jax.jit(loss)(params)
 
     base_loss, base_grad = loss_and_grad("none")
     for policy in ("full", "dots", "dots_no_batch"):
@@ -157,22 +155,20 @@ def test_kv_cache_equals_recompute_at_every_step(hf_llama, case):
     logits of every new token equal a full forward of that row's whole sequence, no cache."""
     folder, _ = hf_llama(**CASES[case])
     src = resolve(folder)
-    model, params = Llama(src.config), src.load_params()
+    forward, params = jax.jit(Llama(src.config).apply), src.load_params()
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (5, 12, 1)]
     tails = rng.integers(0, TINY["vocab_size"], (3, 9)).tolist()
     tokens, mask = padded_batch(prompts, left=[True] * 3)
     cache = KVCache.empty(src.config, 3, tokens.shape[1] + 9)
-    out, cache = model.apply(
-        {"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), cache=cache
-    )
+    out, cache = forward({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), cache=cache)
     steps = [out[:, -1:]]
     for start, stop in ((0, 1), (1, 2), (2, 5), (5, 6), (6, 7), (7, 8)):
         chunk = jnp.asarray([t[start:stop] for t in tails], jnp.int32)
-        out, cache = model.apply({"params": params}, chunk, jnp.ones_like(chunk), cache=cache)
+        out, cache = forward({"params": params}, chunk, jnp.ones_like(chunk), cache=cache)
         steps.append(out)
     cached = np.concatenate(steps, axis=1)  # logits after the prompt and after each of 8 tail tokens
     assert int(cache.index) == tokens.shape[1] + 8
     for row, (prompt, tail) in enumerate(zip(prompts, tails)):
-        full = np.asarray(model.apply({"params": params}, jnp.asarray([prompt + tail[:8]])))[0, len(prompt) - 1 :]
+        full = np.asarray(forward({"params": params}, jnp.asarray([prompt + tail[:8]])))[0, len(prompt) - 1 :]
         np.testing.assert_allclose(cached[row], full, atol=2e-5, rtol=0)
