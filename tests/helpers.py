@@ -22,6 +22,10 @@ from asft_jax.train_step import micro_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Tests reading the same session-scoped reference runs (conftest's `trained`, test_distributed's
+# two-process run) go to one pytest-xdist worker: each run is then trained once, not once per worker.
+SHARES_REFERENCE_RUNS = pytest.mark.xdist_group("reference_runs")
+
 TINY = {
     "vocab_size": 128,
     "hidden_size": 64,

@@ -13,7 +13,7 @@ import time
 import types
 
 import pytest
-from helpers import TINY_INIT, assert_curves_close, config, curve
+from helpers import SHARES_REFERENCE_RUNS, TINY_INIT, assert_curves_close, config, curve
 
 from asft_jax.data.pipeline import host_data_state
 from asft_jax.distributed import coordinates
@@ -94,6 +94,7 @@ def two_processes(pairs, tmp_path_factory):
 
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.spawn
+@SHARES_REFERENCE_RUNS
 def test_processes_reproduce_the_single_process_curve(n, pairs, single, request, tmp_path):
     if n == 2:
         out = request.getfixturevalue("two_processes")
@@ -115,6 +116,7 @@ def rewind(out, step: int) -> None:
 
 
 @pytest.mark.spawn
+@SHARES_REFERENCE_RUNS
 def test_checkpoints_move_between_process_counts(pairs, single, two_processes, tmp_path):
     """Step 3 of a 2-process run resumed by one process, and step 3 of a 1-process run resumed by
     two, both continue the single-process curve."""

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import assert_curves_close, config, curve, overrides
+from helpers import SHARES_REFERENCE_RUNS, assert_curves_close, config, curve, overrides
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
@@ -29,6 +29,7 @@ train(load_config(None, sys.argv[1:]))
 
 
 @pytest.mark.spawn
+@SHARES_REFERENCE_RUNS
 def test_every_mesh_gives_the_single_device_loss_curve(pairs, trained, tmp_path):
     single = tmp_path / "single"
     cfg = config(single, pairs, "mesh.data=1")
@@ -53,6 +54,7 @@ def test_four_micro_batches_equal_one_big_batch(pairs, tmp_path):
     assert_curves_close(curve(tmp_path / "micro"), curve(tmp_path / "big"), rtol=1e-4)
 
 
+@SHARES_REFERENCE_RUNS
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, trained, tmp_path):
     whole = trained("mesh.fsdp=2", "mesh.tensor=2")
 
@@ -68,6 +70,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, trained, tm
     assert curve(stopped) == curve(whole)  # bitwise: same batches, same arithmetic
 
 
+@SHARES_REFERENCE_RUNS
 def test_resume_onto_another_mesh(pairs, trained, tmp_path):
     moved = tmp_path / "moved"
     train(
