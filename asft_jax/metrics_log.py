@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from asft_jax.config import TrainConfig, to_dict
 from asft_jax.errors import AsftError
+
+
+def _summary_writer():
+    """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch whenever
+    it is installed, only to accept torch tensors (2.2 s per process here; we log floats)."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -18,9 +34,7 @@ class MetricsLog:
         if not enabled:
             return
         self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        self.tb = _summary_writer()(os.path.join(cfg.output_dir, "tensorboard"))
         if cfg.wandb_project:
             try:
                 import wandb
