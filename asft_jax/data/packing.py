@@ -131,16 +131,16 @@ def _rows(
     return out
 
 
-WIDTH_QUANTUM = 64  # at least: on short rows, the head on a few more positions costs less than a recompile
+SHORT_ROW = 64  # rows up to this long keep every position: a recompile costs more than the head on a few more
 
 
 def _compact(targets: np.ndarray, slots: np.ndarray, dump: int) -> dict[str, np.ndarray]:
     """Keeps, per row, only the positions with a scored target; the width is rounded up to an
-    eighth of the row length or to ``WIDTH_QUANTUM`` positions, whichever is more (few shapes to
-    compile: a tiny run's widths of 40 and 48 out of 64 compiled its train step twice)."""
+    eighth of the row length (few shapes to compile), or is the whole row for rows of at most
+    ``SHORT_ROW`` tokens (one shape: a tiny run's widths of 40 and 48 compiled its step twice)."""
     scored = (slots < dump).any(-1)  # [micro, rows, length]
     length = scored.shape[-1]
-    quantum = max(length // 8, min(length, WIDTH_QUANTUM))
+    quantum = length if length <= SHORT_ROW else length // 8
     width = min(length, max(1, -(-int(scored.sum(-1).max()) // quantum) * quantum))
     positions = np.zeros(scored.shape[:-1] + (width,), np.int32)
     out_targets = np.zeros(positions.shape + (2,), np.int32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import random_pairs
 
-from asft_jax.data.packing import LAYOUTS, WIDTH_QUANTUM, first_fit, layout_batch, pad_rows, round_rows
+from asft_jax.data.packing import LAYOUTS, SHORT_ROW, first_fit, layout_batch, pad_rows, round_rows
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.llama import attention_mask
 
@@ -75,12 +75,12 @@ def test_the_head_runs_on_scored_positions_only():
         batch = layout_batch(pairs, layout, max_length=512)
         width = batch["score_positions"].shape[2]
         # a row's scored positions: at most 10 + 12 (+ both pairs' in packed rows), rounded up to an eighth
-        # of the row (64 here), not the 400-token prompt
-        assert width == max(batch["tokens"].shape[2] // 8, WIDTH_QUANTUM), (layout, width)
+        # of the row, not the 400-token prompt
+        assert width == batch["tokens"].shape[2] // 8, (layout, width)
 
 
 def test_short_rows_have_one_width():
-    """Rows of at most ``WIDTH_QUANTUM`` tokens always score all their positions: one shape to compile."""
+    """Rows of at most ``SHORT_ROW`` tokens always score all their positions: one shape to compile."""
     rng = np.random.default_rng(0)
     widths = set()
     for _ in range(5):  # the tiny training runs' pairs: prompts of 3-19 tokens, responses of 2-23
@@ -90,7 +90,7 @@ def test_short_rows_have_one_width():
         ]
         batch = layout_batch(pairs, "packed_shared_prefix", max_length=64)
         widths.add(batch["score_positions"].shape[2])
-        assert batch["score_positions"].shape[2] == batch["tokens"].shape[2] <= WIDTH_QUANTUM
+        assert batch["score_positions"].shape[2] == batch["tokens"].shape[2] <= SHORT_ROW
     assert len(widths) == 1
 
 
