@@ -143,7 +143,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[TensorInfo], mmap.mmap]:
             dims = cur.unpack(f"{rank}Q")
             ttype, offset = cur.unpack("IQ")
             index.append((name, dims, GGML_TYPES.get(ttype, f"type {ttype}"), offset))
-    except (ValueError, OverflowError) as e:
+    except (ValueError, OverflowError, struct.error) as e:  # damaged counts or sizes
         buf.close()
         raise AsftError(f"{path}: not a readable GGUF file ({e})") from None
     align = int(fields.get("general.alignment", 32))
