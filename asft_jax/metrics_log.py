@@ -13,15 +13,14 @@ from asft_jax.errors import AsftError
 def _summary_writer():
     """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch whenever
     it is installed, only to accept torch tensors (2.2 s per process here; we log floats)."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
