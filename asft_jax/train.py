@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import os
 import signal
@@ -128,8 +127,8 @@ def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
 
 def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainState, mesh: jax.sharding.Mesh):
     """``(train_step, eval_step)`` jitted with their shardings: ``train_step(state, batch) -> (state,
-    metrics)`` (the state donated), ``eval_step(params, batch) -> (loss, metrics)`` summed over the
-    first micro-batch's pairs."""
+    metrics)`` (the state donated), ``eval_step(params, batch) -> (loss, metrics, pairs)``, loss and
+    metrics summed over the first micro-batch's pairs."""
     hparams = cfg.objective.hparams()
     batch = micro_batch_sharding(mesh)
     train_step = jax.jit(
@@ -139,7 +138,10 @@ def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainStat
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        lambda p, b: micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)),
+        lambda p, b: (
+            *micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)),
+            b["pair_mask"][0].sum(),
+        ),
         in_shardings=(shardings.params, batch),
         out_shardings=replicated(mesh),
     )
@@ -240,21 +242,27 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
 
 def run_evaluation(run: Run) -> dict[str, float]:
     """Loss and preference metrics over the first ``eval_pairs`` pairs of the eval split (rounded
-    up to whole batches), with the train step's loss function."""
+    up to whole batches), each scored once, with the train step's loss function."""
     batches = PairBatches(
         run.eval_data,
         run.tokenizer,
         run.cfg.batch_size,
         row_multiple=row_multiple(run.mesh),
         vocab_size=run.model.config.vocab_size,
+        sample_steps=run.cfg.eval_batches,  # the sample is the pairs scored
+        min_fill=1.0,
+        limit=run.cfg.eval_batches * run.cfg.batch_size // jax.process_count(),
     )
     totals: dict[str, float] = {}
     pairs = 0
-    for rows in itertools.islice(batches, run.cfg.eval_batches):
-        loss, metrics = run.eval_fn(run.state.params, global_batch(rows, run.mesh))
+    while True:
+        rows = next(batches, None)
+        if not any(all_hosts(rows is not None)):  # hosts may need different numbers of steps
+            break
+        loss, metrics, n = run.eval_fn(run.state.params, global_batch(rows or batches.empty(), run.mesh))
         for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-        pairs += run.cfg.batch_size
+        pairs += int(n)
     return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
 
 

@@ -77,26 +77,32 @@ def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
 
 
 def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
-    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs."""
-    sums, counts = pair_logps(model, params, mb), mb["counts"]
-    pairs = counts.shape[0]
-    chosen, rejected = SequenceLogps(sums[:, 0], counts[:, 0]), SequenceLogps(sums[:, 1], counts[:, 1])
-    refs = {}
-    if objective in NEEDS_REFERENCE:
-        ref = mb["ref_logps"]
-        refs = {
-            "ref_chosen": SequenceLogps(ref[:, 0], counts[:, 0]),
-            "ref_rejected": SequenceLogps(ref[:, 1], counts[:, 1]),
-        }
-    loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
-    return loss.sum(), {k: v * pairs for k, v in metrics.items()}
+    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs; pair
+    slots that ``pair_mask`` marks empty (a step with pairs carried over) count for nothing."""
+    sums, real = pair_logps(model, params, mb), mb["pair_mask"].astype(bool)
+    counts = jnp.where(real[:, None], mb["counts"], 1)  # empty slots: 0 / 1, not 0 / 0
+
+    def one(s, n, ref):  # a single pair: the objectives' batch means are then its own values
+        chosen, rejected = SequenceLogps(s[:1, 0], n[:1, 0]), SequenceLogps(s[:1, 1], n[:1, 1])
+        refs = {}
+        if objective in NEEDS_REFERENCE:
+            refs = {
+                "ref_chosen": SequenceLogps(ref[:1, 0], n[:1, 0]),
+                "ref_rejected": SequenceLogps(ref[:1, 1], n[:1, 1]),
+            }
+        loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
+        return loss[0], metrics
+
+    ref = mb["ref_logps"] if objective in NEEDS_REFERENCE else jnp.zeros_like(sums)
+    loss, metrics = jax.vmap(one)(sums[:, None], counts[:, None], ref[:, None])
+    return jnp.where(real, loss, 0.0).sum(), {k: jnp.where(real, v, 0.0).sum() for k, v in metrics.items()}
 
 
 def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable):
     """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        pairs = batch["counts"].shape[0] * batch["counts"].shape[1]
+        pairs = batch["pair_mask"].sum()
         grad_fn = jax.value_and_grad(lambda p, mb: micro_loss(model, objective, hparams, p, mb), has_aux=True)
 
         def accumulate(carry, mb):
@@ -119,7 +125,7 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
         updates, opt_state = tx.update(grads, state.opt_state, state.params)  # zero updates if not finite
         params = optax.apply_updates(state.params, updates)
         out = {k: v / pairs for k, v in metrics.items()}
-        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), **skip_counts(opt_state))
+        out.update(loss=loss / pairs, grad_norm=optax.tree.norm(grads), pairs=pairs, **skip_counts(opt_state))
         out["learning_rate"] = schedule(
             state.step - state.opt_state.total_notfinite
         )  # skipped steps do not advance AdamW's schedule

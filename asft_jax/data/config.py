@@ -24,6 +24,8 @@ class DataConfig:
     shuffle: bool = True
     num_threads: int = 2
     layout: str = "packed_shared_prefix"  # padded | packed | packed_shared_prefix (asft_jax.data.packing)
+    fixed_shape: bool = True  # one step shape per run, pairs that do not fit carried over (asft_jax.data.budget);
+    # false: every step has all batch_size pairs and its own shape (a compile per new shape)
 
     def eval_split_config(self) -> DataConfig:
         """The eval split as a one-pass, file-order source (``path`` = ``eval_path``)."""

@@ -23,6 +23,7 @@ layout and ``ref_logps`` ``[micro_batches, pairs, 2]`` when the pairs carry refe
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,17 +74,11 @@ def _shared(pair: TokenizedPair, chosen_slot: int, dump: int) -> dict[str, np.nd
     return {"tokens": ids, "positions": positions, "branch_ids": branch, "targets": targets, "target_slots": slots}
 
 
-def _units(pairs: list[TokenizedPair], layout: str, dump: int) -> list[dict[str, np.ndarray]]:
-    if layout == "packed_shared_prefix":
-        return [_shared(pair, 2 * j, dump) for j, pair in enumerate(pairs)]
-    return [
-        u
-        for j, pair in enumerate(pairs)
-        for u in (
-            _sequence(pair.prompt, pair.chosen, 2 * j, dump),
-            _sequence(pair.prompt, pair.rejected, 2 * j + 1, dump),
-        )
-    ]
+def pair_units(pair: TokenizedPair, shared: bool, j: int, dump: int) -> list[dict[str, np.ndarray]]:
+    """Pair ``j``'s units: one ``prompt | chosen | rejected`` segment (``shared``) or two sequences."""
+    if shared:
+        return [_shared(pair, 2 * j, dump)]
+    return [_sequence(pair.prompt, pair.chosen, 2 * j, dump), _sequence(pair.prompt, pair.rejected, 2 * j + 1, dump)]
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -111,6 +106,30 @@ def round_rows(n: int, multiple: int) -> int:
     return q * multiple
 
 
+class RowShape(NamedTuple):
+    """One micro-batch's rows: ``rows`` of ``length`` tokens, ``width`` scored positions in each."""
+
+    rows: int
+    length: int
+    width: int
+
+
+SHORT_ROW = 64  # rows up to this long keep every position: a recompile costs more than the head on a few more
+
+
+def round_width(scored: int, length: int) -> int:
+    """Scored positions per row, rounded up to an eighth of the row length (few shapes to compile),
+    or the whole row for rows of at most ``SHORT_ROW`` tokens (one shape: a tiny run's widths of 40
+    and 48 compiled its step twice)."""
+    quantum = length if length <= SHORT_ROW else length // 8
+    return min(length, max(1, -(-scored // quantum) * quantum))
+
+
+def scored_positions(unit: dict[str, np.ndarray], dump: int) -> int:
+    """Positions of ``unit`` whose next token is scored (what the LM head runs on)."""
+    return int((unit["target_slots"] < dump).any(-1).sum())
+
+
 def _rows(
     units: list[dict[str, np.ndarray]], groups: list[list[int]], rows: int, length: int, dump: int
 ) -> dict[str, np.ndarray]:
@@ -131,17 +150,9 @@ def _rows(
     return out
 
 
-SHORT_ROW = 64  # rows up to this long keep every position: a recompile costs more than the head on a few more
-
-
-def _compact(targets: np.ndarray, slots: np.ndarray, dump: int) -> dict[str, np.ndarray]:
-    """Keeps, per row, only the positions with a scored target; the width is rounded up to an
-    eighth of the row length (few shapes to compile), or is the whole row for rows of at most
-    ``SHORT_ROW`` tokens (one shape: a tiny run's widths of 40 and 48 compiled its step twice)."""
+def _compact(targets: np.ndarray, slots: np.ndarray, dump: int, width: int) -> dict[str, np.ndarray]:
+    """Keeps, per row, only the positions that have a scored target (at most ``width``)."""
     scored = (slots < dump).any(-1)  # [micro, rows, length]
-    length = scored.shape[-1]
-    quantum = length if length <= SHORT_ROW else length // 8
-    width = min(length, max(1, -(-int(scored.sum(-1).max()) // quantum) * quantum))
     positions = np.zeros(scored.shape[:-1] + (width,), np.int32)
     out_targets = np.zeros(positions.shape + (2,), np.int32)
     out_slots = np.full(positions.shape + (2,), dump, np.int32)
@@ -153,21 +164,54 @@ def _compact(targets: np.ndarray, slots: np.ndarray, dump: int) -> dict[str, np.
     return {"score_positions": positions, "targets": out_targets, "target_slots": out_slots}
 
 
+def assemble(
+    micro: list[list[TokenizedPair]],
+    units: list[list[dict[str, np.ndarray]]],
+    groups: list[list[list[int]]],
+    shape: RowShape,
+    pair_slots: int,
+    layout: str,
+) -> dict[str, np.ndarray]:
+    """The step's arrays: micro-batch ``m`` holds the pairs ``micro[m]`` (at most ``pair_slots``),
+    whose ``units`` (slotted for ``pair_slots``) go into rows as ``groups`` says, at ``shape``."""
+    dump = 2 * pair_slots
+    per = [_rows(us, gs, shape.rows, shape.length, dump) for us, gs in zip(units, groups)]
+    batch = {k: np.stack([p[k] for p in per]) for k in ROW_KEYS}
+    if layout != "packed_shared_prefix":
+        del batch["branch_ids"]
+    batch.update(_compact(batch["targets"], batch["target_slots"], dump, shape.width))
+    slots = batch["target_slots"].reshape(len(micro), -1)
+    batch["counts"] = (
+        np.stack([np.bincount(s, minlength=dump + 1)[:dump] for s in slots])
+        .reshape(len(micro), pair_slots, 2)
+        .astype(np.int32)
+    )
+    batch["pair_mask"] = np.array([[j < len(mb) for j in range(pair_slots)] for mb in micro], np.int32)
+    if any(p.ref_chosen is not None for mb in micro for p in mb):
+        batch["ref_logps"] = np.zeros((len(micro), pair_slots, 2), np.float32)
+        for m, mb in enumerate(micro):
+            batch["ref_logps"][m, : len(mb)] = [[p.ref_chosen, p.ref_rejected] for p in mb]
+    return batch
+
+
 def layout_batch(
     pairs: list[TokenizedPair], layout: str, max_length: int, micro_batches: int = 1, row_multiple: int = 1
 ) -> dict[str, np.ndarray]:
-    """The arrays of one step (see the module docstring); ``len(pairs)`` must divide by ``micro_batches``.
+    """The arrays of one step (see the module docstring), shaped to fit its own pairs; ``len(pairs)``
+    must divide by ``micro_batches`` (pair ``j`` goes to micro-batch ``j % micro_batches``).
 
     Row length: the smallest bucket (``bucket_lengths`` of the layout's longest possible unit) that
     holds the step's longest unit; rows per micro-batch: the most any micro-batch needs, rounded by
-    ``round_rows`` to a multiple of ``row_multiple`` (the batch shards on this host).
+    ``round_rows`` to a multiple of ``row_multiple`` (the batch shards on this host); width by
+    ``round_width``. Training uses ``asft_jax.data.budget`` instead: one shape per run.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"data.layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     per_micro = len(pairs) // micro_batches
     dump = 2 * per_micro
     micro = [pairs[m::micro_batches] for m in range(micro_batches)]
-    units = [_units(mb, layout, dump) for mb in micro]
+    shared = layout == "packed_shared_prefix"
+    units = [[u for j, pair in enumerate(mb) for u in pair_units(pair, shared, j, dump)] for mb in micro]
     longest = max(len(u["tokens"]) for us in units for u in us)
     length = bucket_for(longest, bucket_lengths(unit_length_limit(layout, max_length)))
     if layout == "padded":
@@ -175,20 +219,8 @@ def layout_batch(
     else:
         groups = [first_fit([len(u["tokens"]) for u in us], length) for us in units]
     rows = round_rows(max(map(len, groups)), row_multiple)
-    per = [_rows(us, gs, rows, length, dump) for us, gs in zip(units, groups)]
-    batch = {k: np.stack([p[k] for p in per]) for k in ROW_KEYS}
-    if layout != "packed_shared_prefix":
-        del batch["branch_ids"]
-    batch.update(_compact(batch["targets"], batch["target_slots"], dump))
-    slots = batch["target_slots"].reshape(micro_batches, -1)
-    batch["counts"] = (
-        np.stack([np.bincount(s, minlength=dump + 1)[:dump] for s in slots])
-        .reshape(micro_batches, per_micro, 2)
-        .astype(np.int32)
-    )
-    if pairs[0].ref_chosen is not None:
-        batch["ref_logps"] = np.array([[[p.ref_chosen, p.ref_rejected] for p in mb] for mb in micro], np.float32)
-    return batch
+    width = max(sum(scored_positions(us[i], dump) for i in g) for us, gs in zip(units, groups) for g in gs)
+    return assemble(micro, units, groups, RowShape(rows, length, round_width(width, length)), per_micro, layout)
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int, length: int, width: int) -> dict[str, np.ndarray]:

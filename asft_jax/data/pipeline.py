@@ -19,9 +19,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from asft_jax.data.budget import candidates, pack_step, plan_shape
 from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
-from asft_jax.data.packing import LAYOUTS, layout_batch
+from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
@@ -100,9 +101,20 @@ class PairBatches:
         vocab_size: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        sample_steps: int = 32,
+        min_fill: float = 0.95,
+        limit: int | None = None,
     ):
         """``cfg.path`` read as ``batch_size`` pairs per step over all hosts, shuffled with ``seed``,
-        laid out in ``micro_batches`` with rows rounded to ``row_multiple`` (the host's batch shards)."""
+        laid out in ``micro_batches`` with rows a multiple of ``row_multiple`` (the host's batch shards).
+
+        Every step has one shape (``shape``, see ``asft_jax.data.budget``), planned from the first
+        ``sample_steps`` steps' worth of pairs of the whole stream (the same on every host and on
+        resume) so that steps keep ``min_fill`` of their pairs on average; the rest are carried into
+        the next step. ``sample_steps=0`` or ``cfg.fixed_shape`` false: each step has all its pairs
+        and its own shape (``layout_batch``). ``limit``: read only this host's first ``limit`` pairs, then empty the
+        carry (an evaluation: every pair once, the last steps part-filled).
+        """
         if process_index is None or process_count is None:
             import jax
 
@@ -125,16 +137,51 @@ class PairBatches:
         self.local_batch = batch_size // process_count
         self.skipped: collections.Counter = collections.Counter()
         self._first: dict[str, str] = {}
+        self.has_refs = False
         self.last_pair_tokens = 0  # tokens of the last batch's pairs as two sequences each, layout aside
 
         ds = grain.MapDataset.range(len(self.source))
         if cfg.shuffle:
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(cfg.num_epochs)
-        ds = ds[process_index::process_count]
-        ds = ds.map(lambda i: encode_record(self.source, self.format, self.encoder, int(i)))
+        encode = lambda i: encode_record(self.source, self.format, self.encoder, int(i))
+        self.shape = self._plan(ds.map(encode), sample_steps, min_fill) if sample_steps and cfg.fixed_shape else None
+        self.carry: list[TokenizedPair] = []  # pairs that did not fit the last step, in order
+        self.limit, self.taken = limit, 0
+        ds = ds[process_index::process_count].map(encode)
         read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
         self._items = iter(ds.to_iter_dataset(read))
+
+    def _plan(self, records: grain.MapDataset, sample_steps: int, min_fill: float) -> RowShape | None:
+        """``plan_shape`` from the stream's first ``sample_steps * local_batch`` usable pairs (at most
+        ``max(512, 4 * local_batch)``: tokenizing them is the cost)."""
+        want = min(sample_steps * self.local_batch, max(512, 4 * self.local_batch))
+        sample, i = [], 0
+        total = len(self.source) * self.cfg.num_epochs if self.cfg.num_epochs else None
+        while len(sample) < want and (total is None or i < total) and i < 4 * want + len(self.source):
+            item = records[i]
+            i += 1
+            if not isinstance(item, BadRecord):
+                sample.append(item)
+        if not sample:
+            return None  # no usable pair: the first step says so
+        self.has_refs = sample[0].ref_chosen is not None
+        shape = plan_shape(
+            sample,
+            self.cfg.layout,
+            self.cfg.max_length,
+            self.local_batch,
+            self.micro_batches,
+            self.row_multiple,
+            min_fill,
+        )
+        log.info(
+            "step shape, from %d sampled pairs: %d micro-batch(es) of %d rows x %d tokens, %d scored positions per row",
+            len(sample),
+            self.micro_batches,
+            *shape,
+        )
+        return shape
 
     def _skip(self, bad: BadRecord, index: int) -> None:
         where = self.source.location(index)
@@ -149,32 +196,75 @@ class PairBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        pairs = self.next_pairs()
-        self.last_pair_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-        return layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.micro_batches, self.row_multiple)
-
-    def next_pairs(self) -> list[TokenizedPair]:
-        """This host's pairs of the next step, in order."""
-        pairs: list[TokenizedPair] = []
-        while len(pairs) < self.local_batch:
+        if self.shape is None:
+            pairs = self.next_pairs()
+            batch = layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.micro_batches, self.row_multiple)
+        else:
+            carried = self.carry
             try:
+                fresh = candidates(self.local_batch) - len(carried)
+                pairs = carried + self.next_pairs(fresh, partial=self.limit is not None)
+            except StopIteration:
+                if self.limit is None or not carried:
+                    raise
+                pairs = carried  # the end of an evaluation's pairs: the carry goes on its own
+            batch, self.carry = pack_step(
+                pairs,
+                self.cfg.layout,
+                self.shape,
+                self.micro_batches,
+                self.local_batch // self.micro_batches,
+                len(carried),
+            )
+            left = {id(p) for p in self.carry}
+            pairs = [p for p in pairs if id(p) not in left]
+        self.last_pair_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        return batch
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """A step of this run's shape with no pairs (a host with none left while others still have some)."""
+        batch, _ = pack_step(
+            [], self.cfg.layout, self.shape, self.micro_batches, self.local_batch // self.micro_batches
+        )
+        if self.has_refs:
+            batch["ref_logps"] = np.zeros(batch["counts"].shape, np.float32)
+        return batch
+
+    def next_pairs(self, n: int | None = None, partial: bool = False) -> list[TokenizedPair]:
+        """This host's next ``n`` fresh pairs (default: a step's), in order; at the end of the data,
+        StopIteration, or with ``partial`` the pairs that are left if there are any."""
+        n = self.local_batch if n is None else n
+        pairs: list[TokenizedPair] = []
+        while len(pairs) < n:
+            try:
+                if self.limit is not None and self.taken >= self.limit:
+                    raise StopIteration
                 item = next(self._items)
-            except StopIteration:  # the end of the data; a partial batch is dropped
+            except StopIteration:  # the end of the data; a partial batch is dropped unless asked for
+                if partial and pairs:
+                    return pairs
                 log.info("%s", self.summary())
                 raise
             if isinstance(item, BadRecord):
                 self._skip(item, item.index)
             else:
                 pairs.append(item)
+                self.taken += 1
         return pairs
 
     def get_state(self) -> dict:
-        return {"items": self._items.get_state(), "skipped": dict(self.skipped), "first": dict(self._first)}
+        return {
+            "items": self._items.get_state(),
+            "skipped": dict(self.skipped),
+            "first": dict(self._first),
+            "carry": [p.index for p in self.carry],
+        }
 
     def set_state(self, state: dict) -> None:
         self._items.set_state(state["items"])
         self.skipped = collections.Counter(state["skipped"])
         self._first = dict(state["first"])
+        self.carry = [encode_record(self.source, self.format, self.encoder, i) for i in state.get("carry", [])]
 
     def summary(self) -> str:
         total = sum(self.skipped.values())
@@ -205,8 +295,10 @@ def host_data_state(saved: dict, process_index: int, process_count: int) -> dict
     skipped = collections.Counter()
     for h in hosts:
         skipped.update(h["skipped"])
+    carried = [i for h in hosts for i in h.get("carry", [])]
     return {
         "items": {"next_index": consumed // process_count},
         "skipped": dict(skipped) if first else {},
         "first": hosts[0]["first"] if first else {},
+        "carry": carried[process_index::process_count],
     }
