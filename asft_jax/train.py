@@ -137,11 +137,13 @@ def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainStat
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
+
+    def eval_step(params, batch):
+        first = jax.tree.map(lambda x: x[0], batch)
+        return *micro_loss(model, cfg.objective.name, hparams, params, first), first["pair_mask"].sum()
+
     eval_step = jax.jit(
-        lambda p, b: (
-            *micro_loss(model, cfg.objective.name, hparams, p, jax.tree.map(lambda x: x[0], b)),
-            b["pair_mask"][0].sum(),
-        ),
+        eval_step,
         in_shardings=(shardings.params, batch),
         out_shardings=replicated(mesh),
     )
@@ -263,7 +265,7 @@ def run_evaluation(run: Run) -> dict[str, float]:
         for k, v in {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         pairs += int(n)
-    return {f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}
+    return {**{f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}, "eval/pairs": pairs}
 
 
 def eval_line(step: int, row: dict[str, float]) -> str:

@@ -77,6 +77,10 @@ def logs(out) -> str:
     return "\n".join(open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)))
 
 
+# runs compared with the single-process curve: every step holds its 8 pairs (helpers.overrides)
+PER_STEP = ("data.fixed_shape=false",)
+
+
 @pytest.fixture(scope="module")
 def single(trained):
     """The single-process reference: 6 steps, global batch 8, on this process's 8 devices."""
@@ -87,7 +91,7 @@ def single(trained):
 def two_processes(pairs, tmp_path_factory):
     """A 6-step run of 2 processes with 4 devices each (checkpoints at 3 and 6); read it, or copy it."""
     out = tmp_path_factory.mktemp("two_processes") / "run"
-    done = launch(2, out, pairs, "max_steps=6", devices=4)
+    done = launch(2, out, pairs, "max_steps=6", *PER_STEP, devices=4)
     assert done.returncode == 0, done.stderr + logs(out)
     return out
 
@@ -100,7 +104,7 @@ def test_processes_reproduce_the_single_process_curve(n, pairs, single, request,
         out = request.getfixturevalue("two_processes")
     else:
         out = tmp_path / "run"
-        done = launch(n, out, pairs, "max_steps=6", devices=8 // n)
+        done = launch(n, out, pairs, "max_steps=6", *PER_STEP, devices=8 // n)
         assert done.returncode == 0, done.stderr + logs(out)
     assert_curves_close(curve(out), single, rtol=2e-5)
     assert f"process 1 of {n} joined" in logs(out)
@@ -129,7 +133,7 @@ def test_checkpoints_move_between_process_counts(pairs, single, two_processes, t
     one_then_two = tmp_path / "b"
     train(config(one_then_two, pairs, "save_steps=3"))
     rewind(one_then_two, 3)
-    done = launch(2, one_then_two, pairs, "max_steps=6", devices=4)
+    done = launch(2, one_then_two, pairs, "max_steps=6", *PER_STEP, devices=4)
     assert done.returncode == 0, logs(one_then_two)
     assert "resuming from" in logs(one_then_two)
     assert_curves_close(curve(one_then_two), single, rtol=2e-5)
@@ -166,13 +170,14 @@ def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
 @pytest.mark.spawn
 def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp_path):
     out = tmp_path / "run"
-    procs = start_training(out, pairs)
+    procs = start_training(out, pairs, f"data.eval_path={pairs}", "eval_steps=1")  # one step shape, carried pairs
     procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host first
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     steps = [int(name) for name in os.listdir(out / "checkpoints") if name.isdigit()]
     assert steps == [curve(out)[-1]["step"]]
+    assert {r["eval/pairs"] for r in curve(out)} == {64}  # both hosts' halves, every pair once
 
 
 @pytest.mark.spawn
@@ -268,13 +273,21 @@ def test_where_the_coordinates_come_from():
 
 def test_data_positions_are_shared_out_across_process_counts():
     hosts = [
-        {"items": {"next_index": 12}, "skipped": {"x": 1}, "first": {"x": "f:1"}},
-        {"items": {"next_index": 12}, "skipped": {"x": 2}, "first": {}},
+        {"items": {"next_index": 12}, "skipped": {"x": 1}, "first": {"x": "f:1"}, "carry": [7, 3]},
+        {"items": {"next_index": 12}, "skipped": {"x": 2}, "first": {}, "carry": [10]},
     ]
     saved = {"process_count": 2, "hosts": hosts}
     assert host_data_state(saved, 1, 2) == hosts[1]
-    assert host_data_state(saved, 0, 1) == {"items": {"next_index": 24}, "skipped": {"x": 3}, "first": {"x": "f:1"}}
-    assert host_data_state(saved, 3, 4) == {"items": {"next_index": 6}, "skipped": {}, "first": {}}
+    assert host_data_state(saved, 0, 1) == {
+        "items": {"next_index": 24},
+        "skipped": {"x": 3},
+        "first": {"x": "f:1"},
+        "carry": [7, 3, 10],
+    }
+    assert host_data_state(saved, 1, 4) == {"items": {"next_index": 6}, "skipped": {}, "first": {}, "carry": [3]}
+    assert host_data_state(saved, 3, 4) == {"items": {"next_index": 6}, "skipped": {}, "first": {}, "carry": []}
+    del hosts[0]["carry"], hosts[1]["carry"]  # a checkpoint from before pairs were carried over
+    assert host_data_state(saved, 0, 1)["carry"] == []
 
 
 SCRIPTS = ["multiprocess_local.sh", "tpu_pod.sh", "gpu_slurm.sbatch"]

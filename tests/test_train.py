@@ -54,20 +54,38 @@ def test_four_micro_batches_equal_one_big_batch(pairs, tmp_path):
     assert_curves_close(curve(tmp_path / "micro"), curve(tmp_path / "big"), rtol=1e-4)
 
 
+FIXED = ("mesh.fsdp=2", "mesh.tensor=2", "data.fixed_shape=true")  # one step shape, pairs carried over
+
+
 @SHARES_REFERENCE_RUNS
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, trained, tmp_path):
-    whole = trained("mesh.fsdp=2", "mesh.tensor=2")
+    whole = trained(*FIXED)  # each step is offered 12 pairs for its 8 slots: 4 are carried across the stop
 
     def preempt(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
     stopped = tmp_path / "stopped"
-    train(config(stopped, pairs, "mesh.fsdp=2", "mesh.tensor=2"), on_step=preempt)
+    train(config(stopped, pairs, *FIXED), on_step=preempt)
     assert [r["step"] for r in curve(stopped)] == [1, 2, 3]
     assert sorted(os.listdir(stopped / "checkpoints")) == ["3"]
-    train(config(stopped, pairs, "mesh.fsdp=2", "mesh.tensor=2"))
-    assert curve(stopped) == curve(whole)  # bitwise: same batches, same arithmetic
+    train(config(stopped, pairs, *FIXED))
+    assert curve(stopped) == curve(whole)  # bitwise: same batches, same carried pairs, same arithmetic
+
+
+def test_one_step_shape_per_run_compiles_the_step_once(pairs, tmp_path, caplog):
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            train(config(tmp_path / "run", pairs, *FIXED, f"data.eval_path={pairs}", "eval_steps=3"))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    assert sum(m.startswith("Compiling jit(train_step)") for m in compiles) == 1
+    assert sum(m.startswith("Compiling jit(eval_step)") for m in compiles) == 1
+    evals = [r for r in curve(tmp_path / "run") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(r["eval/pairs"] == 64 for r in evals)  # eval_pairs, each scored once whatever was carried
 
 
 @SHARES_REFERENCE_RUNS

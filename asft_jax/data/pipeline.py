@@ -202,12 +202,12 @@ class PairBatches:
         else:
             carried = self.carry
             try:
-                fresh = candidates(self.local_batch) - len(carried)
-                pairs = carried + self.next_pairs(fresh, partial=self.limit is not None)
+                pairs = carried + self.next_pairs(candidates(self.local_batch) - len(carried), partial=True)
             except StopIteration:
-                if self.limit is None or not carried:
-                    raise
-                pairs = carried  # the end of an evaluation's pairs: the carry goes on its own
+                pairs = carried
+            # at the end of the data a training step still needs a full batch; an evaluation takes what is left
+            if len(pairs) < (self.local_batch if self.limit is None else 1):
+                raise StopIteration
             batch, self.carry = pack_step(
                 pairs,
                 self.cfg.layout,
