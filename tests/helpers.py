@@ -191,3 +191,17 @@ def assert_curves_close(a, b, rtol):
     for x, y in zip(a, b):
         for k in x:
             assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-6), (x["step"], k)
+
+
+def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
+    """slot -> [(position id, target token)] of micro-batch ``micro``, in row order."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for row in range(batch["tokens"].shape[1]):
+        for i, t in enumerate(batch["score_positions"][micro, row]):
+            for k in range(2):
+                slot = int(batch["target_slots"][micro, row, i, k])
+                if slot < 2 * batch["counts"].shape[1]:
+                    out.setdefault(slot, []).append(
+                        (int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k]))
+                    )
+    return out

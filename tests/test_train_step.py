@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from helpers import TINY, assert_grads_close, direct_pair_logps, loss_sums_grads, random_pairs
 
-from asft_jax.data.packing import LAYOUTS, layout_batch
+from asft_jax.data.budget import pack_step
+from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
@@ -61,6 +62,30 @@ def test_micro_batches_give_the_full_batch_step(layout):
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=RTOL)
     np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=RTOL)
     assert_grads_close(two.params, one.params, RTOL)
+
+
+@pytest.mark.parametrize("objective", ["asft", "dpo"])
+def test_a_fixed_shape_step_is_the_step_of_the_pairs_it_holds(objective):
+    """Empty pair slots (pairs carried to the next step) and pairs split into two sequences change
+    nothing: the step equals the padded step of the pairs placed."""
+    model = Llama(LlamaConfig(**TINY))
+    params = init_params(model, jax.random.key(1))
+    tx, schedule = make_optimizer(1e-3, 10)
+    step = jax.jit(make_train_step(model, objective, {}, tx, schedule))
+    rng = np.random.default_rng(7)
+    pairs = with_refs(
+        [TokenizedPair(i, *(rng.integers(1, 128, k).tolist() for k in (12, 30 + i, 40 - i))) for i in range(8)]
+    )  # 82 tokens as one segment: every pair goes as two sequences into rows of 64
+    fixed, left = pack_step(pairs, "packed_shared_prefix", RowShape(5, 64, 64), 2, 4)
+    kept = [p for p in pairs if p not in left]
+    assert left and 0 < len(kept) < 8 and fixed["branch_ids"].max() == 0
+    alone = layout_batch(kept, "padded", max_length=128)
+    fresh = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    (got, m_got), (want, m_want) = (step(fresh, jax.tree.map(jnp.asarray, b)) for b in (fixed, alone))
+    assert int(m_got["pairs"]) == int(m_want["pairs"]) == len(kept)
+    for k in m_want:
+        np.testing.assert_allclose(m_got[k], m_want[k], rtol=RTOL, atol=1e-7, err_msg=k)
+    assert_grads_close(got.params, want.params, RTOL)
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,13 @@ two tokens, ``targets[..., i, :]``, whose log-probs add into the per-pair sums a
 collects what is not scored). Two, because in the shared-prefix layout the last prompt token
 predicts the first token of both responses.
 
-A batch ``[micro_batches, rows, length]`` (rows per micro-batch equal; pair ``j`` of the step goes to
-micro-batch ``j % micro_batches``) holds ``tokens``, ``segment_ids`` (0 padding), ``positions``,
-``score_positions`` ``[micro_batches, rows, width]``, ``targets``/``target_slots`` ``[..., width, 2]``,
-``counts`` ``[micro_batches, pairs, 2]`` (scored response tokens), ``branch_ids`` for the shared-prefix
-layout and ``ref_logps`` ``[micro_batches, pairs, 2]`` when the pairs carry reference log-probs.
+A batch ``[micro_batches, rows, length]`` (rows per micro-batch equal) holds ``tokens``, ``segment_ids``
+(0 padding), ``positions``, ``score_positions`` ``[micro_batches, rows, width]``,
+``targets``/``target_slots`` ``[..., width, 2]``, ``counts`` ``[micro_batches, pairs, 2]`` (scored
+response tokens), ``pair_mask`` ``[micro_batches, pairs]`` (1: the slot holds a pair), ``branch_ids``
+for the shared-prefix layout and ``ref_logps`` ``[micro_batches, pairs, 2]`` when the pairs carry
+reference log-probs. ``layout_batch`` shapes a batch to its pairs; training steps have one shape per
+run (``asft_jax.data.budget``, which uses ``assemble`` here).
 """
 
 from __future__ import annotations

@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import random_pairs
+from helpers import random_pairs, scored
 
 from asft_jax.data.packing import LAYOUTS, SHORT_ROW, first_fit, layout_batch, pad_rows, round_rows
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.llama import attention_mask
-
-
-def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
-    """slot -> [(position id, target token)] of micro-batch ``micro``, in row order."""
-    out: dict[int, list[tuple[int, int]]] = {}
-    for row in range(batch["tokens"].shape[1]):
-        for i, t in enumerate(batch["score_positions"][micro, row]):
-            for k in range(2):
-                slot = int(batch["target_slots"][micro, row, i, k])
-                if slot < 2 * batch["counts"].shape[1]:
-                    out.setdefault(slot, []).append(
-                        (int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k]))
-                    )
-    return out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

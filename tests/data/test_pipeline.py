@@ -60,6 +60,20 @@ def test_same_seed_same_batches_and_fixed_shapes(tokenizer, uf_train):
         assert b["tokens"].shape[:2] == (1, 8) and b["tokens"].shape[2] in (64, 128, 256)
 
 
+@pytest.mark.parametrize("data", ["ultrafeedback/train.jsonl", "hh-rlhf/helpful-base/test.jsonl.gz"])
+def test_real_pairs_take_one_step_shape_instead_of_many(tokenizer, shared_data, data):
+    """Issue 18's setting (8 pairs per step, max length 512): each new batch shape compiles the step again."""
+    cfg = DataConfig(os.path.join(shared_data, data), max_length=512, split="train")
+    shapes = {}
+    for fixed in (True, False):
+        batches = PairBatches(dataclasses.replace(cfg, fixed_shape=fixed), tokenizer, 8, seed=0)
+        steps = take(batches, 100)
+        shapes[fixed] = {(*b["tokens"].shape, b["score_positions"].shape[-1]) for b in steps}
+        pairs = [int(b["pair_mask"].sum()) for b in steps]
+        assert min(pairs) >= 1 and np.mean(pairs) >= (7.2 if fixed else 8)
+    assert len(shapes[True]) == 1 and len(shapes[False]) > 10
+
+
 RESUME = """
 import json, sys
 import numpy as np
