@@ -51,3 +51,16 @@ def test_bench_train_prints_a_table_and_writes_json(tmp_path):
         assert r["MFU"] == "n/a"  # no known peak for a CPU
     padded, shared = results
     assert int(shared["rows x len"].split("x")[0]) < int(padded["rows x len"].split("x")[0])
+
+
+@pytest.mark.spawn
+def test_step_shapes_counts_the_shapes_of_both_modes(smollm2_gguf):
+    script = os.path.join(REPO, "benchmarks", "step_shapes.py")
+    args = ["--steps", "4", "--compile", "0", "--model", smollm2_gguf]
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"data"')]
+    assert [(r["data"], r["mode"]) for r in rows] == [
+        (d, m) for d in ("ultrafeedback", "hh") for m in ("shape per step", "one shape")
+    ]
+    assert all(r["shapes"] == 1 for r in rows if r["mode"] == "one shape")
