@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from asft_jax.errors import AsftError
+from asft_jax.memory import AUTO, choose, peak_bytes
 
 GIB = 1024**3
 REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
@@ -201,12 +202,6 @@ def _bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return max(total, getattr(m, "peak_memory_in_bytes", 0) or 0)
-
-
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost) or {}
@@ -265,6 +260,29 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
         ) from None
 
 
+def _fit(cfg, mesh, topo: Topology, budget_gib: float):
+    """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.memory.choose``), on
+    the largest step the pipeline can produce."""
+    from asft_jax.sharding import activate, micro_batch_sharding
+    from asft_jax.train import abstract_state, build_model, jit_steps
+
+    def peak_of(candidate) -> int:
+        model = build_model(candidate, model_architecture(candidate), "tpu")
+        tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
+        batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh))
+            for k, v in max_batch(candidate, mesh).items()
+        }
+        with activate(mesh):
+            lowered = jit_steps(candidate, model, tx, schedule, shardings, mesh)[0].lower(state, batch)
+        return peak_bytes(lowered.compile()) * topo.devices_per_chip
+
+    per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    return choose(
+        cfg, per_shard, peak_of, (int(budget_gib * GIB), f"{topo.chip.kind} HBM less {HEADROOM:.0%} headroom")
+    )
+
+
 def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     """Compiles ``cfg``'s train and eval steps for ``topology_name``; returns the report (see the
     README). Raises ``AsftError`` (one line) when the config cannot run there or does not fit."""
@@ -282,6 +300,8 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     budget_gib = (1 - HEADROOM) * chip.hbm_gib
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     check_batch_split(cfg, mesh)
+    if AUTO in (cfg.micro_batches, cfg.model.remat_policy):
+        cfg = _fit(cfg, mesh, topo, budget_gib)
     model = build_model(cfg, model_architecture(cfg), "tpu")
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
     state_gib = _bytes_per_device(state) * dpc / GIB
@@ -327,7 +347,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     flops_device = max(xla_flops_device, executed / len(topo.devices))
     traffic_device = max(bytes_device, 2.0 * _bytes_per_device(state))
     step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
-    peak_gib = _peak(train) * dpc / GIB
+    peak_gib = peak_bytes(train) * dpc / GIB
     report = {
         **base,
         "attention": resolved,
@@ -342,7 +362,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         "params": model.config.num_params,
         "params_and_optimizer_per_chip_gib": state_gib,
         "peak_per_chip_gib": peak_gib,
-        "eval_peak_per_chip_gib": _peak(evaluated) * dpc / GIB,
+        "eval_peak_per_chip_gib": peak_bytes(evaluated) * dpc / GIB,
         "fits": peak_gib <= budget_gib,
         "flops_per_step": xla_flops_device * len(topo.devices),
         "flops_per_step_note": "XLA cost analysis, all chips; loop bodies (layers, micro-batches) counted once",

@@ -35,7 +35,7 @@ class ModelConfig:
     tokenizer: str | None = None  # with `init`: a model source whose tokenizer reads text data
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU (bf16 matmuls are slow there), else bfloat16
     param_dtype: str = "float32"
-    remat_policy: str = "none"
+    remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: the fastest that fits (asft_jax.memory)
     attention: str = "auto"  # auto | xla | dot_product | splash (asft_jax.model.attention)
 
 
@@ -95,7 +95,8 @@ class TrainConfig:
     seed: int = 0
     learning_rate: float = 1e-6
     batch_size: int = 8  # preference pairs per optimizer step, over all hosts
-    micro_batches: int = 1  # gradient accumulation steps per optimizer step
+    micro_batches: int | str = "auto"  # gradient accumulation steps per optimizer step; auto: see asft_jax.memory
+    memory_budget_gib: float | None = None  # what `auto` must fit in; None: 85% of host RAM (CPU), 90% of a device
     max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     max_to_keep: int = 3
     export_dir: str | None = None  # write an HF folder at the end
@@ -271,7 +272,7 @@ def validate(cfg: TrainConfig) -> None:
         takes = ", ".join(HPARAMS[name]) or "none"
         key = f"objective.{foreign}"
         raise ConfigError(key, f"{key} does not apply to {name} (its hyperparameters: {takes})")
-    one_of("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+    one_of("model.remat_policy", m.remat_policy, ["auto", *REMAT_POLICIES])
     one_of("model.attention", m.attention, IMPLEMENTATIONS)
     one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
@@ -297,10 +298,15 @@ def validate(cfg: TrainConfig) -> None:
             f"output_dir {cfg.output_dir!r}: object-store URLs are not supported yet; use a filesystem every host "
             "mounts (NFS, or the bucket through gcsfuse)",
         )
-    for name in ("max_steps", "batch_size", "micro_batches", "save_steps", "logging_steps", "max_consecutive_skips"):
+    for name in ("max_steps", "batch_size", "save_steps", "logging_steps", "max_consecutive_skips"):
         if getattr(cfg, name) < 1:
             raise ConfigError(name, f"{name} must be at least 1")
-    if cfg.batch_size % cfg.micro_batches:
+    if isinstance(cfg.micro_batches, str):
+        if cfg.micro_batches != "auto":
+            raise ConfigError("micro_batches", f"micro_batches {cfg.micro_batches!r}: expected a count or auto")
+    elif cfg.micro_batches < 1:
+        raise ConfigError("micro_batches", "micro_batches must be at least 1")
+    elif cfg.batch_size % cfg.micro_batches:
         raise ConfigError(
             "micro_batches", f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}"
         )

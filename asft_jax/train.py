@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from asft_jax.distributed import all_hosts, initialize
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
 from asft_jax.losses import NEEDS_REFERENCE
+from asft_jax.memory import AUTO, CHOICE_FILE, budget, choose, peak_bytes
 from asft_jax.metrics_log import MetricsLog
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.reference import REFERENCE_FILES, reference_pairs_file
@@ -99,7 +101,7 @@ def _model(cfg: TrainConfig):
 
 
 def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    split = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.micro_batches
+    split = mesh.shape["data"] * mesh.shape["fsdp"] * (1 if cfg.micro_batches == AUTO else cfg.micro_batches)
     if cfg.batch_size % split:
         raise AsftError(
             f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}"
@@ -174,12 +176,71 @@ def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, eval_path=eval_path))
 
 
+def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_size: int) -> dict:
+    """Abstract arrays of the run's train-step batch: the planned shape (``data.fixed_shape``), or
+    the largest a step can have."""
+    if cfg.data.fixed_shape:
+        data = PairBatches(
+            cfg.data,
+            tokenizer,
+            cfg.batch_size,
+            seed=cfg.seed,
+            micro_batches=cfg.micro_batches,
+            row_multiple=row_multiple(mesh),
+            vocab_size=vocab_size,
+        )
+        data.has_refs = cfg.objective.name in NEEDS_REFERENCE
+    if cfg.data.fixed_shape and data.shape is not None:
+        batch = data.empty()
+    else:
+        from asft_jax.aot import max_batch
+
+        batch = max_batch(cfg, mesh)
+    sharding = micro_batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+
+
+def fit_memory(cfg: TrainConfig, config: LlamaConfig, mesh: jax.sharding.Mesh, tokenizer: Any) -> TrainConfig:
+    """``cfg`` with ``micro_batches`` and ``model.remat_policy`` decided where they are ``auto``
+    (``asft_jax.memory``), or as the run decided when it first started (a resume keeps its batches)."""
+    if AUTO not in (cfg.micro_batches, cfg.model.remat_policy):
+        return cfg
+    path = os.path.join(cfg.output_dir, CHOICE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        log.info("memory: micro_batches=%d, remat_policy=%s, as chosen when the run started", *saved.values())
+        return dataclasses.replace(
+            cfg,
+            micro_batches=saved["micro_batches"],
+            model=dataclasses.replace(cfg.model, remat_policy=saved["remat_policy"]),
+        )
+    platform = jax.default_backend()
+    devices = len(jax.local_devices()) if platform == "cpu" else 1  # CPU devices share the host's memory
+
+    def peak_of(candidate: TrainConfig) -> int:
+        model = build_model(candidate, config, platform)
+        tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
+        train_step, _ = jit_steps(candidate, model, tx, schedule, shardings, mesh)
+        batch = step_batch(candidate, mesh, tokenizer, config.vocab_size)
+        return peak_bytes(train_step.lower(state, batch).compile()) * devices
+
+    per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
+    chosen = choose(cfg, per_shard, peak_of, budget(cfg))
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump({"micro_batches": chosen.micro_batches, "remat_policy": chosen.model.remat_policy}, f)
+    return chosen
+
+
 def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:
     """Model, state (restored or fresh), data pipeline and jitted steps of a run. Call it, and the
     steps, inside ``sharding.activate(mesh)``."""
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_split(cfg, mesh)
     model, src, tokenizer = _model(cfg)
+    cfg = fit_memory(cfg, model.config, mesh, tokenizer)
+    model = build_model(cfg, model.config, jax.default_backend())
     for line in replicated_dims(model, mesh):
         log.info("replicated, the mesh cannot divide it: %s", line)
     tx, schedule, state_shardings, abstract = abstract_state(cfg, model, mesh)

@@ -172,6 +172,8 @@ def overrides(out, pairs) -> list[str]:
         # every step holds its 8 pairs whatever the mesh, processes or micro-batches, so that their
         # curves can be compared; the tests of one shape per run set it back to true
         "data.fixed_shape=false",
+        "micro_batches=1",  # the memory search (asft_jax.memory) has tests of its own
+        "model.remat_policy=none",
     ]
 
 

@@ -41,6 +41,8 @@ def overrides(out, pairs, *extra) -> list[str]:
         "learning_rate=3e-3",
         "data.max_length=64",
         "optimizer.warmup_ratio=0.0",
+        "micro_batches=1",
+        "model.remat_policy=none",
         *extra,
     ]
 

@@ -1,0 +1,76 @@
+"""``micro_batches: auto`` / ``model.remat_policy: auto``: the fastest setting whose compiled step fits."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import pytest
+from helpers import config
+
+import asft_jax.train as train_module
+from asft_jax.config import TrainConfig
+from asft_jax.errors import AsftError
+from asft_jax.memory import CHOICE_FILE, candidates, choose
+from asft_jax.train import train
+
+AUTO = ("micro_batches=auto", "model.remat_policy=auto")
+
+
+def test_candidates_fastest_first_and_only_where_auto():
+    cfg = TrainConfig()
+    assert candidates(cfg, 8)[:4] == [(1, "none"), (1, "dots_no_batch"), (2, "none"), (1, "full")]
+    assert sorted(candidates(cfg, 8)) == sorted((m, r) for m in (1, 2, 4, 8) for r in ("none", "dots_no_batch", "full"))
+    assert {m for m, _ in candidates(cfg, 6)} == {1, 2}  # micro-batches divide the shard's pairs
+    fixed = TrainConfig(micro_batches=4)
+    assert candidates(fixed, 8) == [(4, "none"), (4, "dots_no_batch"), (4, "full")]
+
+
+def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
+    peaks = {(1, "none"): 9, (1, "dots_no_batch"): 7, (2, "none"): 5, (2, "dots_no_batch"): 4}
+    peaks.update({(m, r): 1 for m in (1, 2, 4, 8) for r in ("full",)} | {(4, "none"): 3, (4, "dots_no_batch"): 2})
+    peaks.update({(8, "none"): 2, (8, "dots_no_batch"): 1})
+    seen = []
+
+    def peak_of(c):
+        seen.append((c.micro_batches, c.model.remat_policy))
+        return peaks[seen[-1]] * 2**30
+
+    with caplog.at_level(logging.INFO, logger="asft_jax.memory"):
+        chosen = choose(TrainConfig(), 8, peak_of, (6 * 2**30, "a test"))
+    assert (chosen.micro_batches, chosen.model.remat_policy) == (2, "none") == seen[-1]
+    assert seen == [(1, "none"), (1, "dots_no_batch"), (2, "none")]  # stops at the first that fits
+    assert "micro_batches=2, remat_policy=none, the fastest that fits 6.00 GiB (a test)" in caplog.text
+    with pytest.raises(AsftError, match=r"^config: no micro_batches / model.remat_policy fits 0.50 GiB \(a test\): "):
+        choose(TrainConfig(), 8, peak_of, (2**29, "a test"))
+
+
+def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, monkeypatch, caplog):
+    real = train_module.peak_bytes
+    peaks: dict = {}
+
+    def recording(compiled):
+        peaks[len(peaks)] = real(compiled)
+        return peaks[len(peaks) - 1]
+
+    monkeypatch.setattr(train_module, "peak_bytes", recording)
+    probe = tmp_path / "probe"
+    with pytest.raises(AsftError, match=r"fits 0.00 GiB \(memory_budget_gib 1e-06\): micro_batches=1, remat"):
+        train(config(probe, pairs, *AUTO, "memory_budget_gib=0.000001"))  # fails before step 1
+    assert not (probe / "metrics.jsonl").exists() or probe.joinpath("metrics.jsonl").read_text() == ""
+    first, second = peaks[0], peaks[1]  # micro_batches=1 with no remat, then with dots_no_batch
+    assert second < first  # rematerialisation saves memory
+
+    out = tmp_path / "run"
+    devices = len(jax.local_devices())  # CPU devices share the host's memory: the budget is for all of them
+    monkeypatch.setattr(train_module, "budget", lambda cfg: (devices * (first + second) // 2, "a test"))
+    with caplog.at_level(logging.INFO):
+        train(config(out, pairs, *AUTO, "max_steps=2"))
+    assert "micro_batches=1, remat_policy=dots_no_batch, the fastest that fits" in caplog.text
+    assert json.loads((out / CHOICE_FILE).read_text()) == {"micro_batches": 1, "remat_policy": "dots_no_batch"}
+    monkeypatch.setattr(train_module, "budget", lambda cfg: pytest.fail("a resume must not search again"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train(config(out, pairs, *AUTO, "max_steps=3"))
+    assert "remat_policy=dots_no_batch, as chosen when the run started" in caplog.text
