@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from asft_jax.errors import AsftError
-from asft_jax.memory import AUTO, choose, peak_bytes
+from asft_jax.memory import AUTO, candidates, choose, peak_bytes
 
 GIB = 1024**3
 REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
@@ -275,12 +275,20 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
         }
         with activate(mesh):
             lowered = jit_steps(candidate, model, tx, schedule, shardings, mesh)[0].lower(state, batch)
-        return peak_bytes(lowered.compile()) * topo.devices_per_chip
+        try:
+            return peak_bytes(lowered.compile()) * topo.devices_per_chip
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return math.inf
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-    return choose(
-        cfg, per_shard, peak_of, (int(budget_gib * GIB), f"{topo.chip.kind} HBM less {HEADROOM:.0%} headroom")
-    )
+    limit = (int(budget_gib * GIB), f"{topo.chip.kind} HBM less {HEADROOM:.0%} headroom")
+    try:
+        return choose(cfg, per_shard, peak_of, limit)
+    except AsftError:  # nothing fits: the report of the fastest setting says by how much, and what to change
+        m, r = candidates(cfg, per_shard)[0]
+        return dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
 
 
 def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
@@ -300,9 +308,9 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     budget_gib = (1 - HEADROOM) * chip.hbm_gib
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     check_batch_split(cfg, mesh)
-    if AUTO in (cfg.micro_batches, cfg.model.remat_policy):
-        cfg = _fit(cfg, mesh, topo, budget_gib)
-    model = build_model(cfg, model_architecture(cfg), "tpu")
+    arch = (model_architecture(cfg), "tpu")
+    remat = "none" if cfg.model.remat_policy == AUTO else cfg.model.remat_policy  # the state does not depend on it
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=remat)), *arch)
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
     state_gib = _bytes_per_device(state) * dpc / GIB
     replicated = replicated_dims(model, mesh)
@@ -319,6 +327,9 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
             f"has {budget_gib:.1f} of {chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); first: "
             f"{advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
         )
+    if AUTO in (cfg.micro_batches, cfg.model.remat_policy):
+        cfg = _fit(cfg, mesh, topo, budget_gib)
+        model = build_model(cfg, *arch)
     batch = max_batch(cfg, mesh)
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh)) for k, v in batch.items()
