@@ -200,37 +200,47 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
-def fit_memory(cfg: TrainConfig, config: LlamaConfig, mesh: jax.sharding.Mesh, tokenizer: Any) -> TrainConfig:
-    """``cfg`` with ``micro_batches`` and ``model.remat_policy`` decided where they are ``auto``
-    (``asft_jax.memory``), or as the run decided when it first started (a resume keeps its batches)."""
+def fit_memory(
+    cfg: TrainConfig, config: LlamaConfig, mesh: jax.sharding.Mesh, tokenizer: Any
+) -> tuple[TrainConfig, Any]:
+    """``(cfg, compiled)``: ``cfg`` with ``micro_batches`` and ``model.remat_policy`` decided where they
+    are ``auto`` (``asft_jax.memory``), or as the run decided when it first started (a resume keeps its
+    batches); ``compiled``: the chosen train step as the search compiled it for the run's one step
+    shape (None when there was no search or steps have their own shapes)."""
     if AUTO not in (cfg.micro_batches, cfg.model.remat_policy):
-        return cfg
+        return cfg, None
     path = os.path.join(cfg.output_dir, CHOICE_FILE)
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
         log.info("memory: micro_batches=%d, remat_policy=%s, as chosen when the run started", *saved.values())
-        return dataclasses.replace(
+        chosen = dataclasses.replace(
             cfg,
             micro_batches=saved["micro_batches"],
             model=dataclasses.replace(cfg.model, remat_policy=saved["remat_policy"]),
         )
+        return chosen, None
     platform = jax.default_backend()
     devices = len(jax.local_devices()) if platform == "cpu" else 1  # CPU devices share the host's memory
+
+    compiled = {}
 
     def peak_of(candidate: TrainConfig) -> int:
         model = build_model(candidate, config, platform)
         tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
         train_step, _ = jit_steps(candidate, model, tx, schedule, shardings, mesh)
         batch = step_batch(candidate, mesh, tokenizer, config.vocab_size)
-        return peak_bytes(train_step.lower(state, batch).compile()) * devices
+        compiled.clear()  # only the last one can be the choice
+        compiled[candidate.micro_batches, candidate.model.remat_policy] = train_step.lower(state, batch).compile()
+        return peak_bytes(next(iter(compiled.values()))) * devices
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
     chosen = choose(cfg, per_shard, peak_of, budget(cfg))
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump({"micro_batches": chosen.micro_batches, "remat_policy": chosen.model.remat_policy}, f)
-    return chosen
+    reuse = cfg.data.fixed_shape  # a step of another shape needs the jitted function
+    return chosen, compiled.get((chosen.micro_batches, chosen.model.remat_policy)) if reuse else None
 
 
 def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:
@@ -239,7 +249,7 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_split(cfg, mesh)
     model, src, tokenizer = _model(cfg)
-    cfg = fit_memory(cfg, model.config, mesh, tokenizer)
+    cfg, searched_step = fit_memory(cfg, model.config, mesh, tokenizer)
     model = build_model(cfg, model.config, jax.default_backend())
     for line in replicated_dims(model, mesh):
         log.info("replicated, the mesh cannot divide it: %s", line)
@@ -296,6 +306,8 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
     step_fn, eval_fn = jit_steps(cfg, model, tx, schedule, state_shardings, mesh)
+    if searched_step is not None:  # the memory search compiled it already, for this shape
+        step_fn = searched_step
     return (
         Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data),
         checkpointer,

@@ -15,7 +15,7 @@ from asft_jax.errors import AsftError
 from asft_jax.memory import CHOICE_FILE, candidates, choose
 from asft_jax.train import train
 
-AUTO = ("micro_batches=auto", "model.remat_policy=auto")
+AUTO = ("micro_batches=auto", "model.remat_policy=auto", "data.fixed_shape=true")
 
 
 def test_candidates_fastest_first_and_only_where_auto():
@@ -65,9 +65,15 @@ def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, m
     out = tmp_path / "run"
     devices = len(jax.local_devices())  # CPU devices share the host's memory: the budget is for all of them
     monkeypatch.setattr(train_module, "budget", lambda cfg: (devices * (first + second) // 2, "a test"))
-    with caplog.at_level(logging.INFO):
-        train(config(out, pairs, *AUTO, "max_steps=2"))
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.INFO):
+            train(config(out, pairs, *AUTO, "max_steps=2"))
+    finally:
+        jax.config.update("jax_log_compiles", False)
     assert "micro_batches=1, remat_policy=dots_no_batch, the fastest that fits" in caplog.text
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    assert len(compiles) == 2  # the two candidates tried; the run reuses the second
     assert json.loads((out / CHOICE_FILE).read_text()) == {"micro_batches": 1, "remat_policy": "dots_no_batch"}
     monkeypatch.setattr(train_module, "budget", lambda cfg: pytest.fail("a resume must not search again"))
     caplog.clear()

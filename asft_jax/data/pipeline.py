@@ -112,8 +112,8 @@ class PairBatches:
         ``sample_steps`` steps' worth of pairs of the whole stream (the same on every host and on
         resume) so that steps keep ``min_fill`` of their pairs on average; the rest are carried into
         the next step. ``sample_steps=0`` or ``cfg.fixed_shape`` false: each step has all its pairs
-        and its own shape (``layout_batch``). ``limit``: read only this host's first ``limit`` pairs, then empty the
-        carry (an evaluation: every pair once, the last steps part-filled).
+        and its own shape (``layout_batch``). ``limit``: read only this host's first ``limit`` pairs,
+        then empty the carry (an evaluation: every pair once, the last steps part-filled).
         """
         if process_index is None or process_count is None:
             import jax
