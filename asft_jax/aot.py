@@ -159,26 +159,13 @@ def model_architecture(cfg):
 
 
 def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
-    """The largest step the pipeline can produce: ``batch_size`` pairs at ``data.max_length``, laid
-    out as training does. Of the two extremes, a prompt of ``max_prompt_length`` (default half) with
-    responses filling the rest, and a 1-token prompt with ``max_length - 1``-token responses (longer
-    rows in the shared-prefix layout, more scored positions for the LM head), the larger."""
-    from asft_jax.data.packing import layout_batch
-    from asft_jax.data.pairs import TokenizedPair
+    """The largest step the pipeline can produce for ``cfg`` on ``mesh`` (``budget.largest_step``)."""
+    from asft_jax.data.budget import largest_step
     from asft_jax.losses import NEEDS_REFERENCE
 
-    d = cfg.data
-    ref = (0.0, 0.0) if cfg.objective.name in NEEDS_REFERENCE else (None, None)
     row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-    best = None
-    for prompt in (d.max_prompt_length or d.max_length // 2, 1):
-        response = d.max_length - prompt
-        pairs = [TokenizedPair(i, [1] * prompt, [1] * response, [1] * response, *ref) for i in range(cfg.batch_size)]
-        batch = layout_batch(pairs, d.layout, d.max_length, cfg.micro_batches, row_multiple)
-        size = (batch["tokens"].size, batch["score_positions"].size)
-        if best is None or size > best[0]:
-            best = (size, batch)
-    return best[1]
+    refs = cfg.objective.name in NEEDS_REFERENCE
+    return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, refs)
 
 
 def model_flops(config, batch: dict) -> float:
@@ -363,6 +350,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         **base,
         "attention": resolved,
         "layout": cfg.data.layout,
+        "remat_policy": cfg.model.remat_policy,
         "batch_shape": {
             "micro_batches": int(batch["tokens"].shape[0]),
             "rows": int(batch["tokens"].shape[1]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 
@@ -12,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from asft_jax.data.packing import layout_batch
+from asft_jax.data.budget import candidates, pack_step, plan_shape
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import detect_source_format, encode_source
 from asft_jax.data.records import RecordSource
@@ -50,15 +51,7 @@ def read_eval_pairs(
     return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length, limit=limit))
 
 
-def _batches(pairs: Iterable[TokenizedPair], batch_size: int) -> Iterator[list[TokenizedPair]]:
-    batch: list[TokenizedPair] = []
-    for p in pairs:
-        batch.append(p)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+PLAN_PAIRS = 256  # pairs the scoring shape is planned from
 
 
 def score_pairs(
@@ -72,15 +65,16 @@ def score_pairs(
     layout: str = "packed_shared_prefix",
     total: int | None = None,
 ) -> Iterator[dict]:
-    """Yields one result per pair: ``index``, ``chosen_logps_sum``, ``chosen_tokens``,
-    ``rejected_logps_sum``, ``rejected_tokens`` (response tokens only).
+    """Yields one result per pair, in the order of ``pairs``: ``index``, ``chosen_logps_sum``,
+    ``chosen_tokens``, ``rejected_logps_sum``, ``rejected_tokens`` (response tokens only).
 
-    The sums are what the train step computes for the policy: ``pair_logps`` over batches laid out
-    by ``layout_batch`` (``layout``), in the model's compute dtype. ``batch_size`` pairs per forward
-    pass, rounded up to a multiple of the mesh's batch shards (a short last batch is filled with
-    copies of its last pair, so every batch has one shape of pair slots); ``max_length``: the
-    longest pair, prompt + longer response (default: the model's context). ``params`` should
-    already be placed with ``param_shardings(model, mesh)``.
+    The sums are what the train step computes for the policy: ``pair_logps`` in the model's compute
+    dtype, in ``layout``, at most ``batch_size`` pairs per forward pass (rounded up to a multiple of the
+    mesh's batch shards), every pass of one shape planned from the first ``PLAN_PAIRS`` pairs
+    (``asft_jax.data.budget``: one compile; pairs that do not fit a pass go into the next), with
+    rows as long as the longest pair (prompt + longer response; at most ``max_length``, default:
+    the model's context).
+    ``params`` should already be placed with ``param_shardings(model, mesh)``.
     """
     mesh = mesh or make_mesh()
     split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -92,27 +86,43 @@ def score_pairs(
         in_shardings=(param_shardings(model, mesh), sharding),
         out_shardings=replicated(mesh),  # every process reads all results
     )
-    start, seen_tokens = time.perf_counter(), 0
+    pairs = list(pairs)
+    if not pairs:
+        return
+    longest = min(max(map(len, pairs)), max_length)  # rows hold the longest sequence: any pair fits a pass
+    shape = plan_shape(pairs[:PLAN_PAIRS], layout, longest, batch_size, row_multiple=split)
+    stream = enumerate(pairs)
+    carry: list[tuple[int, TokenizedPair]] = []
+    scored: dict[int, dict] = {}
+    emitted, start, seen_tokens = 0, time.perf_counter(), 0
     with (
         activate(mesh),
         tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar,
     ):
-        for batch in _batches(pairs, batch_size):
-            rows = layout_batch(batch + batch[-1:] * (batch_size - len(batch)), layout, max_length, row_multiple=split)
+        while offered := carry + list(itertools.islice(stream, candidates(batch_size) - len(carry))):
+            rows, left = pack_step([p for _, p in offered], layout, shape, 1, batch_size, len(carry))
             rows.pop("ref_logps", None)
             sums = jax.device_get(fn(params, {k: from_every_host(v, sharding) for k, v in rows.items()}))
             counts = rows["counts"][0]
-            for j, p in enumerate(batch):
-                yield {
+            waiting = {id(p) for p in left}
+            carry = [(i, p) for i, p in offered if id(p) in waiting]
+            placed = [(i, p) for i, p in offered if id(p) not in waiting]
+            if not placed:
+                raise AsftError(f"pair {offered[0][1].index}: longer than max_length {max_length}; it cannot be scored")
+            for j, (i, p) in enumerate(placed):  # slot j holds the j-th pair placed, in the order offered
+                scored[i] = {
                     "index": p.index,
                     "chosen_logps_sum": float(sums[j, 0]),
                     "chosen_tokens": int(counts[j, 0]),
                     "rejected_logps_sum": float(sums[j, 1]),
                     "rejected_tokens": int(counts[j, 1]),
                 }
-            seen_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)
-            bar.update(len(batch))
+            seen_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for _, p in placed)
+            bar.update(len(placed))
             bar.set_postfix(tokens_per_s=f"{seen_tokens / (time.perf_counter() - start):.0f}")
+            while emitted in scored:
+                yield scored.pop(emitted)
+                emitted += 1
 
 
 def summarize(results: list[dict], skipped: collections.Counter) -> dict:

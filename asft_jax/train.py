@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import TrainConfig, to_dict
+from asft_jax.data.budget import largest_step
 from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches, host_data_state
 from asft_jax.data.records import is_readable_spec
@@ -193,9 +194,8 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
     if cfg.data.fixed_shape and data.shape is not None:
         batch = data.empty()
     else:
-        from asft_jax.aot import max_batch
-
-        batch = max_batch(cfg, mesh)
+        refs = cfg.objective.name in NEEDS_REFERENCE
+        batch = largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple(mesh), refs)
     sharding = micro_batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
@@ -237,6 +237,7 @@ def fit_memory(
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
     chosen = choose(cfg, per_shard, peak_of, budget(cfg))
     if jax.process_index() == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
         with open(path, "w") as f:
             json.dump({"micro_batches": chosen.micro_batches, "remat_policy": chosen.model.remat_policy}, f)
     reuse = cfg.data.fixed_shape  # a step of another shape needs the jitted function

@@ -23,6 +23,7 @@ BASE = [
     "data.max_length=64",
     "mesh.data=1",
     "mesh.fsdp=-1",
+    "model.remat_policy=none",  # the first test lets `asft compile` choose
 ]
 
 needs_libtpu = pytest.mark.skipif(
@@ -96,8 +97,11 @@ def test_unknown_topology_is_one_line(capsys):
 @needs_libtpu
 @pytest.mark.spawn
 def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
-    rc, four, err = compile_cli("v5p:2x2x1")
+    rc, four, err = compile_cli("v5p:2x2x1", "micro_batches=auto", "model.remat_policy=auto")
     assert rc == 0, err[-2000:]
+    # auto: the fastest candidate fits a tiny model easily
+    assert (four["batch_shape"]["micro_batches"], four["remat_policy"]) == (1, "none")
+    assert "memory: micro_batches=1, remat_policy=none, the fastest that fits" in err
     assert (
         four["topology"] == "v5p:2x2x1" and four["chips"] == 4 and four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     )

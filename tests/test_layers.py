@@ -18,7 +18,7 @@ LAYERS = [
     ("errors", ["errors"]),
     ("model", ["model"]),
     ("data", ["data"]),
-    ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed"]),
+    ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed", "memory"]),
     ("config", ["config"]),
     ("io", ["checkpoint", "io", "metrics_log"]),
     ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),

@@ -26,6 +26,7 @@ from asft_jax.data.packing import (
     SHORT_ROW,
     RowShape,
     assemble,
+    layout_batch,
     pair_units,
     round_width,
     scored_positions,
@@ -193,4 +194,21 @@ def plan_shape(
             if best is None or cost < best[0]:
                 best = (cost, shape)
     assert best is not None, "the largest shape holds every step"
+    return best[1]
+
+
+def largest_step(data, batch: int, micro_batches: int, row_multiple: int, refs: bool) -> dict[str, np.ndarray]:
+    """The largest step ``layout_batch`` makes from ``batch`` pairs of the ``data`` config
+    (``DataConfig``) when each step has its own shape: of a prompt of ``max_prompt_length`` (default
+    half) with responses filling the rest, and a 1-token prompt with ``max_length - 1``-token
+    responses (longer rows in the shared-prefix layout, more scored positions), the larger."""
+    ref = (0.0, 0.0) if refs else (None, None)
+    best = None
+    for prompt in (data.max_prompt_length or data.max_length // 2, 1):
+        response = data.max_length - prompt
+        pairs = [TokenizedPair(i, [1] * prompt, [1] * response, [1] * response, *ref) for i in range(batch)]
+        out = layout_batch(pairs, data.layout, data.max_length, micro_batches, row_multiple)
+        size = (out["tokens"].size, out["score_positions"].size)
+        if best is None or size > best[0]:
+            best = (size, out)
     return best[1]
