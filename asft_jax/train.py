@@ -195,9 +195,13 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
         batch = data.empty()
     else:
         refs = cfg.objective.name in NEEDS_REFERENCE
-        batch = largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple(mesh), refs)
-    sharding = micro_batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+        local = cfg.batch_size // jax.process_count()
+        batch = largest_step(cfg.data, local, cfg.micro_batches, row_multiple(mesh), refs)
+    sharding, hosts = micro_batch_sharding(mesh), jax.process_count()  # hosts' rows and pairs side by side
+    return {
+        k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * hosts, *v.shape[2:]), v.dtype, sharding=sharding)
+        for k, v in batch.items()
+    }
 
 
 def fit_memory(
@@ -235,7 +239,9 @@ def fit_memory(
         return peak_bytes(next(iter(compiled.values()))) * devices
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
-    chosen = choose(cfg, per_shard, peak_of, budget(cfg))
+    limit, why = budget(cfg)
+    limit = min(all_hosts(limit))  # hosts may have different free memory; they must choose alike
+    chosen = choose(cfg, per_shard, peak_of, (limit, why if jax.process_count() == 1 else f"{why}, on every host"))
     if jax.process_index() == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(path, "w") as f:

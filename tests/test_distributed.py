@@ -172,7 +172,9 @@ def start_training(out, pairs, *extra) -> list[subprocess.Popen]:
 @pytest.mark.spawn
 def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp_path):
     out = tmp_path / "run"
-    procs = start_training(out, pairs, f"data.eval_path={pairs}", "eval_steps=1")  # one step shape, carried pairs
+    # one step shape, carried pairs, and the memory search: both hosts must choose alike
+    auto = ("micro_batches=auto", "model.remat_policy=auto")
+    procs = start_training(out, pairs, f"data.eval_path={pairs}", "eval_steps=1", *auto)
     procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host first
     for p in procs:
         _, err = p.communicate(timeout=120)
@@ -180,6 +182,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp
     steps = [int(name) for name in os.listdir(out / "checkpoints") if name.isdigit()]
     assert steps == [curve(out)[-1]["step"]]
     assert {r["eval/pairs"] for r in curve(out)} == {64}  # both hosts' halves, every pair once
+    assert json.loads((out / "memory_choice.json").read_text()) == {"micro_batches": 1, "remat_policy": "none"}
 
 
 @pytest.mark.spawn
