@@ -227,16 +227,14 @@ def fit_memory(
     platform = jax.default_backend()
     devices = len(jax.local_devices()) if platform == "cpu" else 1  # CPU devices share the host's memory
 
-    compiled = {}
+    last = {}  # the last candidate compiled: `choose` stops at the first that fits, so it is the choice
 
     def peak_of(candidate: TrainConfig) -> int:
         model = build_model(candidate, config, platform)
         tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
         train_step, _ = jit_steps(candidate, model, tx, schedule, shardings, mesh)
-        batch = step_batch(candidate, mesh, tokenizer, config.vocab_size)
-        compiled.clear()  # only the last one can be the choice
-        compiled[candidate.micro_batches, candidate.model.remat_policy] = train_step.lower(state, batch).compile()
-        return peak_bytes(next(iter(compiled.values()))) * devices
+        last["step"] = train_step.lower(state, step_batch(candidate, mesh, tokenizer, config.vocab_size)).compile()
+        return peak_bytes(last["step"]) * devices
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
     limit, why = budget(cfg)
@@ -246,8 +244,7 @@ def fit_memory(
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(path, "w") as f:
             json.dump({"micro_batches": chosen.micro_batches, "remat_policy": chosen.model.remat_policy}, f)
-    reuse = cfg.data.fixed_shape  # a step of another shape needs the jitted function
-    return chosen, compiled.get((chosen.micro_batches, chosen.model.remat_policy)) if reuse else None
+    return chosen, last["step"] if cfg.data.fixed_shape else None  # other shapes need the jitted function
 
 
 def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:

@@ -82,19 +82,14 @@ def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dic
     sums, real = pair_logps(model, params, mb), mb["pair_mask"].astype(bool)
     counts = jnp.where(real[:, None], mb["counts"], 1)  # empty slots: 0 / 1, not 0 / 0
 
-    def one(s, n, ref):  # a single pair: the objectives' batch means are then its own values
-        chosen, rejected = SequenceLogps(s[:1, 0], n[:1, 0]), SequenceLogps(s[:1, 1], n[:1, 1])
-        refs = {}
-        if objective in NEEDS_REFERENCE:
-            refs = {
-                "ref_chosen": SequenceLogps(ref[:1, 0], n[:1, 0]),
-                "ref_rejected": SequenceLogps(ref[:1, 1], n[:1, 1]),
-            }
-        loss, metrics = preference_loss(objective, chosen, rejected, **refs, **hparams)
+    def one(s, n, ref):  # one pair ([2] each) as a batch of one: the objectives' batch means are its values
+        side = lambda x, k: SequenceLogps(x[None, k], n[None, k])
+        refs = {"ref_chosen": side(ref, 0), "ref_rejected": side(ref, 1)} if objective in NEEDS_REFERENCE else {}
+        loss, metrics = preference_loss(objective, side(s, 0), side(s, 1), **refs, **hparams)
         return loss[0], metrics
 
     ref = mb["ref_logps"] if objective in NEEDS_REFERENCE else jnp.zeros_like(sums)
-    loss, metrics = jax.vmap(one)(sums[:, None], counts[:, None], ref[:, None])
+    loss, metrics = jax.vmap(one)(sums, counts, ref)
     return jnp.where(real, loss, 0.0).sum(), {k: jnp.where(real, v, 0.0).sum() for k, v in metrics.items()}
 
 
