@@ -142,12 +142,21 @@ def micro(batch):
     return jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
 
 
-def loss_sums_grads(model, params, pairs, layout, objective, hparams=None, max_length=128):
-    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``."""
+def loss_sums_grads(model, params, pairs, layout, objectives, hparams=None, max_length=128):
+    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``; with a tuple of
+    ``objectives``, ({objective: loss}, sums, {objective: gradients}), all from one compiled program
+    (one compile instead of one per objective: the compiles are most of these tests' time)."""
     mb = micro(layout_batch(pairs, layout, max_length))
-    loss_grad = jax.value_and_grad(lambda p: micro_loss(model, objective, hparams or {}, p, mb), has_aux=True)
-    (loss, _), grads, sums = jax.jit(lambda p: (*loss_grad(p), pair_logps(model, p, mb)))(params)  # one compile
-    return float(loss), np.asarray(sums), grads
+    names = (objectives,) if isinstance(objectives, str) else objectives
+
+    def losses_grads(p):
+        out = {o: jax.value_and_grad(lambda p, o=o: micro_loss(model, o, hparams or {}, p, mb)[0])(p) for o in names}
+        return {o: v[0] for o, v in out.items()}, {o: v[1] for o, v in out.items()}
+
+    losses, grads, sums = jax.jit(lambda p: (*losses_grads(p), pair_logps(model, p, mb)))(params)
+    if isinstance(objectives, str):
+        return float(losses[objectives]), np.asarray(sums), grads[objectives]
+    return {o: float(v) for o, v in losses.items()}, np.asarray(sums), grads
 
 
 def assert_grads_close(got, expected, rtol):

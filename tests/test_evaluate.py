@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -165,3 +166,30 @@ def test_eval_generate_scores_bleu_and_rouge_of_greedy_answers(tiny_chat_model, 
         for r in records[:4]
     ]
     assert hyps == [tok.decode(ids, skip_special_tokens=True).strip() for ids in gen(prompts)]
+
+
+def test_a_text_file_scores_as_its_tokenized_pairs(tiny_chat_model, shared_data, tmp_path, capsys):
+    """Real UltraFeedback records scored from the text file (format detected, chat template applied)
+    equal the same records tokenized by ``asft data tokenize`` and scored from ids. The tiny model has
+    SmolLM2's tokenizer and template; test_smollm2 checks the ids path against transformers."""
+    from asft_jax.cli import main
+
+    standard = os.path.join(shared_data, "ultrafeedback", "eval.jsonl")
+    pairs = str(tmp_path / "uf.jsonl")
+    tokenize = ["data", "tokenize", "--model", tiny_chat_model, "--data", standard, "--limit", "100"]
+    assert main([*tokenize, "--output", pairs]) == 0
+    scores = {}
+    for name, data, extra in (("ids", pairs, []), ("text", standard, ["--limit", "100"])):
+        out = tmp_path / f"{name}.jsonl"
+        code, summary, _ = run_eval(
+            capsys, "--model", tiny_chat_model, "--data", data, "--output", str(out), "--max-length", "192", *extra
+        )
+        assert code == 0 and summary["pairs_scored"] >= 8
+        scores[name] = ([json.loads(line) for line in out.read_text().splitlines()], summary)
+    (from_ids, _), (from_text, text_summary) = scores["ids"], scores["text"]
+    assert len(from_text) == len(from_ids)
+    for a, b in zip(from_text, from_ids):
+        assert (a["chosen_tokens"], a["rejected_tokens"]) == (b["chosen_tokens"], b["rejected_tokens"])
+        assert a["chosen_logps_sum"] == pytest.approx(b["chosen_logps_sum"], abs=1e-4)
+        assert a["rejected_logps_sum"] == pytest.approx(b["rejected_logps_sum"], abs=1e-4)
+    assert text_summary["pairs_skipped"]["identical_responses"] == 1

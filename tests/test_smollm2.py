@@ -151,32 +151,6 @@ def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared
             expected = torch_response_logps(reference, rec["prompt_input_ids"], rec[f"{side}_input_ids"])
             assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3, (row["index"], side)
 
-    # the same pairs scored straight from the text file (format detected, chat template applied)
-    standard = os.path.join(shared_data, "ultrafeedback", "eval.jsonl")
-    text_scores = tmp_path / "text_scores.jsonl"
-    code, text_summary, _ = run_eval(
-        capsys,
-        "--model",
-        smollm2_gguf,
-        "--data",
-        standard,
-        "--output",
-        str(text_scores),
-        "--max-length",
-        "192",
-        "--batch-size",
-        "16",
-        "--limit",
-        "100",
-    )
-    from_ids = [json.loads(line) for line in scores.read_text().splitlines()]
-    from_text = [json.loads(line) for line in text_scores.read_text().splitlines()]
-    assert code == 0 and len(from_text) == len(from_ids)
-    for a, b in zip(from_text, from_ids):
-        assert (a["chosen_tokens"], a["rejected_tokens"]) == (b["chosen_tokens"], b["rejected_tokens"])
-        assert a["chosen_logps_sum"] == pytest.approx(b["chosen_logps_sum"], abs=1e-4)
-    assert text_summary["pairs_skipped"]["identical_responses"] == 1
-
 
 def test_gguf_tokenizer_matches_transformers_gguf_tokenizer(ours, smollm2_gguf, shared_data):
     from transformers import AutoTokenizer
@@ -342,8 +316,10 @@ def test_layouts_agree_on_real_pairs(ours, shared_data):
     """Real UltraFeedback pairs (chosen and rejected of very different lengths, several pairs per
     packed row): packed and shared-prefix layouts give the padded layout's sums, loss and gradients.
 
-    On the model's first 6 layers (its real weights, embedding and head): every layer runs the same
-    code on the same masks and positions, so the other 24 would add four minutes, not coverage."""
+    On the model's first 2 layers (its real weights, embedding and head; the second layer reads the
+    first's real activations): every layer runs the same code on the same masks and positions, so the
+    other 28 would add minutes, not coverage (6 layers took 56 s here, 2 layers 43 s: the LM head over
+    49152 tokens at each scored position is most of it)."""
     from helpers import assert_grads_close, loss_sums_grads
 
     from asft_jax.data.packing import layout_batch
@@ -361,7 +337,7 @@ def test_layouts_agree_on_real_pairs(ours, shared_data):
     pairs = uneven + short
     assert layout_batch(pairs, "packed", 256)["tokens"].shape[1] < 2 * len(pairs)  # several sequences per row
     assert layout_batch(pairs, "packed_shared_prefix", 256)["tokens"].shape[1] < len(pairs)
-    depth = 6
+    depth = 2
     model = Llama(dataclasses.replace(src.config, num_hidden_layers=depth))
     params = {**params, "layers": jax.tree.map(lambda x: x[:depth], params["layers"])}
     results = {

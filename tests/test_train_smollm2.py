@@ -18,10 +18,10 @@ def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_pat
     with open(os.path.join(shared_data, "ultrafeedback", "eval.jsonl")) as f:
         records = [
             r for r in map(json.loads, f) if r["chosen"] != r["rejected"] and len(r["prompt"]) + len(r["chosen"]) < 400
-        ][:4]
-    data = tmp_path / "four.jsonl"
+        ][:2]
+    data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    # The same four pairs at every step (a 4-pair dataset, batch 4): the change is the training's
+    # The same two pairs at every step (a 2-pair dataset, batch 2): the change is the training's
     # effect on those pairs, not a difference between batches.
     out = tmp_path / "run"
     cfg = load_config(
@@ -30,15 +30,15 @@ def test_asft_steps_raise_the_chosen_log_prob(smollm2_gguf, shared_data, tmp_pat
             f"output_dir={out}",
             f"data.path={data}",
             f"model.source={smollm2_gguf}",
-            "max_steps=2",  # one update already moves these four pairs ten times past the bounds below
+            "max_steps=2",  # one update already moves these pairs ten times past the bounds below
             "save_steps=100",
-            "batch_size=4",
+            "batch_size=2",
             "learning_rate=5e-5",
             "data.max_length=128",
             "data.max_prompt_length=64",
             "optimizer.warmup_ratio=0.0",
-            "mesh.fsdp=4",  # parameters and AdamW state sharded 8 ways, not replicated 4 times
-            "mesh.tensor=2",
+            "mesh.fsdp=2",  # parameters and AdamW state sharded 8 ways where the shapes divide
+            "mesh.tensor=4",
             f"export_dir={tmp_path / 'hf'}",
         ],
     )

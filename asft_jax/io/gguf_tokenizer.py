@@ -26,13 +26,15 @@ _SPECIAL_TYPES = (3, 4)  # llama.cpp token types CONTROL and USER_DEFINED
 
 def gguf_tokenizer(gguf, path: str):
     """A transformers ``PreTrainedTokenizerFast`` for a ``GGUFTensors``' metadata."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     kind = gguf.field("tokenizer.ggml.model")
     if kind is None:
         raise AsftError(f"{path}: the GGUF metadata holds no tokenizer")
     if kind != "gpt2":
+        from transformers import AutoTokenizer  # imports torch where installed: 3 s, so only here
+
         return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    from transformers import PreTrainedTokenizerFast
+
     tokens = gguf.field("tokenizer.ggml.tokens")
     types = gguf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in gguf.field("tokenizer.ggml.merges") or []]
