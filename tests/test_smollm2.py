@@ -318,7 +318,7 @@ def test_layouts_agree_on_real_pairs(ours, shared_data):
 
     On the model's first 2 layers (its real weights, embedding and head; the second layer reads the
     first's real activations): every layer runs the same code on the same masks and positions, so the
-    other 28 would add minutes, not coverage (6 layers took 56 s here, 2 layers 43 s: the LM head over
+    other 28 would add minutes, not coverage (6 layers took 56 s here, 2 layers 44 s: the LM head over
     49152 tokens at each scored position is most of it)."""
     from helpers import assert_grads_close, loss_sums_grads
 

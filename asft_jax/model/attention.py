@@ -60,6 +60,37 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 128) -
     return jnp.concatenate(outs, axis=1).reshape(b, t, h, d)
 
 
+def cached_attention(
+    q: Array, k: Array, v: Array, cache: tuple[Array, Array], masks: tuple[Array, Array]
+) -> tuple[Array, tuple[Array, Array]]:
+    """Decoding: the new tokens (q ``[b, t, h, d]``, k/v ``[b, t, kv, d]``) attend to the cached
+    slots (``cache``: k/v ``[b, kv, s, d]``, read in place) and to each other, one softmax over both
+    (``masks``: ``[b, 1, 1, 1, s]`` and ``[b, 1, 1, t, t]``, see ``KVCache.extend``). The cache is
+    never copied here: the new keys and values are returned head-major (``[b, kv, t, d]``) for one
+    write after all layers. Returns ``([b, t, h, d], (k, v))``."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = (q / np.sqrt(d).astype(q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    low = jnp.finfo(jnp.float32).min
+    s = cache[0].shape[2]
+    if t == 1:
+        # one token: multiply-and-reduce, which XLA fuses with this layer's slice of the cache (a
+        # dot would first copy the slice out; on a CPU that copy was most of a decoding step)
+        old = (q.astype(jnp.float32) * cache[0][:, :, None].astype(jnp.float32)).sum(-1)[:, :, :, None]
+    else:
+        old = jnp.einsum("bkgtd,bksd->bkgts", q, cache[0], preferred_element_type=jnp.float32)
+    new = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([jnp.where(masks[0], old, low), jnp.where(masks[1], new, low)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if t == 1:
+        past = (probs[:, :, :, 0, :s, None] * cache[1][:, :, None]).sum(3)[:, None]  # [b, 1, kv, g, d]
+    else:
+        past = jnp.einsum("bkgts,bksd->btkgd", probs[..., :s], cache[1])
+    out = past + jnp.einsum("bkgts,bksd->btkgd", probs[..., s:], v)
+    return out.reshape(b, t, h, d), (k, v)
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """``jax.nn.dot_product_attention``; cuDNN on GPU when the dtype allows it."""
     cudnn = target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)

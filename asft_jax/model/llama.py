@@ -74,9 +74,10 @@ def attention_mask(segment_ids: Array, branch_ids: Array | None = None) -> Array
 class KVCache(NamedTuple):
     """Keys and values of the tokens decoded so far, one slot per token.
 
-    ``k``, ``v``: ``[layers, batch, slots, kv_heads, head_dim]``; ``valid``: ``[batch, slots]`` bool,
-    true where a slot holds a real (non-padding) token; ``index``: ``[]`` int32, the next slot to write
-    (the same for every row: prompts are left-padded to one length).
+    ``k``, ``v``: ``[layers, batch, kv_heads, slots, head_dim]`` (head-major: attention reads them as
+    plain batched GEMM operands); ``valid``: ``[batch, slots]`` bool, true where a slot holds a real
+    (non-padding) token; ``index``: ``[]`` int32, the next slot to write (the same for every row:
+    prompts are left-padded to one length).
     """
 
     k: Array
@@ -86,27 +87,36 @@ class KVCache(NamedTuple):
 
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype: DType = jnp.float32) -> KVCache:
-        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, slots, config.head_dim)
         return cls(
             jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
         )
 
-    def extend(self, segment_ids: Array) -> tuple[KVCache, Array, Array]:
+    def extend(self, segment_ids: Array) -> tuple[KVCache, Array, tuple[Array, Array]]:
         """Marks the slots of ``segment_ids`` ``[batch, t]`` (non-zero: real token) as written.
 
-        Returns the cache with ``valid`` and ``index`` advanced (k/v are written by the layers), the
-        positions of the new tokens ``[batch, t]`` (continuing each row's real tokens) and the
-        attention mask ``[batch, 1, 1, t, slots]`` (real slots up to each query's own).
+        Returns the cache with ``valid`` and ``index`` advanced (k/v are written by ``write``), the
+        positions of the new tokens ``[batch, t]`` (continuing each row's real tokens) and the two
+        attention masks of ``attention.cached_attention``: over the cached slots ``[batch, 1, 1, 1,
+        slots]`` (every real one) and among the new tokens ``[batch, 1, 1, t, t]`` (causal, real keys).
         """
         t = segment_ids.shape[1]
         real = segment_ids != 0
         seen = self.valid.sum(-1, dtype=jnp.int32)[:, None]
         positions = seen + jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
+        among_new = jnp.tril(jnp.ones((t, t), bool)) & real[:, None, :]
+        masks = (self.valid[:, None, None, None, :], among_new[:, None, None])
         valid = jax.lax.dynamic_update_slice(self.valid, real, (0, self.index))
-        slot = jnp.arange(valid.shape[1], dtype=jnp.int32)
-        causal = slot[None, :] <= self.index + jnp.arange(t, dtype=jnp.int32)[:, None]  # [t, slots]
-        mask = (causal[None] & valid[:, None, :])[:, None, None]
-        return self._replace(valid=valid, index=self.index + t), positions, mask
+        return self._replace(valid=valid, index=self.index + t), positions, masks
+
+    def write(self, k: Array, v: Array, index: Array) -> KVCache:
+        """The new tokens' keys and values ``[layers, batch, kv_heads, t, head_dim]`` at slot ``index``
+        (one update of the whole cache per call, in place in a decoding loop)."""
+        at = (0, 0, 0, index, 0)
+        return self._replace(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+        )
 
 
 def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
@@ -162,14 +172,15 @@ class Attention(nn.Module):
         mask: Array,
         segment_ids: Array | None,
         kv: tuple[Array, Array] | None = None,
-        index: Array | None = None,
         branch_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, slots, kv_heads,
-        head_dim]`` each), the new keys and values are written at slot ``index`` and attention runs
-        over all slots (always the XLA path). ``segment_ids`` (and ``branch_ids`` in the shared-prefix
-        layout) are what the splash kernel needs to rebuild ``mask``; ``segment_ids`` is None with a
-        cache. Returns the output and the updated ``kv``."""
+        """x ``[batch, t, embed]``; with ``kv`` (this layer's cache ``[batch, kv_heads, slots,
+        head_dim]`` each, read only) the tokens attend to the cached slots and to each other
+        (``mask``: the pair of masks of ``KVCache.extend``; always the XLA path), and the new keys and
+        values ``[batch, kv_heads, t, head_dim]`` are returned for ``KVCache.write``. ``segment_ids``
+        (and ``branch_ids`` in the shared-prefix layout) are what the splash kernel needs to rebuild
+        ``mask``; ``segment_ids`` is None with a cache. Returns the output and the new keys and values
+        (None without a cache)."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         bias = c.attention_bias
@@ -181,13 +192,10 @@ class Attention(nn.Module):
         inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
         q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
-        if kv is not None:
-            kk = jax.lax.dynamic_update_slice(kv[0], kk.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (kk, v)
-
         impl = attention.choose(self.implementation, length=x.shape[1])
-        if kv is not None or segment_ids is None or impl == "xla":
+        if kv is not None:
+            out, kv = attention.cached_attention(q, kk, v, kv, mask)
+        elif segment_ids is None or impl == "xla":
             out = attention.xla_attention(q, kk, v, mask)
         elif impl == "dot_product":
             out = attention.dot_product_attention(q, kk, v, mask)
@@ -228,13 +236,12 @@ class DecoderLayer(nn.Module):
         mask: Array,
         segment_ids: Array | None,
         kv: tuple[Array, Array] | None,
-        index: Array | None,
         branch_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
         attn, kv = Attention(c, dt, pdt, self.attention_impl, name="attn")(
-            normed, positions, mask, segment_ids, kv, index, branch_ids
+            normed, positions, mask, segment_ids, kv, branch_ids
         )
         h = x + attn
         out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
@@ -281,14 +288,9 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(
-                nn.broadcast,
-                nn.broadcast,
-                nn.broadcast,
-                0,
-                nn.broadcast,
-                nn.broadcast,
-            ),  # x carried, kv scanned per layer
+            # x carried; positions, mask, segment_ids, branch_ids the same for every layer; the cache
+            # scanned per layer (read only; the layers' new keys and values come out stacked)
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.param_dtype, self.attention_impl)
@@ -308,7 +310,7 @@ class Llama(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, jnp.int32)
         if cache is None:
-            kv, index, mask = None, None, attention_mask(segment_ids, branch_ids)
+            kv, mask = None, attention_mask(segment_ids, branch_ids)
             cache_positions = segment_positions(segment_ids)
         else:
             kv, index = (cache.k, cache.v), cache.index
@@ -317,10 +319,10 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
         kernel_segments = segment_ids if cache is None else None  # the splash kernel's mask inputs
         kernel_branches = branch_ids if cache is None else None
-        x, kv = self.layers(x, positions, mask, kernel_segments, kv, index, kernel_branches)
+        x, kv = self.layers(x, positions, mask, kernel_segments, kv, kernel_branches)
         x = self.norm(x)
         out = x if return_hidden else self.head(x)
-        return out if cache is None else (out, cache._replace(k=kv[0], v=kv[1]))
+        return out if cache is None else (out, cache.write(*kv, index))
 
     def head(self, hidden: Array) -> Array:
         """LM head: hidden ``[..., hidden]`` -> logits ``[..., vocab]``."""
