@@ -64,10 +64,10 @@ def cached_attention(
     q: Array, k: Array, v: Array, cache: tuple[Array, Array], masks: tuple[Array, Array]
 ) -> tuple[Array, tuple[Array, Array]]:
     """Decoding: the new tokens (q ``[b, t, h, d]``, k/v ``[b, t, kv, d]``) attend to the cached
-    slots (``cache``: k/v ``[b, kv, s, d]``, read in place) and to each other, one softmax over both
-    (``masks``: ``[b, 1, 1, 1, s]`` and ``[b, 1, 1, t, t]``, see ``KVCache.extend``). The cache is
-    never copied here: the new keys and values are returned head-major (``[b, kv, t, d]``) for one
-    write after all layers. Returns ``([b, t, h, d], (k, v))``."""
+    slots (``cache``: k/v ``[b, kv, s, d]``, read only) and to each other, one softmax over both
+    (``masks``: ``[b, 1, 1, 1, s]`` and ``[b, 1, 1, t, t]``, see ``KVCache.extend``). Nothing is
+    written to the cache here: the new keys and values are returned head-major (``[b, kv, t, d]``)
+    for one write after all layers. Returns ``([b, t, h, d], (k, v))``."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = (q / np.sqrt(d).astype(q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
@@ -75,8 +75,8 @@ def cached_attention(
     low = jnp.finfo(jnp.float32).min
     s = cache[0].shape[2]
     if t == 1:
-        # one token: multiply-and-reduce, which XLA fuses with this layer's slice of the cache (a
-        # dot would first copy the slice out; on a CPU that copy was most of a decoding step)
+        # one token: a multiply-and-reduce loop fusion; XLA:CPU runs these 24 tiny batched GEMVs as a
+        # dot far slower (SmolLM2, batch 8, 384 slots: 119 against 150 ms per decoding step)
         old = (q.astype(jnp.float32) * cache[0][:, :, None].astype(jnp.float32)).sum(-1)[:, :, :, None]
     else:
         old = jnp.einsum("bkgtd,bksd->bkgts", q, cache[0], preferred_element_type=jnp.float32)
