@@ -25,6 +25,7 @@ import numpy as np
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash")
+BLOCK = 128  # xla_attention's query block, and the smallest splash block: rows longer than it should be multiples
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -36,7 +37,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.einsum("bkgts,bksd->btkgd", probs, v)
 
 
-def xla_attention(q: Array, k: Array, v: Array, mask: Array, block: int = 128) -> Array:
+def xla_attention(q: Array, k: Array, v: Array, mask: Array, block: int = BLOCK) -> Array:
     """``mask``: ``[batch, 1, 1, t, s]`` bool (true: attend).
 
     When queries and keys are the same ``t`` positions (training, scoring: ``mask`` is causal), the

@@ -100,3 +100,14 @@ def test_the_plan_fills_rows_it_would_otherwise_pad():
     assert np.mean(placed) >= 0.9 * 8  # min_fill 0.95 on the sample it was planned from, a little slack
     tight = plan_shape(pairs, "packed_shared_prefix", 256, 8, min_fill=1.0)
     assert tight.rows * tight.length >= shape.rows * shape.length  # holding every pair costs more rows
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_longer_than_an_attention_block_are_whole_blocks(layout):
+    """Pairs of up to 981 tokens (scoring plans rows for the longest pair): the rows are not 981 or
+    1962 tokens but multiples of 128, where XLA's attention skips the blocks above the diagonal and
+    splash runs; short rows stay as short as the pairs."""
+    pairs = pairs_of(64, seed=5, longest=981)
+    shape = plan_shape(pairs, layout, 981, 8)
+    assert shape.length >= 981 and shape.length % 128 == 0, shape
+    assert plan_shape(pairs_of(64, seed=5, longest=48), layout, 48, 8).length in (48, 64, 96)
