@@ -143,19 +143,16 @@ def micro(batch):
 
 
 def loss_sums_grads(model, params, pairs, layout, objectives, hparams=None, max_length=128):
-    """(loss, per-pair sums [pairs, 2], gradients) of one micro-batch in ``layout``; with a tuple of
-    ``objectives``, ({objective: loss}, sums, {objective: gradients}), all from one compiled program
-    (one compile instead of one per objective: the compiles are most of these tests' time)."""
+    """({objective: loss}, per-pair sums [pairs, 2], {objective: gradients}) of one micro-batch in
+    ``layout``, all from one compiled program (the compiles are most of these tests' time)."""
     mb = micro(layout_batch(pairs, layout, max_length))
-    names = (objectives,) if isinstance(objectives, str) else objectives
 
     def losses_grads(p):
-        out = {o: jax.value_and_grad(lambda p, o=o: micro_loss(model, o, hparams or {}, p, mb)[0])(p) for o in names}
+        loss = lambda p, o: micro_loss(model, o, hparams or {}, p, mb)[0]
+        out = {o: jax.value_and_grad(loss)(p, o) for o in objectives}
         return {o: v[0] for o, v in out.items()}, {o: v[1] for o, v in out.items()}
 
     losses, grads, sums = jax.jit(lambda p: (*losses_grads(p), pair_logps(model, p, mb)))(params)
-    if isinstance(objectives, str):
-        return float(losses[objectives]), np.asarray(sums), grads[objectives]
     return {o: float(v) for o, v in losses.items()}, np.asarray(sums), grads
 
 
