@@ -77,9 +77,14 @@ def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
 
 
 def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
-    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs; pair
-    slots that ``pair_mask`` marks empty (a step with pairs carried over) count for nothing."""
-    sums, real = pair_logps(model, params, mb), mb["pair_mask"].astype(bool)
+    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs."""
+    return pairs_loss(objective, hparams, pair_logps(model, params, mb), mb)
+
+
+def pairs_loss(objective: str, hparams: dict, sums: jax.Array, mb: dict) -> tuple[jax.Array, dict]:
+    """``micro_loss`` from the log-prob sums ``[pairs, 2]`` (chosen, rejected); pair slots that
+    ``pair_mask`` marks empty (a step with pairs carried over) count for nothing."""
+    real = mb["pair_mask"].astype(bool)
     counts = jnp.where(real[:, None], mb["counts"], 1)  # empty slots: 0 / 1, not 0 / 0
 
     def one(s, n, ref):  # one pair ([2] each) as a batch of one: the objectives' batch means are its values

@@ -18,18 +18,13 @@ import time
 
 import jax
 import numpy as np
-from common import DATA
+from common import DATA_SETS  # benchmarks/ is on sys.path
 
 from asft_jax.evaluate import read_eval_pairs, score_pairs
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
 from asft_jax.model import Llama
 from asft_jax.sharding import make_mesh, param_shardings
-
-SETS = {
-    "hh": os.path.join(DATA, "hh-rlhf", "helpful-base", "test.jsonl.gz"),
-    "ultrafeedback": os.path.join(DATA, "ultrafeedback", "train.jsonl"),
-}
 
 
 def ours(model, params, pairs, batch: int, mesh) -> tuple[list[float], np.ndarray]:
@@ -69,7 +64,7 @@ def transformers_sums(gguf: str, pairs, batch: int) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=SETS, default="hh")
+    parser.add_argument("--data", choices=DATA_SETS, default="hh")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
@@ -81,7 +76,7 @@ def main() -> None:
     from asft_jax.data.records import RecordSource
 
     pairs = read_eval_pairs(
-        RecordSource(SETS[args.data], "train"), src.tokenizer(), src.config.vocab_size, args.max_length
+        RecordSource(DATA_SETS[args.data], "train"), src.tokenizer(), src.config.vocab_size, args.max_length
     )[: args.pairs]
     mesh = make_mesh(devices=jax.devices()[:1])
     model = Llama(src.config)

@@ -105,6 +105,7 @@ def run_one(args, layout: str, objective: str) -> dict:
     for _ in range(args.steps + 1):
         host.append(next(batches))
         tokens.append(batches.last_pair_tokens)
+    pairs = [int(b["pair_mask"].sum()) for b in host]  # one step shape: a step may carry pairs to the next
     on_device = [global_batch(b, run.mesh) for b in host]
 
     def shape(b):
@@ -140,14 +141,16 @@ def run_one(args, layout: str, objective: str) -> dict:
         "objective": objective,
         "rows x len": f"{first.shape[0] * first.shape[1]}x{first.shape[2]}",
         "tokens/s": sum(tokens[1:]) / sum(times),
-        "pairs/s": args.pairs * len(times) / sum(times),
+        "pairs/s": sum(pairs[1:]) / sum(times),
         "step s": statistics.median(times),
         "compile s": compile_s[0],
         "shapes": len(compiled),
         "host MiB": peak_rss_mib(),
         "device MiB": f"{stats['peak_bytes_in_use'] / 2**20:.0f}" if "peak_bytes_in_use" in stats else "n/a",
         "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
+        "setting": f"micro_batches={run.cfg.micro_batches}, remat_policy={run.cfg.model.remat_policy}",
         "step_times_s": times,
+        "pairs": pairs[1:],
         "compile_times_s": compile_s,
         "model_tflop_per_step": flops / len(times) / 1e12,
         "device": device.device_kind,

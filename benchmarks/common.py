@@ -12,6 +12,11 @@ from asft_jax.model.presets import PRESETS
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ULTRAFEEDBACK = os.path.join(DATA, "ultrafeedback", "train.jsonl")
+# the real preference sets the benchmarks run on, by their --data names
+DATA_SETS = {
+    "ultrafeedback": ULTRAFEEDBACK,
+    "hh": os.path.join(DATA, "hh-rlhf", "helpful-base", "test.jsonl.gz"),  # long multi-turn prompts
+}
 
 # LlamaConfig fields of the shapes the benchmarks use with random weights ("tiny": smoke tests)
 SHAPES = {

@@ -14,24 +14,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import DATA, SHAPES  # benchmarks/ is on sys.path
+from common import DATA_SETS, SHAPES  # benchmarks/ is on sys.path
 
 from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches
 from asft_jax.io import resolve
 from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.train_step import TrainState, make_optimizer, make_train_step
-
-SETS = {
-    "ultrafeedback": os.path.join(DATA, "ultrafeedback", "train.jsonl"),
-    "hh": os.path.join(DATA, "hh-rlhf", "helpful-base", "test.jsonl.gz"),
-}
 
 
 def shapes(path: str, tokenizer, fixed: bool, steps: int, batch: int, max_length: int) -> dict:
@@ -81,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = resolve(args.model).tokenizer()
     results = []
-    for name, path in SETS.items():
+    for name, path in DATA_SETS.items():
         for fixed in (False, True):
             r = shapes(path, tokenizer, fixed, args.steps, args.batch, args.max_length)
             examples = r.pop("examples")

@@ -28,6 +28,10 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the many small
 # than they save there (a tiny `train()` took 21 s with them, 15 s without). Tests marked `optimized`
 # turn them back on (see below); subprocesses inherit the setting through the environment.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# XLA:CPU's older fusion code generator compiles the tiny train step in 1.1-1.5 s instead of 2.9 s,
+# and a whole tiny `train()` took 11 s of CPU instead of 19.5; the real-SmolLM2 tests run as fast.
+# Subprocesses inherit it. (XLA reads its flags once per process: this cannot vary per test.)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh

@@ -18,7 +18,7 @@ from asft_jax.config import TrainConfig, load_config
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.logprobs import pair_logps
-from asft_jax.train_step import micro_loss
+from asft_jax.train_step import pairs_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,15 +144,16 @@ def micro(batch):
 
 def loss_sums_grads(model, params, pairs, layout, objectives, hparams=None, max_length=128):
     """({objective: loss}, per-pair sums [pairs, 2], {objective: gradients}) of one micro-batch in
-    ``layout``, all from one compiled program (the compiles are most of these tests' time)."""
+    ``layout``, all from one compiled program (the compiles are most of these tests' time); the
+    train step's loss, ``micro_loss``, is ``pairs_loss`` of these sums."""
     mb = micro(layout_batch(pairs, layout, max_length))
 
-    def losses_grads(p):
-        loss = lambda p, o: micro_loss(model, o, hparams or {}, p, mb)[0]
-        out = {o: jax.value_and_grad(loss)(p, o) for o in objectives}
-        return {o: v[0] for o, v in out.items()}, {o: v[1] for o, v in out.items()}
+    def run(p):  # one forward; each objective's gradient pulled back through it
+        sums, pull_back = jax.vjp(lambda p: pair_logps(model, p, mb), p)
+        out = {o: jax.value_and_grad(lambda s, o=o: pairs_loss(o, hparams or {}, s, mb)[0])(sums) for o in objectives}
+        return {o: v[0] for o, v in out.items()}, sums, {o: pull_back(v[1])[0] for o, v in out.items()}
 
-    losses, grads, sums = jax.jit(lambda p: (*losses_grads(p), pair_logps(model, p, mb)))(params)
+    losses, sums, grads = jax.jit(run)(params)
     return {o: float(v) for o, v in losses.items()}, np.asarray(sums), grads
 
 

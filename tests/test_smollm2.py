@@ -30,11 +30,20 @@ def ours(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
-    """transformers' own GGUF loader (accelerate + gguf), float32."""
+    """transformers' own GGUF loader (accelerate + gguf), float32.
+
+    Its time (20 s alone) went to parsing the file twice (config, then weights) and to building the
+    same tensor-name table once per tensor: both are memoized here, the weights it reads unchanged."""
+    import functools
+
+    import gguf
     from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(smollm2_gguf)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
