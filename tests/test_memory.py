@@ -46,6 +46,7 @@ def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
         choose(TrainConfig(), 8, peak_of, (2**29, "a test"))
 
 
+@pytest.mark.training
 def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, monkeypatch, caplog):
     real = train_module.peak_bytes
     peaks: dict = {}
