@@ -48,10 +48,19 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    if args.output.endswith(".gguf"):
+        from asft_jax.io.gguf_export import export_gguf
+
+        export_gguf(args.model, args.output, dtype=args.dtype)
+        print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return
     from asft_jax.io.export import export_model
 
-    start = time.perf_counter()
-    files = export_model(args.model, args.output, dtype=args.dtype)
+    dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+    if dtype == "q8_0":
+        raise AsftError("--dtype q8_0 is for GGUF files only (an --output ending in .gguf)")
+    files = export_model(args.model, args.output, dtype=dtype)
     print(f"wrote {len(files)} files to {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
@@ -243,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, as for train")
     p.set_defaults(run=_compile)
 
-    p = sub.add_parser("export", help="write a transformers-loadable HF folder")
+    p = sub.add_parser("export", help="write a transformers-loadable HF folder, or a llama.cpp GGUF file")
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True, help="output folder, or FILE.gguf")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default: the source's)"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"],
+        help="dtype of the saved weights (default: the source's; float32 for GGUF; q8_0: GGUF only)",
     )
     p.set_defaults(run=_export)
 

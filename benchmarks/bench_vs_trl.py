@@ -59,7 +59,6 @@ def run_trl(args) -> dict:
         gradient_accumulation_steps=args.pairs // args.trl_micro,
         max_steps=args.steps + 1,
         max_length=args.max_length + 2,  # room for the BOS and EOS it adds: the pairs are cut already
-        max_prompt_length=args.max_length,
         gradient_checkpointing=False,
         bf16=False,
         fp16=False,

@@ -28,8 +28,7 @@ def ours(smollm2_gguf):
     return src, src.load_params()
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_gguf):
+def transformers_from_gguf(path: str):
     """transformers' own GGUF loader (accelerate + gguf), float32.
 
     Its time (20 s alone) went to parsing the file twice (config, then weights) and to building the
@@ -39,11 +38,16 @@ def reference(smollm2_gguf):
     import gguf
     from transformers import AutoModelForCausalLM
 
-    folder, name = os.path.split(smollm2_gguf)
+    folder, name = os.path.split(path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    return transformers_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,26 @@ def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt
     text = "Hello, world! 12345 <|im_start|>user"
     assert tok(text)["input_ids"] == original(text)["input_ids"]
     assert tok.chat_template == original.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, prompt_batch, smollm2_gguf, tmp_path):
+    """`asft export --model demo:smollm2 --output smol.gguf` (float32): transformers reads the same
+    weights from it as from the original Q4_1 file, so the same logits."""
+    from gguf import GGUFReader
+
+    from asft_jax.cli import main
+
+    out = str(tmp_path / "smol.gguf")
+    assert main(["export", "--model", "demo:smollm2", "--output", out]) == 0
+    exported = transformers_from_gguf(out)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    tokens, mask = prompt_batch
+    mine, theirs = (torch_logits(m, tokens, mask)[mask.astype(bool)] for m in (exported, reference))
+    np.testing.assert_array_equal(mine, theirs)
+    fields = [{k: f.contents() for k, f in GGUFReader(p).fields.items()} for p in (out, smollm2_gguf)]
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.block_count"):
+        assert fields[0][key] == fields[1][key], key
 
 
 def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared_data, tmp_path, capsys):

@@ -70,6 +70,13 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's rotary permutation of q/k rows, HF's half-split order -> interleaved pairs
+    (``unpermute_qk``'s inverse)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -96,7 +103,20 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _llama3_factors(cfg: LlamaConfig) -> np.ndarray:
+_HF_PARTS = {hf: g for g, hf in _GGUF_NAMES.items()}
+
+
+def gguf_name(hf: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (``hf_name``'s inverse)."""
+    stem, kind = hf.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        _, _, i, part = stem.split(".", 3)
+        return f"blk.{i}.{_HF_PARTS[part]}.{kind}"
+    return f"{_HF_PARTS[stem]}.{kind}"
+
+
+def llama3_factors(cfg: LlamaConfig) -> np.ndarray:
+    """llama3 rope scaling as per-frequency divisors ``[head_dim / 2]``: llama.cpp's ``rope_freqs.weight``."""
     base = LlamaConfig(**{**cfg.__dict__, "rope_scaling": None}).rope_inv_freq()
     return np.asarray(base) / np.asarray(cfg.rope_inv_freq())
 
@@ -183,9 +203,7 @@ class GGUFTensors:
             "original_max_position_embeddings": 8192,
         }
         candidate = LlamaConfig(**{**self.config.__dict__, "rope_scaling": llama31})
-        if factors.shape == (self.config.head_dim // 2,) and np.allclose(
-            factors, _llama3_factors(candidate), rtol=1e-4
-        ):
+        if factors.shape == (self.config.head_dim // 2,) and np.allclose(factors, llama3_factors(candidate), rtol=1e-4):
             self.config = candidate
         else:
             raise AsftError(f"{self.path}: rope_freqs.weight does not match Llama 3.1 rope scaling; cannot recover it")

@@ -1,0 +1,108 @@
+"""GGUF export: read back by transformers' GGUF loader (an independent reader) and by ours."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf_writer import llama_cpp_permute
+
+from asft_jax.cli import main
+from asft_jax.io import resolve
+from asft_jax.io.gguf import permute_qk, unpermute_qk
+
+TEXTS = ["Hello, world! 12345", "  two spaces\tand\n\nnewlines, émoji 🤖", "<|im_start|>user\nHi<|im_end|>"]
+
+
+def export(capsys, model: str, out: str, *dtype: str) -> None:
+    assert main(["export", "--model", model, "--output", out, *(("--dtype", *dtype) if dtype else ())]) == 0
+    capsys.readouterr()
+
+
+def transformers_gguf(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def source(tiny_chat_model):
+    """The tiny chat model: transformers' model and tokenizer, and some templated token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4, of course."}]
+    ids = list(tok.apply_chat_template(chat, tokenize=True)["input_ids"])
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval(), tok, ids
+
+
+def test_permute_is_llama_cpps_and_inverted_by_unpermute():
+    w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
+    np.testing.assert_array_equal(permute_qk(w, 6), llama_cpp_permute(w, 6))  # the tests' own converter
+    np.testing.assert_array_equal(unpermute_qk(permute_qk(w, 6), 6), w)
+
+
+def test_float32_export_is_the_model_bit_for_bit_in_transformers_and_here(tiny_chat_model, source, tmp_path, capsys):
+    out = str(tmp_path / "tiny.gguf")
+    export(capsys, tiny_chat_model, out)
+    reference, ref_tok, ids = source
+    model, tok = transformers_gguf(out)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    np.testing.assert_array_equal(logits(model, ids), logits(reference, ids))
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == ref_tok(text)["input_ids"], text
+    assert tok.chat_template == ref_tok.chat_template and tok.eos_token == ref_tok.eos_token
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == (
+        ref_tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    )
+
+    ours, original = resolve(out), resolve(tiny_chat_model)
+    # the tokenizer's padding token is written too (the HF config names none)
+    assert dataclasses.replace(ours.config, pad_token_id=None) == original.config
+    assert ours.config.pad_token_id == ref_tok.pad_token_id
+    for a, b in zip(jax.tree.leaves(ours.load_params(host=True)), jax.tree.leaves(original.load_params(host=True))):
+        np.testing.assert_array_equal(a, b)
+    assert all(ours.tokenizer()(t)["input_ids"] == ref_tok(t)["input_ids"] for t in TEXTS)
+    fields = GGUFReader(out).fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert not os.path.exists(out + ".partial")
+
+
+# largest error of a stored matrix relative to its largest value, by the format's resolution
+RESOLUTION = {"f16": 2**-11, "bf16": 2**-8, "q8_0": 1 / 127}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_smaller_dtypes_round_to_their_resolution_and_load_in_transformers(
+    tiny_chat_model, source, tmp_path, capsys, dtype
+):
+    out = str(tmp_path / f"tiny-{dtype}.gguf")
+    export(capsys, tiny_chat_model, out, dtype)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == dtype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    stored = jax.tree.leaves(resolve(out).load_params(host=True))
+    for got, want in zip(stored, jax.tree.leaves(resolve(tiny_chat_model).load_params(host=True))):
+        assert np.abs(got - want).max() <= RESOLUTION[dtype] * np.abs(want).max()
+    reference, _, ids = source
+    model, _ = transformers_gguf(out)
+    want = logits(reference, ids)
+    # measured: 3.4-4.5 x the resolution times the largest logit (a q/k row-order slip is O(1))
+    assert np.abs(logits(model, ids) - want).max() <= 10 * RESOLUTION[dtype] * np.abs(want).max()
+
+
+def test_q8_0_is_for_gguf_only(tiny_chat_model, tmp_path, capsys):
+    assert main(["export", "--model", tiny_chat_model, "--output", str(tmp_path / "hf"), "--dtype", "q8_0"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("asft: error: --dtype q8_0 is for GGUF files")
