@@ -81,9 +81,10 @@ def _tokenizer_metadata(w: GGUFWriter, tokenizer, config: LlamaConfig, pre: str 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pieces = spec["model"], json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or '"ByteLevel"' not in pieces:
+        pre = (spec.get("pre_tokenizer") or {}).get("type")
         raise AsftError(
-            f"{where}: only byte-level BPE tokenizers can be written to GGUF here "
-            f"(this one is {model.get('type')}: SentencePiece models such as Llama 2 are not supported)"
+            f"{where}: only byte-level BPE tokenizers (SmolLM, Llama 3) can be written to GGUF here; this one is "
+            f"{model.get('type')} with a {pre} pre-tokenizer (SentencePiece-style, as Llama 2's, is not supported)"
         )
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = dict.fromkeys(tokens, TokenType.NORMAL)
@@ -134,13 +135,13 @@ def export_gguf(model: str, output: str, dtype: str | None = None, params: dict 
         params = src.load_params(host=True)
     qtype, ftype = GGUF_DTYPES[dtype]
     pre = src.tensors.field("tokenizer.ggml.pre") if isinstance(src, GGUFFile) else None
-    if pre is None:
-        log.warning("%s: no llama.cpp pre-tokenizer name known; llama.cpp will use its default", src.path)
 
     tmp = output + ".partial"
     w = GGUFWriter(tmp, "llama")
     _metadata(w, config, ftype, os.path.splitext(os.path.basename(output))[0])
     _tokenizer_metadata(w, src.tokenizer(), config, pre, src.path)
+    if pre is None:
+        log.warning("%s: no llama.cpp pre-tokenizer name known; llama.cpp will use its default", src.path)
 
     def hf_tensor(spec) -> np.ndarray:  # float32, q/k rows in llama.cpp's order
         value = np.asarray(spec.produce(), np.float32)

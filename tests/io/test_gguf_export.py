@@ -106,3 +106,20 @@ def test_smaller_dtypes_round_to_their_resolution_and_load_in_transformers(
 def test_q8_0_is_for_gguf_only(tiny_chat_model, tmp_path, capsys):
     assert main(["export", "--model", tiny_chat_model, "--output", str(tmp_path / "hf"), "--dtype", "q8_0"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("asft: error: --dtype q8_0 is for GGUF files")
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_in_one_line(hf_llama, capsys, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder, _ = hf_llama()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"▁{c}": i + 3 for i, c in enumerate("abcdefgh")}}
+    spm_like = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    spm_like.pre_tokenizer = pre_tokenizers.Metaspace()  # Llama 2's tokenizer.json has this shape
+    PreTrainedTokenizerFast(tokenizer_object=spm_like, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    out = tmp_path / "x.gguf"
+    capsys.readouterr()
+    assert main(["export", "--model", folder, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"asft: error: {folder}: only byte-level BPE tokenizers")
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
