@@ -272,9 +272,9 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     limit = (int(budget_gib * GIB), f"{topo.chip.kind} HBM less {HEADROOM:.0%} headroom")
     try:
-        return choose(cfg, per_shard, peak_of, limit)
+        return choose(cfg, per_shard, peak_of, limit, "tpu")
     except AsftError:  # nothing fits: the report of the fastest setting says by how much, and what to change
-        m, r = candidates(cfg, per_shard)[0]
+        m, r = candidates(cfg, per_shard, "tpu")[0]
         return dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
 
 

@@ -1,10 +1,11 @@
 """``micro_batches: auto`` and ``model.remat_policy: auto``: the fastest setting whose step fits in memory.
 
-Candidates are tried fastest first, by a rough relative step time (``REMAT_COST`` times 20% more per
-doubling of micro-batches: smaller matmuls, the same work; on SmolLM2 at 8 pairs x 512 tokens on CPU,
-4 micro-batches took 1.19x the step time of ``dots_no_batch``, issue 18). Each is compiled (``peak_of``), and the
-first whose peak memory fits the budget is taken. The budget is ``memory_budget_gib`` or, by default,
-85% of the host's available memory on CPU (where every device shares it) or 90% of one accelerator's.
+Candidates are tried fastest first, by a rough relative step time (``REMAT_COST``, ``REMAT_COST_CPU`` on
+CPU, times 20% more per doubling of micro-batches: smaller matmuls, the same work; on SmolLM2 at 8 pairs
+x 512 tokens on CPU, 4 micro-batches took 1.19x the step time of ``dots_no_batch``, issue 18). Each is
+compiled (``peak_of``), and the first whose peak memory fits the budget is taken. The budget is
+``memory_budget_gib`` or, by default, 85% of the host's available memory on CPU (where every device
+shares it) or 90% of one accelerator's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ AUTO = "auto"
 # step time relative to no rematerialisation, roughly: dots_no_batch recomputes the elementwise work and
 # attention's batched matmuls, full recomputes the whole forward (a third more FLOPs)
 REMAT_COST = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.35}
+# On CPU, memory traffic rather than FLOPs sets the pace: SmolLM2 ORPO, 8 UltraFeedback pairs x 512,
+# took 41.9 s a step with dots_no_batch (6.8 GiB) and 47.8 s with no remat (15.9 GiB), issue 18
+# (`python benchmarks/bench_train.py --remat R --micro-batches 1 --one packed_shared_prefix orpo`)
+REMAT_COST_CPU = {"dots_no_batch": 1.0, "none": 1.14, "full": 1.35}
 CHOICE_FILE = "memory_choice.json"  # what a run chose, so that a resumed run keeps it
 
 
@@ -57,25 +62,27 @@ def peak_bytes(compiled) -> int:
     return max(total, getattr(m, "peak_memory_in_bytes", 0) or 0)
 
 
-def candidates(cfg, per_shard: int) -> list[tuple[int, str]]:
-    """(micro_batches, remat_policy) settings to try, fastest first; ``per_shard``: pairs per batch shard."""
+def candidates(cfg, per_shard: int, platform: str) -> list[tuple[int, str]]:
+    """(micro_batches, remat_policy) settings to try, fastest first on ``platform`` (a JAX backend name);
+    ``per_shard``: pairs per batch shard."""
     micro = (
         [cfg.micro_batches]
         if cfg.micro_batches != AUTO
         else [2**i for i in range(int(math.log2(per_shard)) + 1) if per_shard % 2**i == 0]
     )
-    remat = [cfg.model.remat_policy] if cfg.model.remat_policy != AUTO else list(REMAT_COST)
-    cost = {r: REMAT_COST.get(r, 1.0) for r in remat}
+    costs = REMAT_COST_CPU if platform == "cpu" else REMAT_COST
+    remat = [cfg.model.remat_policy] if cfg.model.remat_policy != AUTO else list(costs)
+    cost = {r: costs.get(r, 1.0) for r in remat}
     return sorted(
         ((m, r) for m in micro for r in remat),
         key=lambda c: (round(cost[c[1]] * (1 + 0.2 * math.log2(c[0])), 6), c[0]),
     )
 
 
-def choose(cfg, per_shard: int, peak_of: Callable[[object], int], limit: tuple[int, str]):
+def choose(cfg, per_shard: int, peak_of: Callable[[object], int], limit: tuple[int, str], platform: str):
     """``cfg`` with ``micro_batches`` and ``model.remat_policy`` set: the first candidate whose
     ``peak_of(cfg)`` (bytes) is within ``limit``. Raises ``AsftError`` naming the smallest peak when none is."""
-    settings = candidates(cfg, per_shard)
+    settings = candidates(cfg, per_shard, platform)
     if len(settings) == 1 and AUTO not in (cfg.micro_batches, cfg.model.remat_policy):
         return cfg
     gib, tried = limit[0] / 2**30, []

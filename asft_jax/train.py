@@ -239,7 +239,8 @@ def fit_memory(
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
     limit, why = budget(cfg)
     limit = min(all_hosts(limit))  # hosts may have different free memory; they must choose alike
-    chosen = choose(cfg, per_shard, peak_of, (limit, why if jax.process_count() == 1 else f"{why}, on every host"))
+    where = why if jax.process_count() == 1 else f"{why}, on every host"
+    chosen = choose(cfg, per_shard, peak_of, (limit, where), platform)
     if jax.process_index() == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(path, "w") as f:

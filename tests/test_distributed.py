@@ -182,7 +182,8 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere_and_exits(pairs, tmp
     steps = [int(name) for name in os.listdir(out / "checkpoints") if name.isdigit()]
     assert steps == [curve(out)[-1]["step"]]
     assert {r["eval/pairs"] for r in curve(out)} == {64}  # both hosts' halves, every pair once
-    assert json.loads((out / "memory_choice.json").read_text()) == {"micro_batches": 1, "remat_policy": "none"}
+    # the fastest candidate on CPU (asft_jax.memory.REMAT_COST_CPU) fits the tiny model
+    assert json.loads((out / "memory_choice.json").read_text()) == {"micro_batches": 1, "remat_policy": "dots_no_batch"}
 
 
 @pytest.mark.spawn

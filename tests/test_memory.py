@@ -9,6 +9,7 @@ import jax
 import pytest
 from helpers import config
 
+import asft_jax.memory as memory_module
 import asft_jax.train as train_module
 from asft_jax.config import TrainConfig
 from asft_jax.errors import AsftError
@@ -20,11 +21,14 @@ AUTO = ("micro_batches=auto", "model.remat_policy=auto", "data.fixed_shape=true"
 
 def test_candidates_fastest_first_and_only_where_auto():
     cfg = TrainConfig()
-    assert candidates(cfg, 8)[:4] == [(1, "none"), (1, "dots_no_batch"), (2, "none"), (1, "full")]
-    assert sorted(candidates(cfg, 8)) == sorted((m, r) for m in (1, 2, 4, 8) for r in ("none", "dots_no_batch", "full"))
-    assert {m for m, _ in candidates(cfg, 6)} == {1, 2}  # micro-batches divide the shard's pairs
+    assert candidates(cfg, 8, "tpu")[:4] == [(1, "none"), (1, "dots_no_batch"), (2, "none"), (1, "full")]
+    every = sorted((m, r) for m in (1, 2, 4, 8) for r in ("none", "dots_no_batch", "full"))
+    assert sorted(candidates(cfg, 8, "gpu")) == sorted(candidates(cfg, 8, "cpu")) == every
+    # on CPU, rematerialising the elementwise work measured faster than holding it (memory traffic)
+    assert candidates(cfg, 8, "cpu")[:3] == [(1, "dots_no_batch"), (1, "none"), (2, "dots_no_batch")]
+    assert {m for m, _ in candidates(cfg, 6, "tpu")} == {1, 2}  # micro-batches divide the shard's pairs
     fixed = TrainConfig(micro_batches=4)
-    assert candidates(fixed, 8) == [(4, "none"), (4, "dots_no_batch"), (4, "full")]
+    assert candidates(fixed, 8, "tpu") == [(4, "none"), (4, "dots_no_batch"), (4, "full")]
 
 
 def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
@@ -38,12 +42,12 @@ def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
         return peaks[seen[-1]] * 2**30
 
     with caplog.at_level(logging.INFO, logger="asft_jax.memory"):
-        chosen = choose(TrainConfig(), 8, peak_of, (6 * 2**30, "a test"))
+        chosen = choose(TrainConfig(), 8, peak_of, (6 * 2**30, "a test"), "tpu")
     assert (chosen.micro_batches, chosen.model.remat_policy) == (2, "none") == seen[-1]
     assert seen == [(1, "none"), (1, "dots_no_batch"), (2, "none")]  # stops at the first that fits
     assert "micro_batches=2, remat_policy=none, the fastest that fits 6.00 GiB (a test)" in caplog.text
     with pytest.raises(AsftError, match=r"^config: no micro_batches / model.remat_policy fits 0.50 GiB \(a test\): "):
-        choose(TrainConfig(), 8, peak_of, (2**29, "a test"))
+        choose(TrainConfig(), 8, peak_of, (2**29, "a test"), "tpu")
 
 
 @pytest.mark.training
@@ -56,6 +60,7 @@ def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, m
         return peaks[len(peaks) - 1]
 
     monkeypatch.setattr(train_module, "peak_bytes", recording)
+    monkeypatch.setattr(memory_module, "REMAT_COST_CPU", memory_module.REMAT_COST)  # none first, as elsewhere
     probe = tmp_path / "probe"
     # micro_batches fixed at 1 here: the remat candidates hold the two peaks needed (the no-fit error
     # over every candidate is test_choose's), and with `auto` all 12 would compile just to fail.
