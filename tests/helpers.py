@@ -66,6 +66,26 @@ def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", **override
     return model
 
 
+def transformers_from_gguf(path: str, tokenizer: bool = False):
+    """transformers' own GGUF loader (accelerate + gguf), float32: the model, or (model, tokenizer).
+
+    Its time (20 s alone for SmolLM2) went to parsing the file again for each part (config, weights,
+    tokenizer) and to building the same tensor-name table once per tensor: both are memoized here,
+    what it reads unchanged."""
+    import functools
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        return (model, AutoTokenizer.from_pretrained(folder, gguf_file=name)) if tokenizer else model
+
+
 def read_json(path) -> object:
     with open(path) as f:
         return json.load(f)

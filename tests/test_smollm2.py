@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import padded_batch, run_eval, torch_response_logps
+from helpers import padded_batch, run_eval, torch_response_logps, transformers_from_gguf
 
 from asft_jax.io import resolve
 from asft_jax.io.export import export_model
@@ -26,23 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.optimized, pytest.mark.xdist_group("
 def ours(smollm2_gguf):
     src = resolve(smollm2_gguf)
     return src, src.load_params()
-
-
-def transformers_from_gguf(path: str):
-    """transformers' own GGUF loader (accelerate + gguf), float32.
-
-    Its time (20 s alone) went to parsing the file twice (config, then weights) and to building the
-    same tensor-name table once per tensor: both are memoized here, the weights it reads unchanged."""
-    import functools
-
-    import gguf
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(path)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
-        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +106,8 @@ def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt
 def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, prompt_batch, smollm2_gguf, tmp_path):
     """`asft export --model demo:smollm2 --output smol.gguf` (float32): transformers reads the same
     weights from it as from the original Q4_1 file, so the same logits."""
-    from gguf import GGUFReader
-
     from asft_jax.cli import main
+    from asft_jax.io.gguf_container import read_gguf
 
     out = str(tmp_path / "smol.gguf")
     assert main(["export", "--model", "demo:smollm2", "--output", out]) == 0
@@ -135,7 +117,7 @@ def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, 
     tokens, mask = prompt_batch
     mine, theirs = (torch_logits(m, tokens, mask)[mask.astype(bool)] for m in (exported, reference))
     np.testing.assert_array_equal(mine, theirs)
-    fields = [{k: f.contents() for k, f in GGUFReader(p).fields.items()} for p in (out, smollm2_gguf)]
+    fields = [read_gguf(p)[0] for p in (out, smollm2_gguf)]
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.block_count"):
         assert fields[0][key] == fields[1][key], key
 
