@@ -34,9 +34,9 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest -q tests
 
-# the quick loop: no real SmolLM2 runs, no spawned processes, no whole training jobs
+# the quick loop: no real SmolLM2 runs or download, no spawned processes, no whole training jobs
 test-fast:
-	$(PYTHON) -m pytest -q tests -m "not slow and not spawn and not training"
+	$(PYTHON) -m pytest -q tests -m "not slow and not spawn and not training and not download"
 
 lint:
 	ruff check asft_jax tests benchmarks experiments
