@@ -56,8 +56,9 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         return
     from asft_jax.io.export import export_model
+    from asft_jax.io.gguf_export import ALIASES
 
-    dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+    dtype = ALIASES.get(args.dtype, args.dtype)
     if dtype == "q8_0":
         raise AsftError("--dtype q8_0 is for GGUF files only (an --output ending in .gguf)")
     files = export_model(args.model, args.output, dtype=dtype)

@@ -57,8 +57,7 @@ def _encode(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quants.quantize(w, qtype)
 
 
-def _metadata(w: GGUFWriter, config: LlamaConfig, ftype: LlamaFileType, name: str) -> None:
-    c = config
+def _metadata(w: GGUFWriter, c: LlamaConfig, ftype: LlamaFileType, name: str) -> None:
     w.add_name(name)
     w.add_file_type(int(ftype))
     w.add_block_count(c.num_hidden_layers)
@@ -81,19 +80,19 @@ def _tokenizer_metadata(w: GGUFWriter, tokenizer, config: LlamaConfig, pre: str 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pieces = spec["model"], json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or '"ByteLevel"' not in pieces:
-        pre = (spec.get("pre_tokenizer") or {}).get("type")
+        kind = (spec.get("pre_tokenizer") or {}).get("type")
         raise AsftError(
             f"{where}: only byte-level BPE tokenizers (SmolLM, Llama 3) can be written to GGUF here; this one is "
-            f"{model.get('type')} with a {pre} pre-tokenizer (SentencePiece-style, as Llama 2's, is not supported)"
+            f"{model.get('type')} with a {kind} pre-tokenizer (SentencePiece-style, as Llama 2's, is not supported)"
         )
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = dict.fromkeys(tokens, TokenType.NORMAL)
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
-    size = max(config.vocab_size, max(tokens) + 1)
-    if size > config.vocab_size:
-        raise AsftError(f"{where}: the tokenizer has ids up to {size - 1}, the model {config.vocab_size} embeddings")
+    size = config.vocab_size
+    if max(tokens) >= size:
+        raise AsftError(f"{where}: the tokenizer has ids up to {max(tokens)}, the model {size} embeddings")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
     if pre:
