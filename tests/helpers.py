@@ -41,20 +41,23 @@ TINY = {
 TINY_INIT = "{" + ", ".join(f"{k}: {v:.1e}" if isinstance(v, float) else f"{k}: {v}" for k, v in TINY.items()) + "}"
 
 
-def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", **overrides):
-    """A random transformers LlamaForCausalLM saved to ``folder``; returns the torch model.
+def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", model_type: str = "llama", **overrides):
+    """A random transformers model of the Llama family (``model_type`` llama, mistral, qwen2 or
+    qwen3) saved to ``folder``; returns the torch model.
 
     Weights get std 0.2 (not HF's 0.02) and random norm scales, so that mistakes in any
     parameter change the logits visibly.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     kwargs = copy.deepcopy({**TINY, **overrides})  # transformers edits rope dicts in place
+    # Mistral's and Qwen3's configs default head_dim to 128 rather than hidden / heads
+    kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
     # eager attention: the plain reference formula, with no kernel chosen at run time
-    config = LlamaConfig(**kwargs, attn_implementation="eager")
-    model = LlamaForCausalLM(config).eval()
+    config = AutoConfig.for_model(model_type, **kwargs, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -64,6 +67,25 @@ def make_hf_llama(folder: str, seed: int = 0, dtype: str = "float32", **override
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder)
     return model
+
+
+def save_byte_level_tokenizer(folder: str) -> int:
+    """A small byte-level BPE tokenizer (GPT-2's kind: 256 byte tokens, a few merges, an end-of-text
+    token, id 260, also the BOS) saved to ``folder``, for tiny models that need real tokenizer files;
+    returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return len(fast)
 
 
 def transformers_from_gguf(path: str, tokenizer: bool = False):

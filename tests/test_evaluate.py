@@ -57,6 +57,33 @@ def test_eval_sums_match_transformers_and_skips_bad_records(hf_llama, tmp_path, 
     assert summary["logps/chosen"] == pytest.approx(np.mean(chosen_means))
 
 
+FAMILIES = {
+    # a window shorter than most pairs: the rejected response, laid out after the chosen one, must
+    # still see only the prompt tokens within the window
+    "mistral_window": {"model_type": "mistral", "sliding_window": 16},
+    "qwen2": {"model_type": "qwen2"},
+    "qwen3_tied": {"model_type": "qwen3", "tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_other_families_score_like_transformers(hf_llama, tmp_path, capsys, case):
+    folder, torch_model = hf_llama(**FAMILIES[case])
+    rng = np.random.default_rng(1)
+    pairs = [
+        {f"{k}_input_ids": rng.integers(0, 128, n).tolist() for k, n in zip(("prompt", "chosen", "rejected"), lengths)}
+        for lengths in ((5, 9, 3), (20, 30, 25), (40, 4, 30), (3, 12, 12))
+    ]
+    out = tmp_path / "scores.jsonl"
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    code, summary, err = run_eval(capsys, "--model", folder, "--data", data, "--output", str(out), "--batch-size", "2")
+    assert code == 0 and summary["pairs_scored"] == len(pairs), err
+    for row, pair in zip((json.loads(line) for line in out.read_text().splitlines()), pairs):
+        for side in ("chosen", "rejected"):
+            expected = torch_response_logps(torch_model, pair["prompt_input_ids"], pair[f"{side}_input_ids"])
+            assert abs(row[f"{side}_logps_sum"] - expected) <= 5e-3, (side, row)
+
+
 def test_strict_mode_stops_at_first_bad_record(hf_llama, tmp_path, capsys):
     folder, _ = hf_llama()
     pair = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4]}

@@ -20,6 +20,9 @@ ARCHS = {
     "gqa": {},
     "tied_mha": {"tie_word_embeddings": True, "num_key_value_heads": 4},
     "bias": {"attention_bias": True, "mlp_bias": True},
+    # q/k norms, and a window shorter than most sequences: by position, so the rejected response of
+    # the shared-prefix layout (laid out after the chosen one) sees the prompt as in its own row
+    "qwen3_window": {"model_type": "qwen3", "sliding_window": 9},
 }
 RTOL = 1e-5
 

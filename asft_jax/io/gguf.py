@@ -1,9 +1,10 @@
 """llama.cpp GGUF files as model sources: config and tensors, dequantised with NumPy.
 
 ``gguf_container`` parses the file (metadata and memory-mapped raw tensors); the block formats
-are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does,
-except that llama.cpp's converter permutes the rows of the q and k projections from HF's
-half-split rotary layout to interleaved pairs; ``unpermute_qk`` undoes that.
+are decoded here. GGUF stores a weight of NumPy shape ``[out, in]`` like HF does, except that for
+its ``llama`` architecture (Llama and Mistral) llama.cpp's converter permutes the rows of the q and
+k projections from HF's half-split rotary layout to interleaved pairs; ``unpermute_qk`` undoes that.
+Its ``qwen2`` and ``qwen3`` architectures keep HF's order.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ _GGUF_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -115,6 +118,15 @@ def gguf_name(hf: str) -> str:
     return f"{_HF_PARTS[stem]}.{kind}"
 
 
+# GGUF architecture of each model type (llama.cpp writes Mistral as a Llama), and back
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def permutes_qk(config: LlamaConfig) -> bool:
+    """Whether llama.cpp stores this model's q/k rows in its interleaved rotary order."""
+    return GGUF_ARCHITECTURES[config.model_type] == "llama"
+
+
 def llama3_factors(cfg: LlamaConfig) -> np.ndarray:
     """llama3 rope scaling as per-frequency divisors ``[head_dim / 2]``: llama.cpp's ``rope_freqs.weight``."""
     base = LlamaConfig(**{**cfg.__dict__, "rope_scaling": None}).rope_inv_freq()
@@ -129,9 +141,10 @@ class GGUFTensors:
         if not os.path.isfile(path):
             raise AsftError(f"{path}: file not found")
         self._fields, index, self._file = read_gguf(path)
-        arch = self.field("general.architecture")
-        if arch != "llama":
-            raise AsftError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+        arch = self.arch = self.field("general.architecture")
+        known = sorted(set(GGUF_ARCHITECTURES.values()))
+        if arch not in known:
+            raise AsftError(f"{path}: architecture {arch!r} is not supported (only {', '.join(known)})")
         self._tensors = {}
         rope_freqs = None
         for t in index:
@@ -149,7 +162,7 @@ class GGUFTensors:
                 continue
             name = hf_name(t.name)
             if name is None:
-                raise AsftError(f"{path}: tensor {t.name!r} is not part of a Llama model")
+                raise AsftError(f"{path}: tensor {t.name!r} is not part of a {arch} model")
             self._tensors[name] = t
         self.config = self._config()
         if rope_freqs is not None:
@@ -162,33 +175,40 @@ class GGUFTensors:
         return np.frombuffer(self._file, np.uint8, _nbytes(t), t.offset)
 
     def _config(self) -> LlamaConfig:
-        heads = self.field("llama.attention.head_count")
-        hidden = self.field("llama.embedding_length")
+        a = self.arch
+        heads = self.field(f"{a}.attention.head_count")
+        hidden = self.field(f"{a}.embedding_length")
         if heads is None or hidden is None:
-            raise AsftError(f"{self.path}: metadata lacks llama.attention.head_count or llama.embedding_length")
-        scaling = self.field("llama.rope.scaling.type")
+            raise AsftError(f"{self.path}: metadata lacks {a}.attention.head_count or {a}.embedding_length")
+        scaling = self.field(f"{a}.rope.scaling.type")
         if scaling not in (None, "none"):
             raise AsftError(f"{self.path}: rope scaling {scaling!r} is not supported")
         tokens = self.field("tokenizer.ggml.tokens")
-        vocab = self.field("llama.vocab_size") or (len(tokens) if tokens else None)
+        vocab = self.field(f"{a}.vocab_size") or (len(tokens) if tokens else None)
+        window = self.field(f"{a}.attention.sliding_window")
+        # a Llama with a sliding window is Mistral; without one, Mistral computes what Llama does
+        model_type = a if a != "llama" else "mistral" if window else "llama"
+        bias_of = "self_attn.o_proj" if model_type in ("qwen2", "qwen3") else "self_attn.q_proj"
         return LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=self.field("llama.feed_forward_length"),
-            num_hidden_layers=self.field("llama.block_count"),
+            intermediate_size=self.field(f"{a}.feed_forward_length"),
+            num_hidden_layers=self.field(f"{a}.block_count"),
             num_attention_heads=heads,
-            num_key_value_heads=self.field("llama.attention.head_count_kv", heads),
-            head_dim=self.field("llama.attention.key_length", hidden // heads),
+            num_key_value_heads=self.field(f"{a}.attention.head_count_kv", heads),
+            head_dim=self.field(f"{a}.attention.key_length", hidden // heads),
             # stored as float32: keep its shortest decimal (1e-05, not 9.9999997e-06)
-            rms_norm_eps=float(str(np.float32(self.field("llama.attention.layer_norm_rms_epsilon", 1e-5)))),
-            rope_theta=float(self.field("llama.rope.freq_base", 10000.0)),
-            max_position_embeddings=self.field("llama.context_length", 2048),
+            rms_norm_eps=float(str(np.float32(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)))),
+            rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            max_position_embeddings=self.field(f"{a}.context_length", 2048),
             tie_word_embeddings="lm_head.weight" not in self._tensors,
-            attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            attention_bias=f"model.layers.0.{bias_of}.bias" in self._tensors,
             mlp_bias="model.layers.0.mlp.gate_proj.bias" in self._tensors,
             bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
             eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
             pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+            model_type=model_type,
+            sliding_window=window,
         )
 
     def _check_rope_freqs(self, t) -> None:
@@ -214,6 +234,8 @@ class GGUFTensors:
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         w = dequantize(self._raw(t), t.type_name, t.dims[::-1])
+        if not permutes_qk(self.config):
+            return w
         if ".q_proj." in name:
             w = unpermute_qk(w, self.config.num_attention_heads)
         elif ".k_proj." in name:

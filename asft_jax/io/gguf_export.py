@@ -1,10 +1,12 @@
 """``asft export --output FILE.gguf``: any model source -> a llama.cpp GGUF file (weights, tokenizer,
 chat template), written with the ``gguf`` package one tensor at a time.
 
-Laid out as llama.cpp's converter lays out a Llama: GGUF tensor names, q/k rows in its interleaved
-rotary order (``permute_qk``), norms and biases always float32, the LM head omitted when tied, llama3
-rope scaling as ``rope_freqs.weight``. The tokenizer must be byte-level BPE (llama.cpp's ``gpt2``
-model: SmolLM, Llama 3); SentencePiece tokenizers (Llama 2, TinyLlama) are refused with one line.
+Laid out as llama.cpp's converter lays out these models: its architecture (``llama`` for Llama and
+Mistral, ``qwen2``, ``qwen3``), GGUF tensor names, q/k rows of ``llama`` in its interleaved rotary
+order (``permute_qk``), a sliding window as ``{arch}.attention.sliding_window``, norms and biases
+always float32, the LM head omitted when tied, llama3 rope scaling as ``rope_freqs.weight``. The
+tokenizer must be byte-level BPE (llama.cpp's ``gpt2`` model: SmolLM, Llama 3, Qwen); SentencePiece
+tokenizers (Llama 2, TinyLlama, Mistral v0.1-0.3) are refused with one line.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType, quants
 
 from asft_jax.errors import AsftError
-from asft_jax.io.gguf import QK, GGUFFile, gguf_name, llama3_factors, permute_qk
+from asft_jax.io.gguf import GGUF_ARCHITECTURES, QK, GGUFFile, gguf_name, llama3_factors, permute_qk, permutes_qk
 from asft_jax.io.hf import hf_tensor_specs
 from asft_jax.io.resolve import resolve
 from asft_jax.model import LlamaConfig
@@ -72,6 +74,8 @@ def _metadata(w: GGUFWriter, c: LlamaConfig, ftype: LlamaFileType, name: str) ->
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    if c.sliding_window is not None:
+        w.add_sliding_window(c.sliding_window)
 
 
 def _tokenizer_metadata(w: GGUFWriter, tokenizer, config: LlamaConfig, pre: str | None, where: str) -> None:
@@ -136,7 +140,7 @@ def export_gguf(model: str, output: str, dtype: str | None = None, params: dict 
     pre = src.tensors.field("tokenizer.ggml.pre") if isinstance(src, GGUFFile) else None
 
     tmp = output + ".partial"
-    w = GGUFWriter(tmp, "llama")
+    w = GGUFWriter(tmp, GGUF_ARCHITECTURES[config.model_type])
     _metadata(w, config, ftype, os.path.splitext(os.path.basename(output))[0])
     _tokenizer_metadata(w, src.tokenizer(), config, pre, src.path)
     if pre is None:
@@ -144,6 +148,8 @@ def export_gguf(model: str, output: str, dtype: str | None = None, params: dict 
 
     def hf_tensor(spec) -> np.ndarray:  # float32, q/k rows in llama.cpp's order
         value = np.asarray(spec.produce(), np.float32)
+        if not permutes_qk(config):
+            return value
         if ".q_proj." in spec.name:
             return permute_qk(value, config.num_attention_heads)
         if ".k_proj." in spec.name:

@@ -1,4 +1,5 @@
-"""Hugging Face model folders, and our Llama parameters <-> ``LlamaForCausalLM`` tensors.
+"""Hugging Face model folders, and our parameters <-> the tensors of ``LlamaForCausalLM`` (and of
+Mistral's and Qwen2/3's classes, which name them alike).
 
 Each parameter of ``asft_jax.model.Llama`` has one Hugging Face name (per layer for the scanned
 ``layers`` subtree) and one of two reversible transforms:
@@ -32,6 +33,8 @@ HF_NAMES: dict[str, str] = {
     "lm_head/kernel": "lm_head.weight",
     "layers/attn_norm/scale": _LAYER + "input_layernorm.weight",
     "layers/mlp_norm/scale": _LAYER + "post_attention_layernorm.weight",
+    "layers/attn/q_norm/scale": _LAYER + "self_attn.q_norm.weight",
+    "layers/attn/k_norm/scale": _LAYER + "self_attn.k_norm.weight",
     **{
         f"layers/attn/{p}/{kind}": f"{_LAYER}self_attn.{p}_proj.{hf}"
         for p in "qkvo"
@@ -153,7 +156,10 @@ def params_from_tensors(
         used.add(HF_NAMES["lm_head/kernel"])  # some tied checkpoints store the copy anyway
     extra = sorted(k for k in keys - used if not k.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise AsftError(f"{source.where}: {len(extra)} tensors are not part of a Llama model, e.g. {extra[0]!r}")
+        raise AsftError(
+            f"{source.where}: {len(extra)} tensors are not part of a {config.model_type} model of this config, "
+            f"e.g. {extra[0]!r}"
+        )
     return _unflatten(params)
 
 

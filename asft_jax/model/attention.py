@@ -11,7 +11,7 @@ All take queries ``[batch, t, heads, head_dim]`` and keys/values ``[batch, s, kv
   splash calls merged by their log-sum-exps, with a VJP of their own (see ``_part_ids``). On TPU it is
   lowered by Mosaic, per shard in a ``shard_map`` (batch over ``data``/``fsdp``, heads over
   ``tensor``) when a mesh is in context; off TPU it runs in Pallas interpret mode (tests). Lengths
-  that are not a multiple of 128 fall back to ``xla``.
+  that are not a multiple of 128, and sliding windows shorter than the length, fall back to ``xla``.
 - ``auto``: ``dot_product`` on GPU, ``splash`` on TPU where it applies, ``xla`` elsewhere.
 """
 
@@ -291,13 +291,14 @@ def _shared_prefix_local(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def choose(implementation: str, *, length: int) -> str:
+def choose(implementation: str, *, length: int, window: int | None = None) -> str:
     """The implementation used for one call: ``auto`` resolved, and ``splash`` replaced by ``xla``
-    where the length is not a multiple of 128 (the kernel's blocks)."""
+    where the length is not a multiple of 128 (the kernel's blocks) or a sliding ``window`` shorter
+    than the length limits attention (the kernel's mask here has no window)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
         implementation = {"gpu": "dot_product", "tpu": "splash"}.get(target_platform(), "xla")
-    if implementation == "splash" and length % 128:
+    if implementation == "splash" and (length % 128 or (window is not None and window < length)):
         return "xla"
     return implementation

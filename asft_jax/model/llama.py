@@ -71,6 +71,14 @@ def attention_mask(segment_ids: Array, branch_ids: Array | None = None) -> Array
     return mask[:, None, None]
 
 
+def within_window(mask: Array, q_positions: Array, k_positions: Array, window: int) -> Array:
+    """``mask`` ``[batch, 1, 1, t or 1, s]`` restricted to keys less than ``window`` positions before
+    the query (q_positions ``[batch, t]``, k_positions ``[batch, s]``): a sliding window by position,
+    so that it holds in packed and shared-prefix rows alike."""
+    near = q_positions[:, :, None] - k_positions[:, None, :] < window
+    return mask & near[:, None, None]
+
+
 class KVCache(NamedTuple):
     """Keys and values of the tokens decoded so far, one slot per token.
 
@@ -92,13 +100,15 @@ class KVCache(NamedTuple):
             jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
         )
 
-    def extend(self, segment_ids: Array) -> tuple[KVCache, Array, tuple[Array, Array]]:
+    def extend(self, segment_ids: Array, window: int | None = None) -> tuple[KVCache, Array, tuple[Array, Array]]:
         """Marks the slots of ``segment_ids`` ``[batch, t]`` (non-zero: real token) as written.
 
         Returns the cache with ``valid`` and ``index`` advanced (k/v are written by ``write``), the
         positions of the new tokens ``[batch, t]`` (continuing each row's real tokens) and the two
         attention masks of ``attention.cached_attention``: over the cached slots ``[batch, 1, 1, 1,
         slots]`` (every real one) and among the new tokens ``[batch, 1, 1, t, t]`` (causal, real keys).
+        With a sliding ``window``, keys ``window`` or more positions back are masked too (the first mask
+        is then ``[batch, 1, 1, t, slots]``).
         """
         t = segment_ids.shape[1]
         real = segment_ids != 0
@@ -106,6 +116,12 @@ class KVCache(NamedTuple):
         positions = seen + jnp.maximum(jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
         among_new = jnp.tril(jnp.ones((t, t), bool)) & real[:, None, :]
         masks = (self.valid[:, None, None, None, :], among_new[:, None, None])
+        if window is not None:
+            slot_positions = jnp.cumsum(self.valid, axis=1, dtype=jnp.int32) - 1
+            masks = (
+                within_window(masks[0], positions, slot_positions, window),
+                within_window(masks[1], positions, positions, window),
+            )
         valid = jax.lax.dynamic_update_slice(self.valid, real, (0, self.index))
         return self._replace(valid=valid, index=self.index + t), positions, masks
 
@@ -132,13 +148,16 @@ def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis (``axis``: its logical name, for the sharding rules)."""
+
     eps: float
     dtype: DType
     param_dtype: DType
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", _logical(nn.initializers.ones, "embed"), (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", _logical(nn.initializers.ones, self.axis), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * normed.astype(self.dtype)
@@ -183,16 +202,19 @@ class Attention(nn.Module):
         (None without a cache)."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        bias = c.attention_bias
+        bias = c.qkv_bias
         b, t, e = x.shape
         flat = x.reshape(b * t, e)  # projections on [tokens, embed]: plain GEMMs forward and backward
         q = _dense((h, d), -1, ("embed", "heads", "head_dim"), bias, "q", self)(flat).reshape(b, t, h, d)
         kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "k", self)(flat).reshape(b, t, k, d)
         v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "v", self)(flat).reshape(b, t, k, d)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="q_norm")(q)
+            kk = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="k_norm")(kk)
         inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
         q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
-        impl = attention.choose(self.implementation, length=x.shape[1])
+        impl = attention.choose(self.implementation, length=x.shape[1], window=c.sliding_window)
         if kv is not None:
             out, kv = attention.cached_attention(q, kk, v, kv, mask)
         elif segment_ids is None or impl == "xla":
@@ -202,7 +224,9 @@ class Attention(nn.Module):
         else:
             out = attention.splash_attention(q, kk, v, segment_ids, branch_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        o = _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), bias, "o", self)(out.reshape(b * t, h, d))
+        o = _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), c.attention_bias, "o", self)(
+            out.reshape(b * t, h, d)
+        )
         return o.reshape(b, t, e), kv
 
 
@@ -309,13 +333,16 @@ class Llama(nn.Module):
     ) -> Array | tuple[Array, KVCache]:
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, jnp.int32)
+        window = self.config.sliding_window
         if cache is None:
             kv, mask = None, attention_mask(segment_ids, branch_ids)
-            cache_positions = segment_positions(segment_ids)
+            positions = segment_positions(segment_ids) if positions is None else positions
+            if window is not None:
+                mask = within_window(mask, positions, positions, window)
         else:
             kv, index = (cache.k, cache.v), cache.index
-            cache, cache_positions, mask = cache.extend(segment_ids)
-        positions = cache_positions if positions is None else positions
+            cache, cache_positions, mask = cache.extend(segment_ids, window)
+            positions = cache_positions if positions is None else positions
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
         kernel_segments = segment_ids if cache is None else None  # the splash kernel's mask inputs
         kernel_branches = branch_ids if cache is None else None

@@ -79,6 +79,60 @@ _TINYLLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+_QWEN = {"rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "bos_token_id": 151643, "eos_token_id": 151645}
+_QWEN25_05B = {
+    **_QWEN,
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+}
+_QWEN25_7B = {
+    **_QWEN,
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+_QWEN3_06B = {
+    **_QWEN,
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+}
+_MISTRAL_7B_V03 = {
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 _EOS_BASE, _EOS_L3_INSTRUCT, _EOS_L31_INSTRUCT = 128001, 128009, [128001, 128008, 128009]
 
 PRESETS: dict[str, dict] = {
@@ -98,6 +152,10 @@ PRESETS: dict[str, dict] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": {**_SMOLLM2_135M, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": _TINYLLAMA,
     "TinyLlama/TinyLlama_v1.1": _TINYLLAMA,
+    "Qwen/Qwen2.5-0.5B-Instruct": _QWEN25_05B,
+    "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
+    "Qwen/Qwen3-0.6B": _QWEN3_06B,
+    "mistralai/Mistral-7B-Instruct-v0.3": _MISTRAL_7B_V03,
 }
 ALIASES = {  # older Hub names of the same repositories, and the demo model
     "meta-llama/Meta-Llama-3.1-8B": "meta-llama/Llama-3.1-8B",

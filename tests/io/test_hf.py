@@ -29,6 +29,9 @@ ROUND_TRIP_CASES = {
     "gqa_untied": {},
     "tied_llama3_rope": {"tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
     "mha_bias": {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
+    "mistral_window": {"model_type": "mistral", "sliding_window": 7},
+    "qwen2_tied": {"model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3_window": {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 9, "max_window_layers": 0},
 }
 CONFIG_FIELDS = (
     "vocab_size",
@@ -40,9 +43,11 @@ CONFIG_FIELDS = (
     "head_dim",
     "rms_norm_eps",
     "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
+    "model_type",
 )
+# fields that only some families' configs have
+FAMILY_FIELDS = {"llama": ("attention_bias", "mlp_bias"), "mistral": ("sliding_window",), "qwen2": ("sliding_window",)}
+FAMILY_FIELDS["qwen3"] = ("attention_bias", "sliding_window")
 
 
 def load_tensors(folder: str) -> dict[str, np.ndarray]:
@@ -75,8 +80,11 @@ def test_round_trip_is_bit_exact(hf_llama, tmp_path, case):
         assert after[name].dtype == before[name].dtype and np.array_equal(after[name], before[name]), name
 
     reloaded = reload(out)
-    for field in CONFIG_FIELDS:
+    assert type(reloaded) is type(original)
+    fields = CONFIG_FIELDS + FAMILY_FIELDS[original.config.model_type]
+    for field in fields:
         assert getattr(reloaded.config, field) == getattr(original.config, field), field
+    assert getattr(reloaded.config, "layer_types", None) == getattr(original.config, "layer_types", None)
     assert reloaded.config.rope_parameters == original.config.rope_parameters
     if original.config.tie_word_embeddings:
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
@@ -176,10 +184,16 @@ def test_missing_path_is_reported(tmp_path):
         resolve(str(tmp_path / "nowhere"))
 
 
-def test_non_llama_architecture_is_reported(tmp_path):
+def test_unsupported_architecture_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(AsftError, match=r"config\.json: model_type 'gpt2'.*not a Llama model"):
+    with pytest.raises(AsftError, match=r"config\.json: architecture 'GPT2LMHeadModel' is not supported \(asft-jax"):
         resolve(str(tmp_path))
+
+
+def test_sliding_window_on_some_layers_only_is_reported(hf_llama):
+    folder, _ = hf_llama(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(AsftError, match=r"config\.json: layer_types mixes full_attention and sliding_attention"):
+        resolve(folder)
 
 
 def test_truncated_safetensors_is_reported(hf_llama):

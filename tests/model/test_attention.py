@@ -73,6 +73,9 @@ def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
 def test_resolve_keeps_splash_for_every_mask_and_falls_back_off_block_lengths():
     assert attention.choose("splash", length=256) == "splash"
     assert attention.choose("splash", length=200) == "xla"
+    # the kernel's mask has no sliding window: a window shorter than the row goes to xla
+    assert attention.choose("splash", length=256, window=4096) == "splash"
+    assert attention.choose("splash", length=256, window=128) == "xla"
     with pytest.raises(ValueError, match="expected one of"):
         attention.choose("flash", length=256)
 

@@ -28,6 +28,11 @@ CASES = {
     "llama3_rope": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 256},
     "bias": {"attention_bias": True, "mlp_bias": True},
     "head_dim_override": {"head_dim": 32, "num_key_value_heads": 1},
+    # the other families: sliding windows shorter than the sequences, so that they matter
+    "mistral_window": {"model_type": "mistral", "sliding_window": 7},
+    "qwen2": {"model_type": "qwen2"},
+    "qwen2_window": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 11, "max_window_layers": 0},
+    "qwen3_tied": {"model_type": "qwen3", "tie_word_embeddings": True},
 }
 
 
