@@ -4,9 +4,10 @@ from asft_jax.model.config import LlamaConfig
 from asft_jax.model.llama import (
     KVCache,
     Llama,
+    init_adapters,
     init_params,
     lm_head_kernel,
     param_logical_axes,
 )
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "init_params", "lm_head_kernel", "param_logical_axes"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "init_adapters", "init_params", "lm_head_kernel", "param_logical_axes"]

@@ -18,6 +18,7 @@ import numpy as np
 
 from asft_jax.model import attention
 from asft_jax.model.config import LlamaConfig
+from asft_jax.model.lora import LoraConfig
 
 Array = jax.Array
 DType = Any
@@ -177,11 +178,41 @@ def _dense(features, axis, names, bias, name, m, init_std=0.02):
     )
 
 
+def _adapted(m: nn.Module, name: str, dense: nn.Module, x: Array, names: tuple[str, ...], n_in: int) -> Array:
+    """``dense(x)`` for x ``[tokens, *in]``, plus projection ``name``'s LoRA adapter (``m.lora``) when
+    the ``"lora"`` collection holds it (the model applied without that collection is the base model).
+    ``names``: the kernel's logical axes, ``n_in`` of them for the input."""
+    y = dense(x)
+    lora = m.lora
+    if lora is None or name not in lora.targets:
+        return y
+    if not m.is_initializing() and not m.has_variable("lora", f"{name}_lora_a"):
+        return y
+    in_shape, out_shape, rank = x.shape[1:], y.shape[1:], lora.rank
+    bound = 1 / np.sqrt(np.prod(in_shape))  # PEFT's kaiming-uniform(a=sqrt(5)) bound for A; B starts at zero
+
+    def init_a():
+        a = jax.random.uniform(m.make_rng("params"), (*in_shape, rank), m.param_dtype, -bound, bound)
+        return _ParamAxes(a, (*names[:n_in], "lora_rank"))
+
+    a = m.variable("lora", f"{name}_lora_a", init_a).value
+    b = m.variable(
+        "lora",
+        f"{name}_lora_b",
+        lambda: _ParamAxes(jnp.zeros((rank, *out_shape), m.param_dtype), ("lora_rank", *names[n_in:])),
+    ).value
+    a, b = nn.unbox(a), nn.unbox(b)
+    xa = x.reshape(x.shape[0], -1) @ a.reshape(-1, rank).astype(m.dtype)
+    update = (xa @ b.reshape(rank, -1).astype(m.dtype)) * jnp.asarray(lora.scale, m.dtype)
+    return y + update.reshape(y.shape)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
     implementation: str = "auto"  # see asft_jax.model.attention
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -205,9 +236,10 @@ class Attention(nn.Module):
         bias = c.qkv_bias
         b, t, e = x.shape
         flat = x.reshape(b * t, e)  # projections on [tokens, embed]: plain GEMMs forward and backward
-        q = _dense((h, d), -1, ("embed", "heads", "head_dim"), bias, "q", self)(flat).reshape(b, t, h, d)
-        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "k", self)(flat).reshape(b, t, k, d)
-        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), bias, "v", self)(flat).reshape(b, t, k, d)
+        q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q = _adapted(self, "q", _dense((h, d), -1, q_names, bias, "q", self), flat, q_names, 1).reshape(b, t, h, d)
+        kk = _adapted(self, "k", _dense((k, d), -1, kv_names, bias, "k", self), flat, kv_names, 1).reshape(b, t, k, d)
+        v = _adapted(self, "v", _dense((k, d), -1, kv_names, bias, "v", self), flat, kv_names, 1).reshape(b, t, k, d)
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="q_norm")(q)
             kk = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="k_norm")(kk)
@@ -224,9 +256,9 @@ class Attention(nn.Module):
         else:
             out = attention.splash_attention(q, kk, v, segment_ids, branch_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        o = _dense(c.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), c.attention_bias, "o", self)(
-            out.reshape(b * t, h, d)
-        )
+        o_names = ("heads", "head_dim", "embed")
+        o_proj = _dense(c.hidden_size, (-2, -1), o_names, c.attention_bias, "o", self)
+        o = _adapted(self, "o", o_proj, out.reshape(b * t, h, d), o_names, 2)
         return o.reshape(b, t, e), kv
 
 
@@ -234,16 +266,21 @@ class MLP(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [tokens, embed]: plain GEMMs forward and backward
-        gate = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "gate", self)(x)
-        up = _dense(c.intermediate_size, -1, ("embed", "mlp"), c.mlp_bias, "up", self)(x)
+        up_names, down_names = ("embed", "mlp"), ("mlp", "embed")
+        gate = _adapted(
+            self, "gate", _dense(c.intermediate_size, -1, up_names, c.mlp_bias, "gate", self), x, up_names, 1
+        )
+        up = _adapted(self, "up", _dense(c.intermediate_size, -1, up_names, c.mlp_bias, "up", self), x, up_names, 1)
         hidden = nn.silu(gate) * up
-        return _dense(c.hidden_size, -1, ("mlp", "embed"), c.mlp_bias, "down", self)(hidden).reshape(shape)
+        down = _dense(c.hidden_size, -1, down_names, c.mlp_bias, "down", self)
+        return _adapted(self, "down", down, hidden, down_names, 1).reshape(shape)
 
 
 class DecoderLayer(nn.Module):
@@ -251,6 +288,7 @@ class DecoderLayer(nn.Module):
     dtype: DType
     param_dtype: DType
     attention_impl: str = "auto"
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -264,11 +302,11 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention_impl, name="attn")(
+        attn, kv = Attention(c, dt, pdt, self.attention_impl, self.lora, name="attn")(
             normed, positions, mask, segment_ids, kv, branch_ids
         )
         h = x + attn
-        out = h + MLP(c, dt, pdt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
+        out = h + MLP(c, dt, pdt, self.lora, name="mlp")(RMSNorm(c.rms_norm_eps, dt, pdt, name="mlp_norm")(h))
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), kv
 
 
@@ -289,6 +327,7 @@ class Llama(nn.Module):
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | dot_product | splash: see asft_jax.model.attention
+    lora: LoraConfig | None = None  # adapters in the "lora" collection (asft_jax.model.lora)
 
     def setup(self) -> None:
         c = self.config
@@ -310,14 +349,14 @@ class Llama(nn.Module):
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             # x carried; positions, mask, segment_ids, branch_ids the same for every layer; the cache
             # scanned per layer (read only; the layers' new keys and values come out stacked)
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype, self.attention_impl)
+        )(c, self.dtype, self.param_dtype, self.attention_impl, self.lora)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)
@@ -373,8 +412,15 @@ def init_params(model: Llama, rng: Array) -> dict:
     return jax.jit(lambda key: nn.unbox(model.init(key, tokens))["params"])(rng)
 
 
-def param_logical_axes(model: Llama) -> dict:
-    """The logical axis names of every parameter, as a tree of ``PartitionSpec`` of names."""
+def param_logical_axes(model: Llama, collection: str = "params") -> dict:
+    """The logical axis names of every parameter (``collection="lora"``: every adapter), as a tree
+    of ``PartitionSpec`` of names."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
-    return nn.get_partition_spec(abstract)["params"]
+    return nn.get_partition_spec(abstract)[collection]
+
+
+def init_adapters(model: Llama, rng: Array) -> dict:
+    """Fresh LoRA adapters of ``model.lora`` (A random, B zero), unboxed: the ``"lora"`` collection."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return jax.jit(lambda key: nn.unbox(model.init(key, tokens))["lora"])(rng)
