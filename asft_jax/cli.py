@@ -49,14 +49,21 @@ def _compile(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     start = time.perf_counter()
+    if args.adapter and args.output.endswith(".gguf"):
+        raise AsftError("--adapter writes a PEFT adapter folder, not a GGUF file (leave it out to write the merged model)")
     if args.output.endswith(".gguf"):
         from asft_jax.io.gguf_export import export_gguf
 
         export_gguf(args.model, args.output, dtype=args.dtype)
         print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         return
-    from asft_jax.io.export import export_model
+    from asft_jax.io.export import export_adapter, export_model
     from asft_jax.io.gguf_export import ALIASES
+
+    if args.adapter:
+        files = export_adapter(args.model, args.output)
+        print(f"wrote a PEFT adapter ({len(files)} files) to {args.output}", file=sys.stderr)
+        return
 
     dtype = ALIASES.get(args.dtype, args.dtype)
     if dtype == "q8_0":
@@ -260,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"],
         help="dtype of the saved weights (default: the source's; float32 for GGUF; q8_0: GGUF only)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the merged model)",
     )
     p.set_defaults(run=_export)
 

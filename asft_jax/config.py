@@ -9,6 +9,7 @@ is compiled, each problem reported in one line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -18,6 +19,7 @@ import yaml
 
 from asft_jax.data.config import DataConfig
 from asft_jax.errors import AsftError
+from asft_jax.model.lora import LoraConfig
 
 
 class ConfigError(AsftError):
@@ -37,6 +39,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: the fastest that fits (asft_jax.memory)
     attention: str = "auto"  # auto | xla | dot_product | splash (asft_jax.model.attention)
+    lora: LoraConfig | None = None  # train LoRA adapters only (asft_jax.model.lora); None: every weight
 
 
 @dataclasses.dataclass
@@ -139,6 +142,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return value
         if base in (str, bool, dict) and isinstance(value, base):
             return value
+        if base is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(where, f"{where} = {value!r} should be {names}")
 
@@ -154,8 +159,16 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
+        section = next((k for k in typing.get_args(kind) if dataclasses.is_dataclass(k)), None)  # `X | None`
         if dataclasses.is_dataclass(kind):
             kwargs[name] = _build(kind, value or {}, f"{prefix}{name}.")
+        elif section is not None and value is not None:
+            try:
+                kwargs[name] = _build(section, value, f"{prefix}{name}.")
+            except AsftError as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"{prefix}{name}", str(e)) from None
         else:
             kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
     return cls(**kwargs)
@@ -313,4 +326,5 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML/JSON values (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -69,12 +69,15 @@ def token_logps(
     return out[..., 0] if single else out
 
 
-def pair_logps(model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384) -> jax.Array:
+def pair_logps(
+    model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384, adapters: dict | None = None
+) -> jax.Array:
     """Per-pair response log-prob sums ``[pairs, 2]`` (chosen, rejected) of one micro-batch laid out
     by ``asft_jax.data.packing``: rows ``[rows, length]``, ``score_positions`` ``[rows, width]``,
-    ``targets``/``target_slots`` ``[rows, width, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``)."""
+    ``targets``/``target_slots`` ``[rows, width, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``).
+    ``adapters``: LoRA adapters applied on top of ``params`` (``asft_jax.model.lora``)."""
     hidden = model.apply(
-        {"params": params},
+        {"params": params} if adapters is None else {"params": params, "lora": adapters},
         rows["tokens"],
         rows["segment_ids"],
         rows["positions"],

@@ -36,11 +36,13 @@ from asft_jax.io import resolve
 from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.memory import AUTO, CHOICE_FILE, budget, choose, peak_bytes
 from asft_jax.metrics_log import MetricsLog
-from asft_jax.model import Llama, LlamaConfig, init_params
+from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params, param_logical_axes
+from asft_jax.model.lora import merge
 from asft_jax.reference import REFERENCE_FILES, reference_pairs_file
 from asft_jax.sharding import (
     activate,
     global_batch,
+    logical_shardings,
     make_mesh,
     micro_batch_sharding,
     param_shardings,
@@ -70,6 +72,7 @@ class Run:
     step_fn: Any
     eval_fn: Any  # None: no evaluation during training
     eval_data: DataConfig | None
+    base: Any = None  # LoRA: the frozen base parameters (state.params are the adapters)
 
 
 def compute_dtype(name: str, platform: str) -> jnp.dtype:
@@ -81,7 +84,25 @@ def compute_dtype(name: str, platform: str) -> jnp.dtype:
 def build_model(cfg: TrainConfig, config: LlamaConfig, platform: str) -> Llama:
     """The config's model for the architecture ``config``, computing in its dtype for ``platform``."""
     m = cfg.model
-    return Llama(config, compute_dtype(m.dtype, platform), jnp.dtype(m.param_dtype), m.remat_policy, m.attention)
+    dtype = compute_dtype(m.dtype, platform)
+    return Llama(config, dtype, jnp.dtype(m.param_dtype), m.remat_policy, m.attention, lora=m.lora)
+
+
+def reference_from_data(cfg: TrainConfig) -> bool:
+    """Whether the objective's reference log-probs come with the data (computed once before training),
+    rather than from the base model inside the step (LoRA with ``reference: adapters_off``)."""
+    lora = cfg.model.lora
+    return cfg.objective.name in NEEDS_REFERENCE and (lora is None or lora.reference == "precomputed")
+
+
+def abstract_base(model: Llama, mesh: jax.sharding.Mesh) -> Any:
+    """LoRA: the frozen base parameters' shapes, dtypes and shardings (None without LoRA)."""
+    if model.lora is None:
+        return None
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_shardings(model, mesh)
+    )
 
 
 def init_config(cfg: TrainConfig) -> LlamaConfig:
@@ -111,9 +132,14 @@ def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 
 def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
     """``(optimizer, schedule, state shardings, abstract state)``: the train state's shapes, dtypes
-    and shardings on ``mesh`` (``jax.ShapeDtypeStruct`` leaves), built without any weights."""
-    abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    param_shards = param_shardings(model, mesh)
+    and shardings on ``mesh`` (``jax.ShapeDtypeStruct`` leaves), built without any weights. With
+    LoRA the state's parameters are the adapters."""
+    if model.lora is None:
+        abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+        param_shards = param_shardings(model, mesh)
+    else:
+        abstract_params = jax.eval_shape(lambda: init_adapters(model, jax.random.key(0)))
+        param_shards = logical_shardings(param_logical_axes(model, "lora"), abstract_params, mesh)
     tx, schedule = make_optimizer(cfg.learning_rate, cfg.max_steps, **dataclasses.asdict(cfg.optimizer))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
@@ -131,23 +157,29 @@ def abstract_state(cfg: TrainConfig, model: Llama, mesh: jax.sharding.Mesh):
 def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainState, mesh: jax.sharding.Mesh):
     """``(train_step, eval_step)`` jitted with their shardings: ``train_step(state, batch) -> (state,
     metrics)`` (the state donated), ``eval_step(params, batch) -> (loss, metrics, pairs)``, loss and
-    metrics summed over the first micro-batch's pairs."""
+    metrics summed over the first micro-batch's pairs. With LoRA both take the frozen base parameters
+    as a last argument (``params`` are then the adapters)."""
     hparams = cfg.objective.hparams()
     batch = micro_batch_sharding(mesh)
+    base = () if model.lora is None else (param_shardings(model, mesh),)
     train_step = jax.jit(
         make_train_step(model, cfg.objective.name, hparams, tx, schedule),
-        in_shardings=(shardings, batch),
+        in_shardings=(shardings, batch, *base),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, *base):
         first = jax.tree.map(lambda x: x[0], batch)
-        return *micro_loss(model, cfg.objective.name, hparams, params, first), first["pair_mask"].sum()
+        if base:  # LoRA: params are the adapters
+            loss = micro_loss(model, cfg.objective.name, hparams, base[0], first, adapters=params)
+        else:
+            loss = micro_loss(model, cfg.objective.name, hparams, params, first)
+        return *loss, first["pair_mask"].sum()
 
     eval_step = jax.jit(
         eval_step,
-        in_shardings=(shardings.params, batch),
+        in_shardings=(shardings.params, batch, *base),
         out_shardings=replicated(mesh),
     )
     return train_step, eval_step
@@ -190,11 +222,11 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
             row_multiple=row_multiple(mesh),
             vocab_size=vocab_size,
         )
-        data.has_refs = cfg.objective.name in NEEDS_REFERENCE
+        data.has_refs = reference_from_data(cfg)
     if cfg.data.fixed_shape and data.shape is not None:
         batch = data.empty()
     else:
-        refs = cfg.objective.name in NEEDS_REFERENCE
+        refs = reference_from_data(cfg)
         local = cfg.batch_size // jax.process_count()
         batch = largest_step(cfg.data, local, cfg.micro_batches, row_multiple(mesh), refs)
     sharding, hosts = micro_batch_sharding(mesh), jax.process_count()  # hosts' rows and pairs side by side
@@ -233,7 +265,9 @@ def fit_memory(
         model = build_model(candidate, config, platform)
         tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
         train_step, _ = jit_steps(candidate, model, tx, schedule, shardings, mesh)
-        last["step"] = train_step.lower(state, step_batch(candidate, mesh, tokenizer, config.vocab_size)).compile()
+        base = () if model.lora is None else (abstract_base(model, mesh),)
+        batch = step_batch(candidate, mesh, tokenizer, config.vocab_size)
+        last["step"] = train_step.lower(state, batch, *base).compile()
         return peak_bytes(last["step"]) * devices
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
@@ -262,24 +296,40 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
     checkpointer = Checkpointer(cfg.output_dir, cfg.max_to_keep)
     restored = checkpointer.restore_latest(abstract)
     new_state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=state_shardings)
+    lora = model.lora is not None
+    weights = None  # the model's weights: trained (state.params), or frozen under LoRA adapters (run.base)
+    if restored is None or lora:
+        weights_shardings = param_shardings(model, mesh) if lora else state_shardings.params
+        if src is not None:
+            weights = src.load_params(jnp.dtype(cfg.model.param_dtype), shardings=weights_shardings)
+        else:
+            weights = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=weights_shardings)()
     if restored is not None:
         step, state, data_state = restored
         log.info("resuming from %s/%d", checkpointer.directory, step)
     else:
         data_state = None
-        if src is not None:
-            params = src.load_params(jnp.dtype(cfg.model.param_dtype), shardings=state_shardings.params)
-        else:
-            params = jax.jit(
-                lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=state_shardings.params
+        if lora:
+            adapters = jax.jit(
+                lambda: init_adapters(model, jax.random.fold_in(jax.random.key(cfg.seed), 1)),
+                out_shardings=state_shardings.params,
             )()
-        state = new_state(params)
+            state = new_state(adapters)
+        else:
+            state = new_state(weights)
+    base = weights if lora else None
+    log.info(
+        "trainable parameters: %d%s",
+        sum(x.size for x in jax.tree.leaves(state.params)),
+        f" (LoRA rank {model.lora.rank} on {', '.join(model.lora.targets)}; the base frozen)" if lora else "",
+    )
 
     train_data = cfg.data
     eval_data = cfg.data.eval_split_config() if cfg.eval_steps and cfg.data.eval_path else None
     if cfg.data.eval_path and not cfg.eval_steps:
         log.warning("data.eval_path is set but eval_steps is 0: the run will not be evaluated")
-    if cfg.objective.name in NEEDS_REFERENCE:
+    if reference_from_data(cfg):
+        reference_weights = base if lora else state.params  # the starting model: LoRA's base
         splits = ["train"] + (["eval"] if eval_data else [])
         missing = [
             REFERENCE_FILES[s] for s in splits if not os.path.isfile(os.path.join(cfg.output_dir, REFERENCE_FILES[s]))
@@ -290,12 +340,12 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
                 "from the starting weights)"
             )
         train_data = dataclasses.replace(
-            train_data, path=reference_pairs_file(cfg, model, state.params, tokenizer, mesh), format="pretokenized"
+            train_data, path=reference_pairs_file(cfg, model, reference_weights, tokenizer, mesh), format="pretokenized"
         )
         if eval_data:
             eval_data = dataclasses.replace(
                 eval_data,
-                path=reference_pairs_file(cfg, model, state.params, tokenizer, mesh, "eval"),
+                path=reference_pairs_file(cfg, model, reference_weights, tokenizer, mesh, "eval"),
                 format="pretokenized",
             )
     data = PairBatches(
@@ -313,11 +363,19 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
     step_fn, eval_fn = jit_steps(cfg, model, tx, schedule, state_shardings, mesh)
     if searched_step is not None:  # the memory search compiled it already, for this shape
         step_fn = searched_step
+    if lora:  # the frozen base goes with every call
+        step_fn = bind_base(step_fn, base)
+        eval_fn = bind_base(eval_fn, base)
     return (
-        Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data),
+        Run(cfg, mesh, model, tokenizer, state, step_fn, eval_fn if eval_data else None, eval_data, base),
         checkpointer,
         data,
     )
+
+
+def bind_base(fn: Callable, base: Any) -> Callable:
+    """``fn(x, batch, base)`` as ``fn(x, batch)``."""
+    return lambda x, batch: fn(x, batch, base)
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
@@ -495,12 +553,13 @@ def _export(cfg: TrainConfig, run: Run) -> None:
     from asft_jax.io.export import export_model
     from asft_jax.io.hf import export_params
 
+    params = run.state.params if run.base is None else merge(run.base, run.state.params, run.model.lora)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        params = multihost_utils.process_allgather(run.state.params, tiled=True)
+        params = multihost_utils.process_allgather(params, tiled=True)
     else:
-        params = jax.device_get(run.state.params)
+        params = jax.device_get(params)
     if jax.process_index() != 0:
         return
     if cfg.model.source is not None:

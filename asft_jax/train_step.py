@@ -4,6 +4,10 @@ A batch is laid out by ``asft_jax.data.packing``: arrays ``[micro_batches, rows,
 micro-batch per gradient-accumulation step, each holding whole pairs (padded, packed, or packed with
 a shared prompt: the step is the same function of the per-pair log-prob sums). Losses are summed
 over pairs and divided by the pair count once, so accumulation gives exactly the big-batch mean.
+
+With LoRA (``model.lora``) the state's parameters are the adapters, and the frozen base parameters
+come as a third argument, ``train_step(state, batch, base)``: only the adapters get gradients and
+optimizer state.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ class TrainState(NamedTuple):
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels, embeddings), not on norm scales or biases."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+    """Weight decay on matrices (kernels, embeddings, LoRA adapters), not on norm scales or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path[-1].key in ("kernel", "embedding") or "_lora_" in path[-1].key, params
+    )
 
 
 def make_optimizer(
@@ -76,9 +82,16 @@ def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
     return {"skipped_steps": opt_state.total_notfinite, "consecutive_skips": opt_state.notfinite_count}
 
 
-def micro_loss(model: Llama, objective: str, hparams: dict, params: Any, mb: dict) -> tuple[jax.Array, dict]:
-    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs."""
-    return pairs_loss(objective, hparams, pair_logps(model, params, mb), mb)
+def micro_loss(
+    model: Llama, objective: str, hparams: dict, params: Any, mb: dict, adapters: Any = None
+) -> tuple[jax.Array, dict]:
+    """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs.
+
+    With LoRA ``adapters`` and a DPO-family objective whose micro-batch carries no reference
+    log-probs, the reference is the base model, ``params`` without the adapters, scored here."""
+    if objective in NEEDS_REFERENCE and adapters is not None and "ref_logps" not in mb:
+        mb = {**mb, "ref_logps": jax.lax.stop_gradient(pair_logps(model, params, mb))}
+    return pairs_loss(objective, hparams, pair_logps(model, params, mb, adapters=adapters), mb)
 
 
 def pairs_loss(objective: str, hparams: dict, sums: jax.Array, mb: dict) -> tuple[jax.Array, dict]:
@@ -99,11 +112,17 @@ def pairs_loss(objective: str, hparams: dict, sums: jax.Array, mb: dict) -> tupl
 
 
 def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable):
-    """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+    """Returns ``train_step(state, batch) -> (state, metrics)``, or with LoRA (``model.lora``)
+    ``train_step(state, batch, base)`` (not yet jitted)."""
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step_loss(trainable: Any, mb: dict, base: Any) -> tuple[jax.Array, dict]:
+        if model.lora is None:
+            return micro_loss(model, objective, hparams, trainable, mb)
+        return micro_loss(model, objective, hparams, base, mb, adapters=trainable)
+
+    def train_step(state: TrainState, batch: dict, base: Any = None) -> tuple[TrainState, dict]:
         pairs = batch["pair_mask"].sum()
-        grad_fn = jax.value_and_grad(lambda p, mb: micro_loss(model, objective, hparams, p, mb), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, mb: step_loss(p, mb, base), has_aux=True)
 
         def accumulate(carry, mb):
             grads, loss, metrics = carry
@@ -115,9 +134,7 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
             ), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        metric_shapes = jax.eval_shape(
-            lambda: micro_loss(model, objective, hparams, state.params, jax.tree.map(lambda x: x[0], batch))[1]
-        )
+        metric_shapes = jax.eval_shape(lambda: step_loss(state.params, jax.tree.map(lambda x: x[0], batch), base)[1])
         init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, batch)
         finite = jnp.isfinite(loss)  # a non-finite loss with finite gradients is skipped too

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+from asft_jax.errors import AsftError
 from asft_jax.io.demo import cache_dir, demo_gguf
 from asft_jax.io.hf import export_params
 from asft_jax.io.resolve import resolve
@@ -37,6 +38,29 @@ def export_model(
         files.extend(os.path.basename(p) for p in src.tokenizer().save_pretrained(output))
     else:
         log.warning("%s has no tokenizer files; the export has none either", src.path)
+    return files
+
+
+def export_adapter(model: str, output: str) -> list[str]:
+    """Writes a LoRA run's adapters as a PEFT adapter folder (``adapter_config.json``,
+    ``adapter_model.safetensors``, the tokenizer files): ``peft.PeftModel.from_pretrained(base,
+    output)`` on the run's base model computes what the merged export computes."""
+    from safetensors.numpy import save_file
+
+    from asft_jax.io.run import RunSource
+    from asft_jax.model.lora import peft_config, peft_tensors
+
+    src = resolve(model)
+    if not isinstance(src, RunSource):
+        raise AsftError(f"{model}: --adapter needs a LoRA training run (a run directory or one of its checkpoints)")
+    tensors = peft_tensors(src.adapters())
+    os.makedirs(output, exist_ok=True)
+    save_file(tensors, os.path.join(output, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(output, "adapter_config.json"), "w") as f:
+        json.dump(peft_config(src.train_config.model.lora, src.train_config.model.source), f, indent=2)
+    files = ["adapter_model.safetensors", "adapter_config.json"]
+    if src.has_tokenizer():
+        files.extend(os.path.basename(p) for p in src.tokenizer().save_pretrained(output))
     return files
 
 

@@ -3,7 +3,8 @@
 ``RUN_DIR`` (newest readable checkpoint) or ``RUN_DIR/checkpoints/STEP``. The architecture and the
 tokenizer come from the run's ``config.yaml`` (its ``model.source``, or ``model.init`` and
 ``model.tokenizer``); the parameters alone are read from the Orbax checkpoint, never the optimizer
-state, placed as the caller asks.
+state, placed as the caller asks. A LoRA run's checkpoints hold its adapters only: its parameters
+are the base model's with the adapters merged in (``adapters`` gives them alone).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from asft_jax.checkpoint import read_params
 from asft_jax.config import TrainConfig
 from asft_jax.errors import AsftError
 from asft_jax.io.source import ModelSource, token_ids
-from asft_jax.model import Llama, LlamaConfig, init_params
+from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
+from asft_jax.model.lora import merge
 
 
 def find_run(path: str) -> tuple[str, int | None] | None:
@@ -49,6 +51,12 @@ class RunSource:
         return self.train_config.model.param_dtype
 
     def load_params(self, param_dtype=None, shardings=None, host: bool = False) -> dict:
+        lora = self.train_config.model.lora
+        if lora is not None:
+            dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
+            base = self._base_params(dtype, shardings, host)
+            merged = merge(base, self.adapters(), lora)
+            return jax.device_get(merged) if host else merged
         dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
         abstract = jax.eval_shape(lambda: init_params(Llama(self.config, param_dtype=dtype), jax.random.key(0)))
         if shardings is None and not host:
@@ -58,6 +66,22 @@ class RunSource:
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
             )
         return read_params(self.path, self.step, abstract, host=host)[1]
+
+    def _base_params(self, dtype, shardings, host: bool) -> dict:
+        """The weights a LoRA run's adapters sit on: its ``model.source``, or its seeded random init."""
+        if self.base is not None:
+            return self.base.load_params(dtype, shardings=shardings, host=host)
+        model = Llama(self.config, param_dtype=dtype)
+        return jax.jit(lambda: init_params(model, jax.random.key(self.train_config.seed)), out_shardings=shardings)()
+
+    def adapters(self) -> dict:
+        """A LoRA run's adapters (host arrays) from the checkpoint."""
+        lora = self.train_config.model.lora
+        if lora is None:
+            raise AsftError(f"{self.path}: not a LoRA run (model.lora is not set); it has no adapters")
+        model = Llama(self.config, param_dtype=jnp.dtype(self.train_config.model.param_dtype), lora=lora)
+        abstract = jax.eval_shape(lambda: init_adapters(model, jax.random.key(0)))
+        return read_params(self.path, self.step, abstract, host=True)[1]
 
     def has_tokenizer(self) -> bool:
         return any(s is not None and s.has_tokenizer() for s in (self.base, self.tokenizer_source))

@@ -189,17 +189,19 @@ def _adapted(m: nn.Module, name: str, dense: nn.Module, x: Array, names: tuple[s
     if not m.is_initializing() and not m.has_variable("lora", f"{name}_lora_a"):
         return y
     in_shape, out_shape, rank = x.shape[1:], y.shape[1:], lora.rank
-    bound = 1 / np.sqrt(np.prod(in_shape))  # PEFT's kaiming-uniform(a=sqrt(5)) bound for A; B starts at zero
+    # float32 adapters, whatever the (frozen) base is stored in; A gets PEFT's kaiming-uniform(a=sqrt(5))
+    # bound, B starts at zero
+    bound = 1 / np.sqrt(np.prod(in_shape))
 
     def init_a():
-        a = jax.random.uniform(m.make_rng("params"), (*in_shape, rank), m.param_dtype, -bound, bound)
+        a = jax.random.uniform(m.make_rng("params"), (*in_shape, rank), jnp.float32, -bound, bound)
         return _ParamAxes(a, (*names[:n_in], "lora_rank"))
 
     a = m.variable("lora", f"{name}_lora_a", init_a).value
     b = m.variable(
         "lora",
         f"{name}_lora_b",
-        lambda: _ParamAxes(jnp.zeros((rank, *out_shape), m.param_dtype), ("lora_rank", *names[n_in:])),
+        lambda: _ParamAxes(jnp.zeros((rank, *out_shape), jnp.float32), ("lora_rank", *names[n_in:])),
     ).value
     a, b = nn.unbox(a), nn.unbox(b)
     xa = x.reshape(x.shape[0], -1) @ a.reshape(-1, rank).astype(m.dtype)

@@ -1,0 +1,83 @@
+"""LoRA training runs on the tiny model (a transformers folder as the base): ASFT and DPO with the
+reference taken with the adapters off; checkpoints hold the adapters only; the merged export and
+the PEFT adapter give the same logits in transformers / peft."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import config, curve
+
+from asft_jax.cli import main
+from asft_jax.io import resolve
+from asft_jax.train import train
+
+pytestmark = pytest.mark.training
+
+LORA = "model.lora={rank: 4, alpha: 8.0}"
+
+
+def lora_run(out, pairs, base, *extra):
+    train(config(out, pairs, "model.init=null", f"model.source={base}", LORA, "max_steps=4", *extra))
+    return curve(out)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from helpers import make_hf_llama
+
+    folder = str(tmp_path_factory.mktemp("base"))
+    make_hf_llama(folder, model_type="qwen2", tie_word_embeddings=True)
+    return folder
+
+
+def logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("objective", ["asft", "dpo"])
+def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, pairs, tmp_path, capsys, objective):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    rows = lora_run(out, pairs, base, f"objective.name={objective}")
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    if objective == "dpo":
+        # the reference is the base model, scored in the step: no precompute pass, and at step 1 the
+        # policy (fresh adapters, B = 0) is the reference exactly
+        assert not os.path.exists(out / "reference_logps.jsonl")
+        assert rows[0]["rewards/chosen"] == 0.0 and rows[0]["rewards/rejected"] == 0.0
+        assert rows[0]["loss"] == pytest.approx(np.log(2), rel=1e-6)
+        assert rows[-1]["rewards/margins"] != 0.0
+
+    # the checkpoint holds adapters and their optimizer state, no base weight (Orbax's tree metadata
+    # lists every saved array)
+    saved = json.loads((out / "checkpoints" / "4" / "params" / "_METADATA").read_text())["tree_metadata"]
+    assert saved and all("_lora_" in key for key in saved), sorted(saved)[:3]
+
+    merged, adapter = str(tmp_path / "merged"), str(tmp_path / "adapter")
+    assert main(["export", "--model", str(out), "--output", merged]) == 0
+    assert main(["export", "--model", str(out), "--output", adapter, "--adapter"]) == 0
+    capsys.readouterr()
+    ids = list(range(3, 40))
+    merged_logits = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), ids)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_logits = logits(base_model, ids)
+    peft_logits = logits(PeftModel.from_pretrained(base_model, adapter).eval(), ids)
+    # float32: W + s B A rounded once against x W + s (x A) B; the trained adapters move the logits
+    # far more than that
+    assert np.abs(merged_logits - base_logits).max() > 100 * 5e-5
+    np.testing.assert_allclose(peft_logits, merged_logits, rtol=0, atol=5e-5)
+    config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config_json["r"] == 4 and config_json["lora_alpha"] == 8.0 and config_json["base_model_name_or_path"] == base
+
+
+def test_adapter_export_of_a_full_run_is_one_line(base, tmp_path, capsys):
+    assert main(["export", "--model", base, "--output", str(tmp_path / "a"), "--adapter"]) == 1
+    assert "--adapter needs a LoRA training run" in capsys.readouterr().err
