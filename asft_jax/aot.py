@@ -161,11 +161,10 @@ def model_architecture(cfg):
 def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     """The largest step the pipeline can produce for ``cfg`` on ``mesh`` (``budget.largest_step``)."""
     from asft_jax.data.budget import largest_step
-    from asft_jax.losses import NEEDS_REFERENCE
+    from asft_jax.train import reference_from_data
 
     row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-    refs = cfg.objective.name in NEEDS_REFERENCE
-    return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, refs)
+    return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, reference_from_data(cfg))
 
 
 def model_flops(config, batch: dict) -> float:
@@ -251,17 +250,18 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
     """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.memory.choose``), on
     the largest step the pipeline can produce."""
     from asft_jax.sharding import activate, micro_batch_sharding
-    from asft_jax.train import abstract_state, build_model, jit_steps
+    from asft_jax.train import abstract_base, abstract_state, build_model, jit_steps
 
     def peak_of(candidate) -> int:
         model = build_model(candidate, model_architecture(candidate), "tpu")
         tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
+        frozen = () if model.lora is None else (abstract_base(model, mesh),)
         batch = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh))
             for k, v in max_batch(candidate, mesh).items()
         }
         with activate(mesh):
-            lowered = jit_steps(candidate, model, tx, schedule, shardings, mesh)[0].lower(state, batch)
+            lowered = jit_steps(candidate, model, tx, schedule, shardings, mesh)[0].lower(state, batch, *frozen)
         try:
             return peak_bytes(lowered.compile()) * topo.devices_per_chip
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM
@@ -288,7 +288,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         micro_batch_sharding,
         replicated_dims,
     )
-    from asft_jax.train import abstract_state, build_model, check_batch_split, jit_steps
+    from asft_jax.train import abstract_base, abstract_state, build_model, check_batch_split, jit_steps
 
     topo = topology(topology_name)
     chip, dpc = topo.chip, topo.devices_per_chip
@@ -299,7 +299,8 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     remat = "none" if cfg.model.remat_policy == AUTO else cfg.model.remat_policy  # the state does not depend on it
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=remat)), *arch)
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
-    state_gib = _bytes_per_device(state) * dpc / GIB
+    frozen = () if model.lora is None else (abstract_base(model, mesh),)  # LoRA: the state holds the adapters
+    state_gib = (_bytes_per_device(state) + sum(map(_bytes_per_device, frozen))) * dpc / GIB
     replicated = replicated_dims(model, mesh)
     base = {
         "topology": topo.name,
@@ -325,12 +326,12 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     with activate(mesh):  # TPU devices in context: attention picks its TPU kernel (attention.target_platform)
         resolved = attention.choose(cfg.model.attention, length=batch["tokens"].shape[-1])
         start = time.perf_counter()
-        lowered = train_step.lower(state, abstract_batch)
+        lowered = train_step.lower(state, abstract_batch, *frozen)
         lower_s = time.perf_counter() - start
         train = _compile_or_shortfall(lowered, cfg, topo, mesh, state_gib, budget_gib)
         compile_s = time.perf_counter() - start
         evaluated = _compile_or_shortfall(
-            eval_step.lower(state.params, abstract_batch), cfg, topo, mesh, state_gib, budget_gib
+            eval_step.lower(state.params, abstract_batch, *frozen), cfg, topo, mesh, state_gib, budget_gib
         )
         eval_compile_s = time.perf_counter() - start - compile_s
     cost = _cost(train)
@@ -359,6 +360,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         "hbm_per_chip_gib": chip.hbm_gib,
         "headroom": HEADROOM,
         "params": model.config.num_params,
+        "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),  # LoRA: the adapters
         "params_and_optimizer_per_chip_gib": state_gib,
         "peak_per_chip_gib": peak_gib,
         "eval_peak_per_chip_gib": peak_bytes(evaluated) * dpc / GIB,

@@ -50,7 +50,7 @@ def _compile(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.adapter and args.output.endswith(".gguf"):
-        raise AsftError("--adapter writes a PEFT adapter folder, not a GGUF file (leave it out to write the merged model)")
+        raise AsftError("--adapter writes a PEFT adapter folder, not a GGUF file (without it: the merged model)")
     if args.output.endswith(".gguf"):
         from asft_jax.io.gguf_export import export_gguf
 

@@ -124,6 +124,25 @@ def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
 
 @needs_libtpu
 @pytest.mark.spawn
+def test_lora_dpo_compiles_with_the_state_of_a_frozen_base_and_adapters():
+    rc, report, err = compile_cli("v5p:2x2x1", "objective.name=dpo", "model.lora={rank: 4}", "micro_batches=1")
+    assert rc == 0, err[-2000:]
+    n, layers, e = tiny_params(), TINY["num_hidden_layers"], TINY["hidden_size"]
+    heads, kv, f = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["intermediate_size"]
+    d = e // heads
+    # rank-4 adapters on q, k, v, o, gate, up, down: (in + out) x 4 each, per layer
+    per_layer = 4 * ((e + heads * d) + 2 * (e + kv * d) + (heads * d + e) + 2 * (e + f) + (f + e))
+    assert report["trainable_params"] == layers * per_layer and report["params"] == n
+    # the frozen float32 base over 4 chips by fsdp, plus float32 adapters and their two AdamW moments
+    # (split where an adapter has an embed axis, whole where it has none): less than full fine-tuning's
+    # 12 bytes per parameter, even with rank-4 adapters on a 64-wide model
+    state, adapters = report["params_and_optimizer_per_chip_gib"] * 2**30, layers * per_layer * 12
+    assert n * 4 / 4 + adapters / 4 <= state <= 1.15 * (n * 4 / 4 + adapters) < n * 12 / 4
+    assert report["fits"] is True
+
+
+@needs_libtpu
+@pytest.mark.spawn
 def test_dpo_compiles_with_packed_layout():
     rc, report, err = compile_cli("v5e:2x2", "objective.name=dpo", "data.layout=packed")
     assert rc == 0, err[-2000:]

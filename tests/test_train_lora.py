@@ -13,7 +13,6 @@ import torch
 from helpers import config, curve
 
 from asft_jax.cli import main
-from asft_jax.io import resolve
 from asft_jax.train import train
 
 pytestmark = pytest.mark.training

@@ -43,7 +43,7 @@ def test_adapters_off_are_the_base_model_and_merged_are_the_adapted_one():
 
 
 def test_targets_choose_the_adapted_projections():
-    model, params, adapters = model_and_weights(LoraConfig(rank=2, targets=("v", "down")))
+    _, _, adapters = model_and_weights(LoraConfig(rank=2, targets=("v", "down")))
     assert sorted(adapters["layers"]["attn"]) == ["v_lora_a", "v_lora_b"]
     assert sorted(adapters["layers"]["mlp"]) == ["down_lora_a", "down_lora_b"]
     assert adapters["layers"]["attn"]["v_lora_a"].shape == (TINY["num_hidden_layers"], TINY["hidden_size"], 2)
