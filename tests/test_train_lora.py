@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -20,9 +21,14 @@ pytestmark = pytest.mark.training
 LORA = "model.lora={rank: 4, alpha: 8.0}"
 
 
-def lora_run(out, pairs, base, *extra):
-    train(config(out, pairs, "model.init=null", f"model.source={base}", LORA, "max_steps=4", *extra))
+def lora_run(out, pairs, base, *extra, on_step=None):
+    train(config(out, pairs, "model.init=null", f"model.source={base}", LORA, "max_steps=4", *extra), on_step)
     return curve(out)
+
+
+def preempt_at_2(step: int) -> None:
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,10 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, p
     out = tmp_path / "run"
     rows = lora_run(out, pairs, base, f"objective.name={objective}")
     assert all(np.isfinite(r["loss"]) for r in rows)
+    if objective == "asft":  # stopped and resumed (adapters and their AdamW state restored): the same run
+        resumed = tmp_path / "resumed"
+        assert lora_run(resumed, pairs, base, on_step=preempt_at_2) == rows[:2]
+        assert lora_run(resumed, pairs, base) == rows  # bitwise
     if objective == "dpo":
         # the reference is the base model, scored in the step: no precompute pass, and at step 1 the
         # policy (fresh adapters, B = 0) is the reference exactly

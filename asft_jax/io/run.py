@@ -52,12 +52,10 @@ class RunSource:
 
     def load_params(self, param_dtype=None, shardings=None, host: bool = False) -> dict:
         lora = self.train_config.model.lora
-        if lora is not None:
-            dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
-            base = self._base_params(dtype, shardings, host)
-            merged = merge(base, self.adapters(), lora)
-            return jax.device_get(merged) if host else merged
         dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
+        if lora is not None:
+            merged = merge(self._base_params(dtype, shardings, host), self.adapters(), lora)
+            return jax.device_get(merged) if host else merged
         abstract = jax.eval_shape(lambda: init_params(Llama(self.config, param_dtype=dtype), jax.random.key(0)))
         if shardings is None and not host:
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)

@@ -128,13 +128,21 @@ def test_compute_and_param_dtypes_are_separate():
     assert hidden.shape == (1, 4, TINY["hidden_size"]) and hidden.dtype == jnp.bfloat16
 
 
-def test_every_parameter_has_logical_axes():
-    config = LlamaConfig(**{**TINY, "attention_bias": True, "mlp_bias": True})
-    model = Llama(config)
-    axes = param_logical_axes(model)
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    known = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
-    for (path, spec), shape in zip(jax.tree_util.tree_leaves_with_path(axes), jax.tree.leaves(shapes)):
+@pytest.mark.parametrize("collection", ["params", "lora"])
+def test_every_parameter_and_adapter_has_logical_axes_the_rules_know(collection):
+    from asft_jax.model import init_adapters
+    from asft_jax.model.lora import LoraConfig
+    from asft_jax.sharding import LOGICAL_RULES
+
+    config = LlamaConfig(**{**TINY, "attention_bias": True, "model_type": "qwen3"})  # q/k norms, all biases
+    model = Llama(config, lora=LoraConfig(rank=2))
+    axes = param_logical_axes(model, collection)
+    init = init_params if collection == "params" else init_adapters
+    shapes = jax.eval_shape(lambda: init(model, jax.random.key(0)))
+    known = {name for name, _ in LOGICAL_RULES}
+    leaves = jax.tree_util.tree_leaves_with_path(axes)
+    assert len(leaves) == len(jax.tree.leaves(shapes)) > 0
+    for (path, spec), shape in zip(leaves, jax.tree.leaves(shapes)):
         assert len(spec) == len(shape.shape), path
         assert set(spec) <= known, path
         assert (spec[0] == "layers") == (jax.tree_util.keystr(path).startswith("['layers']")), path
