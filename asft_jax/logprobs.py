@@ -70,12 +70,19 @@ def token_logps(
 
 
 def pair_logps(
-    model: Llama, params: dict, rows: dict, chunk: int = 128, vocab_chunk: int = 16384, adapters: dict | None = None
+    model: Llama,
+    params: dict,
+    rows: dict,
+    chunk: int = 128,
+    vocab_chunk: int = 16384,
+    adapters: dict | None = None,
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     """Per-pair response log-prob sums ``[pairs, 2]`` (chosen, rejected) of one micro-batch laid out
     by ``asft_jax.data.packing``: rows ``[rows, length]``, ``score_positions`` ``[rows, width]``,
     ``targets``/``target_slots`` ``[rows, width, 2]`` and ``counts`` ``[pairs, 2]`` (which fixes ``pairs``).
-    ``adapters``: LoRA adapters applied on top of ``params`` (``asft_jax.model.lora``)."""
+    ``adapters``: LoRA adapters applied on top of ``params`` (``asft_jax.model.lora``), with LoRA
+    dropout drawn from ``rng`` when given."""
     hidden = model.apply(
         {"params": params} if adapters is None else {"params": params, "lora": adapters},
         rows["tokens"],
@@ -83,6 +90,7 @@ def pair_logps(
         rows["positions"],
         return_hidden=True,
         branch_ids=rows.get("branch_ids"),
+        rngs=None if rng is None else {"dropout": rng},
     )
     scored = jnp.take_along_axis(
         hidden, rows["score_positions"][..., None], axis=1

@@ -163,7 +163,7 @@ def jit_steps(cfg: TrainConfig, model: Llama, tx, schedule, shardings: TrainStat
     batch = micro_batch_sharding(mesh)
     base = () if model.lora is None else (param_shardings(model, mesh),)
     train_step = jax.jit(
-        make_train_step(model, cfg.objective.name, hparams, tx, schedule),
+        make_train_step(model, cfg.objective.name, hparams, tx, schedule, cfg.seed),
         in_shardings=(shardings, batch, *base),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,

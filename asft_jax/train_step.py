@@ -83,15 +83,16 @@ def skip_counts(opt_state: optax.ApplyIfFiniteState) -> dict[str, jax.Array]:
 
 
 def micro_loss(
-    model: Llama, objective: str, hparams: dict, params: Any, mb: dict, adapters: Any = None
+    model: Llama, objective: str, hparams: dict, params: Any, mb: dict, adapters: Any = None, rng: Any = None
 ) -> tuple[jax.Array, dict]:
     """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs.
 
     With LoRA ``adapters`` and a DPO-family objective whose micro-batch carries no reference
-    log-probs, the reference is the base model, ``params`` without the adapters, scored here."""
+    log-probs, the reference is the base model, ``params`` without the adapters, scored here.
+    ``rng``: LoRA dropout's randomness (training only; the reference never drops)."""
     if objective in NEEDS_REFERENCE and adapters is not None and "ref_logps" not in mb:
         mb = {**mb, "ref_logps": jax.lax.stop_gradient(pair_logps(model, params, mb))}
-    return pairs_loss(objective, hparams, pair_logps(model, params, mb, adapters=adapters), mb)
+    return pairs_loss(objective, hparams, pair_logps(model, params, mb, adapters=adapters, rng=rng), mb)
 
 
 def pairs_loss(objective: str, hparams: dict, sums: jax.Array, mb: dict) -> tuple[jax.Array, dict]:
@@ -111,22 +112,34 @@ def pairs_loss(objective: str, hparams: dict, sums: jax.Array, mb: dict) -> tupl
     return jnp.where(real, loss, 0.0).sum(), {k: jnp.where(real, v, 0.0).sum() for k, v in metrics.items()}
 
 
-def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.GradientTransformation, schedule: Callable):
+def make_train_step(
+    model: Llama,
+    objective: str,
+    hparams: dict,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    seed: int = 0,
+):
     """Returns ``train_step(state, batch) -> (state, metrics)``, or with LoRA (``model.lora``)
-    ``train_step(state, batch, base)`` (not yet jitted)."""
+    ``train_step(state, batch, base)`` (not yet jitted). LoRA dropout draws from ``seed``, the step
+    and the micro-batch, so a resumed run drops what the uninterrupted one dropped."""
+    dropout = model.lora is not None and model.lora.dropout > 0
 
-    def step_loss(trainable: Any, mb: dict, base: Any) -> tuple[jax.Array, dict]:
+    def step_loss(trainable: Any, mb: dict, base: Any, rng: Any) -> tuple[jax.Array, dict]:
         if model.lora is None:
             return micro_loss(model, objective, hparams, trainable, mb)
-        return micro_loss(model, objective, hparams, base, mb, adapters=trainable)
+        return micro_loss(model, objective, hparams, base, mb, adapters=trainable, rng=rng)
 
     def train_step(state: TrainState, batch: dict, base: Any = None) -> tuple[TrainState, dict]:
         pairs = batch["pair_mask"].sum()
-        grad_fn = jax.value_and_grad(lambda p, mb: step_loss(p, mb, base), has_aux=True)
+        grad_fn = jax.value_and_grad(step_loss, has_aux=True)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
-        def accumulate(carry, mb):
+        def accumulate(carry, indexed_mb):
             grads, loss, metrics = carry
-            (mb_loss, mb_metrics), mb_grads = grad_fn(state.params, mb)
+            i, mb = indexed_mb
+            rng = jax.random.fold_in(step_key, i) if dropout else None
+            (mb_loss, mb_metrics), mb_grads = grad_fn(state.params, mb, base, rng)
             return (
                 jax.tree.map(jnp.add, grads, mb_grads),
                 loss + mb_loss,
@@ -134,9 +147,11 @@ def make_train_step(model: Llama, objective: str, hparams: dict, tx: optax.Gradi
             ), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        metric_shapes = jax.eval_shape(lambda: step_loss(state.params, jax.tree.map(lambda x: x[0], batch), base)[1])
+        first = jax.tree.map(lambda x: x[0], batch)
+        metric_shapes = jax.eval_shape(lambda: step_loss(state.params, first, base, step_key if dropout else None)[1])
         init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, batch)
+        micro_batches = batch["pair_mask"].shape[0]
+        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), batch))
         finite = jnp.isfinite(loss)  # a non-finite loss with finite gradients is skipped too
         grads = jax.tree.map(lambda g: jnp.where(finite, g / pairs, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)  # zero updates if not finite

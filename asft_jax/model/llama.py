@@ -181,7 +181,8 @@ def _dense(features, axis, names, bias, name, m, init_std=0.02):
 def _adapted(m: nn.Module, name: str, dense: nn.Module, x: Array, names: tuple[str, ...], n_in: int) -> Array:
     """``dense(x)`` for x ``[tokens, *in]``, plus projection ``name``'s LoRA adapter (``m.lora``) when
     the ``"lora"`` collection holds it (the model applied without that collection is the base model).
-    ``names``: the kernel's logical axes, ``n_in`` of them for the input."""
+    ``names``: the kernel's logical axes, ``n_in`` of them for the input. The adapter's input gets
+    LoRA dropout when the model is applied with a ``"dropout"`` rng (training)."""
     y = dense(x)
     lora = m.lora
     if lora is None or name not in lora.targets:
@@ -204,6 +205,9 @@ def _adapted(m: nn.Module, name: str, dense: nn.Module, x: Array, names: tuple[s
         lambda: _ParamAxes(jnp.zeros((rank, *out_shape), jnp.float32), ("lora_rank", *names[n_in:])),
     ).value
     a, b = nn.unbox(a), nn.unbox(b)
+    if lora.dropout and m.has_rng("dropout"):
+        keep = jax.random.bernoulli(m.make_rng("dropout"), 1 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1 - lora.dropout, x.dtype), 0)
     xa = x.reshape(x.shape[0], -1) @ a.reshape(-1, rank).astype(m.dtype)
     update = (xa @ b.reshape(rank, -1).astype(m.dtype)) * jnp.asarray(lora.scale, m.dtype)
     return y + update.reshape(y.shape)
@@ -352,7 +356,7 @@ class Llama(nn.Module):
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0, "lora": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             # x carried; positions, mask, segment_ids, branch_ids the same for every layer; the cache
             # scanned per layer (read only; the layers' new keys and values come out stacked)
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),

@@ -36,13 +36,15 @@ REFERENCES = ("adapters_off", "precomputed")
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """``model.lora``: adapters of rank ``rank`` on the projections ``targets``, scaled by
-    ``alpha / rank``. ``reference``: how DPO-family objectives get their reference log-probs,
+    ``alpha / rank``; in training, dropout of rate ``dropout`` on each adapter's input (as PEFT's
+    ``lora_dropout``). ``reference``: how DPO-family objectives get their reference log-probs,
     ``adapters_off`` (the same weights without adapters, in the train step) or ``precomputed`` (one
     pass over the data before training, as without LoRA)."""
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = TARGETS
+    dropout: float = 0.0
     reference: str = "adapters_off"
 
     def __post_init__(self) -> None:
@@ -52,6 +54,8 @@ class LoraConfig:
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
             raise AsftError(f"model.lora.targets {list(self.targets)}: each one of {', '.join(TARGETS)}")
+        if not 0 <= self.dropout < 1:
+            raise AsftError(f"model.lora.dropout {self.dropout} must be in [0, 1)")
         if self.reference not in REFERENCES:
             raise AsftError(f"model.lora.reference {self.reference!r} is not one of {', '.join(REFERENCES)}")
 
@@ -116,7 +120,7 @@ def peft_config(lora: LoraConfig, base: str | None) -> dict:
         "base_model_name_or_path": base,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "target_modules": sorted(HF_MODULES[t].split(".")[1] for t in lora.targets),
         "bias": "none",
         "fan_in_fan_out": False,

@@ -49,6 +49,25 @@ def test_targets_choose_the_adapted_projections():
     assert adapters["layers"]["attn"]["v_lora_a"].shape == (TINY["num_hidden_layers"], TINY["hidden_size"], 2)
 
 
+def test_lora_dropout_drops_the_adapters_input_in_training_only():
+    model, params, adapters = model_and_weights(LoraConfig(rank=4, alpha=8.0, dropout=0.5))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 24)))
+
+    def forward(adapters, rng=None):
+        variables = {"params": params, "lora": adapters}
+        return np.asarray(model.apply(variables, tokens, rngs=None if rng is None else {"dropout": rng}))
+
+    plain = forward(adapters)  # no rng (eval, decoding, export): no dropout, the dropout-free model's output
+    no_dropout = Llama(model.config, lora=LORA).apply({"params": params, "lora": adapters}, tokens)
+    np.testing.assert_array_equal(plain, no_dropout)
+    one, two = forward(adapters, jax.random.key(1)), forward(adapters, jax.random.key(2))
+    assert np.abs(one - plain).max() > 1e-2 and np.abs(one - two).max() > 1e-2
+    np.testing.assert_array_equal(one, forward(adapters, jax.random.key(1)))  # a key fixes the draws
+    # only the adapters' input is dropped: with B = 0 the model is the base model, whatever is drawn
+    _, _, fresh = model_and_weights(LoraConfig(rank=4, alpha=8.0, dropout=0.5), trained=False)
+    np.testing.assert_array_equal(forward(fresh, jax.random.key(1)), forward(fresh))
+
+
 def test_the_reference_with_adapters_off_equals_the_precomputed_one():
     model, params, adapters = model_and_weights()
     pairs = random_pairs(6, seed=1)
