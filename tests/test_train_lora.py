@@ -14,6 +14,7 @@ import torch
 from helpers import config, curve
 
 from asft_jax.cli import main
+from asft_jax.io import resolve
 from asft_jax.train import train
 
 pytestmark = pytest.mark.training
@@ -94,3 +95,24 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, p
 def test_adapter_export_of_a_full_run_is_one_line(base, tmp_path, capsys):
     assert main(["export", "--model", base, "--output", str(tmp_path / "a"), "--adapter"]) == 1
     assert "--adapter needs a LoRA training run" in capsys.readouterr().err
+
+
+def test_precomputed_reference_stays_available(base, pairs, tmp_path):
+    out = tmp_path / "run"
+    rows = lora_run(out, pairs, base, "objective.name=dpo", "max_steps=2", "model.lora.reference=precomputed")
+    assert (out / "reference_logps.jsonl").exists()  # scored once with the base, before training
+    assert rows[0]["loss"] == pytest.approx(np.log(2), rel=1e-5) and rows[-1]["rewards/margins"] != 0.0
+
+
+def test_a_bfloat16_base_trains_float32_adapters(base, pairs, tmp_path):
+    import jax
+
+    from asft_jax.sharding import make_mesh
+    from asft_jax.train import abstract_base, abstract_state, build_model
+
+    cfg = config(tmp_path, pairs, "model.init=null", f"model.source={base}", LORA, "model.param_dtype=bfloat16")
+    model = build_model(cfg, resolve(base).config, "cpu")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, _, _, state = abstract_state(cfg, model, mesh)
+    assert {x.dtype.name for x in jax.tree.leaves(abstract_base(model, mesh))} == {"bfloat16"}
+    assert {x.dtype.name for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim} == {"float32"}
