@@ -301,6 +301,12 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
     frozen = () if model.lora is None else (abstract_base(model, mesh),)  # LoRA: the state holds the adapters
     state_gib = (_bytes_per_device(state) + sum(map(_bytes_per_device, frozen))) * dpc / GIB
+    full_gib = state_gib  # what training every weight would hold, for LoRA's saving
+    if model.lora is not None:
+        full_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+        full_gib = (
+            _bytes_per_device(abstract_state(full_cfg, dataclasses.replace(model, lora=None), mesh)[3]) * dpc / GIB
+        )
     replicated = replicated_dims(model, mesh)
     base = {
         "topology": topo.name,
@@ -362,6 +368,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         "params": model.config.num_params,
         "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),  # LoRA: the adapters
         "params_and_optimizer_per_chip_gib": state_gib,
+        "full_finetuning_params_and_optimizer_per_chip_gib": full_gib,  # = the above without LoRA
         "peak_per_chip_gib": peak_gib,
         "eval_peak_per_chip_gib": peak_bytes(evaluated) * dpc / GIB,
         "fits": peak_gib <= budget_gib,

@@ -138,6 +138,8 @@ def test_lora_dpo_compiles_with_the_state_of_a_frozen_base_and_adapters():
     # 12 bytes per parameter, even with rank-4 adapters on a 64-wide model
     state, adapters = report["params_and_optimizer_per_chip_gib"] * 2**30, layers * per_layer * 12
     assert n * 4 / 4 + adapters / 4 <= state <= 1.15 * (n * 4 / 4 + adapters) < n * 12 / 4
+    full = report["full_finetuning_params_and_optimizer_per_chip_gib"] * 2**30  # the saving, reported
+    assert full == pytest.approx(n * 12 / 4, rel=0.15) and full > state
     assert report["fits"] is True
 
 
