@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
+from helpers import REPO
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
@@ -60,3 +64,15 @@ def test_a_missing_key_names_its_section_or_the_config(tmp_path):
         load_config(write(tmp_path, GOOD.replace("  path: pairs.jsonl\n", "")))
     with pytest.raises(AsftError, match=r"^config: data\.path is required$"):
         load_config(None, ["model.init={vocab_size: 8}"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        glob.glob(os.path.join(REPO, "configs", "*.yaml")) + glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))
+    ),
+    ids=os.path.basename,
+)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.output_dir and cfg.data.path
