@@ -125,7 +125,9 @@ def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
 @needs_libtpu
 @pytest.mark.spawn
 def test_lora_dpo_compiles_with_the_state_of_a_frozen_base_and_adapters():
-    rc, report, err = compile_cli("v5p:2x2x1", "objective.name=dpo", "model.lora={rank: 4}", "micro_batches=1")
+    rc, report, err = compile_cli(
+        "v5p:2x2x1", "objective.name=dpo", "model.lora={rank: 4}", "micro_batches=auto", "model.remat_policy=auto"
+    )
     assert rc == 0, err[-2000:]
     n, layers, e = tiny_params(), TINY["num_hidden_layers"], TINY["hidden_size"]
     heads, kv, f = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["intermediate_size"]

@@ -422,7 +422,9 @@ def param_logical_axes(model: Llama, collection: str = "params") -> dict:
     """The logical axis names of every parameter (``collection="lora"``: every adapter), as a tree
     of ``PartitionSpec`` of names."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    # the key made inside the trace: nothing runs on a device (under a mesh of TPU topology devices
+    # that have no runtime, `asft compile`, an eager op would fail)
+    abstract = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     return nn.get_partition_spec(abstract)[collection]
 
 
