@@ -114,10 +114,12 @@ def init_config(cfg: TrainConfig) -> LlamaConfig:
 
 
 def _model(cfg: TrainConfig):
-    """(model, its source or None for random init, tokenizer or None)."""
+    """(model, its source or None for random init, tokenizer or None: a source without tokenizer files
+    trains on pre-tokenized data)."""
     if cfg.model.source is not None:
         src = resolve(cfg.model.source)
-        return build_model(cfg, src.config, jax.default_backend()), src, src.tokenizer()
+        tokenizer = src.tokenizer() if src.has_tokenizer() else None
+        return build_model(cfg, src.config, jax.default_backend()), src, tokenizer
     tokenizer = resolve(cfg.model.tokenizer).tokenizer() if cfg.model.tokenizer else None
     return build_model(cfg, init_config(cfg), jax.default_backend()), None, tokenizer
 

@@ -133,6 +133,11 @@ class PairBatches:
         self.format = cfg.format or detect_source_format(self.source)
         if self.format not in FORMATS:
             raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        if tokenizer is None and self.format != "pretokenized":
+            raise AsftError(
+                f"{cfg.path}: {self.format} records need a tokenizer and the model has none (set model.tokenizer, "
+                "or give pre-tokenized pairs)"
+            )
         self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size, truncation=cfg.truncation)
         self.local_batch = batch_size // process_count
         self.skipped: collections.Counter = collections.Counter()

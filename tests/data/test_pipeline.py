@@ -189,3 +189,8 @@ def test_inspect_shows_format_counts_and_a_marked_example(smollm2_gguf, shared_d
     out = capsys.readouterr().out
     assert f"{path}: format hh, 2312 records" in out and "p50" in out
     assert "[PROMPT]" in out and "Human:" in out and "Assistant:[/PROMPT]" in out and "<|im_end|>[/CHOSEN]" in out
+
+
+def test_text_records_without_a_tokenizer_are_one_line(uf_train):
+    with pytest.raises(AsftError, match=r"train\.jsonl: standard records need a tokenizer and the model has none"):
+        PairBatches(DataConfig(uf_train, max_length=512), None, 4)
