@@ -11,7 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import config, curve
+from helpers import config, curve, run_eval
 
 from asft_jax.cli import main
 from asft_jax.io import resolve
@@ -87,6 +87,15 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, p
     # far more than that
     assert np.abs(merged_logits - base_logits).max() > 100 * 5e-5
     np.testing.assert_allclose(peft_logits, merged_logits, rtol=0, atol=5e-5)
+    if objective == "asft":  # `asft eval` reads the run as the merged model
+        scores = {}
+        for name, model in (("run", str(out)), ("merged", merged)):
+            scores[name] = tmp_path / f"{name}.jsonl"
+            code, _, err = run_eval(
+                capsys, "--model", model, "--data", pairs, "--limit", "8", "--output", str(scores[name])
+            )
+            assert code == 0, err
+        assert scores["run"].read_text() == scores["merged"].read_text()
     config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config_json["r"] == 4 and config_json["lora_alpha"] == 8.0 and config_json["lora_dropout"] == 0.1
     assert config_json["base_model_name_or_path"] == base
