@@ -36,11 +36,18 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(
-    path: str, state_dict: dict, cfg: dict, qtype: str = "F32", tokens: int | None = None, rope_freqs=None
+    path: str,
+    state_dict: dict,
+    cfg: dict,
+    qtype: str = "F32",
+    tokens: int | None = None,
+    rope_freqs=None,
+    pre: str | None = None,
 ) -> None:
     """``state_dict``: HF names -> float32 arrays; ``cfg``: HF config dict; 2-D weights stored as ``qtype``.
 
-    ``rope_freqs``: per-frequency divisors, stored the way llama.cpp stores Llama 3.1 rope scaling.
+    ``rope_freqs``: per-frequency divisors, stored the way llama.cpp stores Llama 3.1 rope scaling;
+    ``pre``: the tokenizer's llama.cpp pre-tokenizer name (with ``tokens``).
     """
     w = GGUFWriter(path, "llama")
     w.add_block_count(cfg["num_hidden_layers"])
@@ -56,6 +63,8 @@ def write_gguf(
     if tokens:
         w.add_tokenizer_model("gpt2")
         w.add_token_list([f"t{i}" for i in range(tokens)])
+        if pre:
+            w.add_tokenizer_pre(pre)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     for name, value in state_dict.items():

@@ -256,6 +256,9 @@ class GGUFFile(TensorModel):
     def has_tokenizer(self) -> bool:
         return self.tensors.field("tokenizer.ggml.model") is not None
 
+    def gguf_pre_tokenizer(self) -> str | None:
+        return self.tensors.field("tokenizer.ggml.pre")
+
     def _tokenizer(self):
         from asft_jax.io.gguf_tokenizer import gguf_tokenizer
 

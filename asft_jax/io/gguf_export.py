@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType, quants
 
 from asft_jax.errors import AsftError
-from asft_jax.io.gguf import GGUF_ARCHITECTURES, QK, GGUFFile, gguf_name, llama3_factors, permute_qk, permutes_qk
+from asft_jax.io.gguf import GGUF_ARCHITECTURES, QK, gguf_name, llama3_factors, permute_qk, permutes_qk
 from asft_jax.io.hf import hf_tensor_specs
 from asft_jax.io.resolve import resolve
 from asft_jax.model import LlamaConfig
@@ -137,7 +137,7 @@ def export_gguf(model: str, output: str, dtype: str | None = None, params: dict 
     if params is None:
         params = src.load_params(host=True)
     qtype, ftype = GGUF_DTYPES[dtype]
-    pre = src.tensors.field("tokenizer.ggml.pre") if isinstance(src, GGUFFile) else None
+    pre = src.gguf_pre_tokenizer()
 
     tmp = output + ".partial"
     w = GGUFWriter(tmp, GGUF_ARCHITECTURES[config.model_type])

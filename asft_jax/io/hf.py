@@ -275,6 +275,9 @@ class TensorModel:
     def generation_config(self) -> dict:
         return token_ids(self.config)
 
+    def gguf_pre_tokenizer(self) -> str | None:
+        return None
+
 
 class HFFolder(TensorModel):
     """A ``transformers`` model folder: ``config.json``, safetensors weights, tokenizer files."""

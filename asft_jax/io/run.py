@@ -90,6 +90,11 @@ class RunSource:
                 return source.tokenizer()
         raise AsftError(f"{self.path}: the run's model has no tokenizer (set model.tokenizer); use pre-tokenized data")
 
+    def gguf_pre_tokenizer(self) -> str | None:
+        """A run's tokenizer is its base model's (or ``model.tokenizer``'s)."""
+        source = self.base if self.base is not None else self.tokenizer_source
+        return source.gguf_pre_tokenizer() if source is not None else None
+
     def generation_config(self) -> dict:
         """A run keeps the generation settings of the model it started from."""
         return self.base.generation_config() if self.base is not None else token_ids(self.config)

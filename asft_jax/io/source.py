@@ -35,6 +35,11 @@ class ModelSource(Protocol):
         """The model's own tokenizer as a transformers ``PreTrainedTokenizer``."""
         ...
 
+    def gguf_pre_tokenizer(self) -> str | None:
+        """llama.cpp's name for the tokenizer's pre-tokenizer (``tokenizer.ggml.pre``), when the model
+        came from a GGUF file that gives it; None otherwise."""
+        ...
+
     def generation_config(self) -> dict:
         """The ``generation_config.json`` contents an export of this model should carry."""
         ...

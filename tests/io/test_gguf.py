@@ -11,9 +11,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from gguf_writer import llama_cpp_permute, write_gguf
 from helpers import TINY, read_json
 
+from asft_jax.config import load_config
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
 from asft_jax.io.gguf import dequantize, unpermute_qk
+from asft_jax.io.run import RunSource
 from asft_jax.model import Llama
 
 
@@ -49,10 +51,14 @@ def test_tiny_gguf_matches_transformers_gguf_loader(hf_llama, tmp_path, qtype):
     cfg = read_json(f"{folder}/config.json")
     cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
     state = {k: v.numpy() for k, v in original.state_dict().items()}
-    write_gguf(str(tmp_path / "tiny.gguf"), state, cfg, qtype, tokens=TINY["vocab_size"])
+    write_gguf(str(tmp_path / "tiny.gguf"), state, cfg, qtype, tokens=TINY["vocab_size"], pre="smollm")
 
     src = resolve(str(tmp_path / "tiny.gguf"))
     assert (src.config.num_key_value_heads, src.config.tie_word_embeddings) == (2, False)
+    # its pre-tokenizer name goes on to a GGUF export, also of a run trained from it
+    assert src.gguf_pre_tokenizer() == "smollm" and resolve(folder).gguf_pre_tokenizer() is None
+    run = RunSource(str(tmp_path), None, load_config(None, ["data.path=x", "model.source=s"]), src.config, src)
+    assert run.gguf_pre_tokenizer() == "smollm"
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
     tokens = np.arange(40)[None] % TINY["vocab_size"]
     ours = np.asarray(jax.jit(Llama(src.config).apply)({"params": src.load_params()}, jnp.asarray(tokens)))
