@@ -249,19 +249,15 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
 def _fit(cfg, mesh, topo: Topology, budget_gib: float):
     """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.memory.choose``), on
     the largest step the pipeline can produce."""
-    from asft_jax.sharding import activate, micro_batch_sharding
-    from asft_jax.train import abstract_base, abstract_state, build_model, jit_steps
+    from asft_jax.sharding import micro_batch_sharding
+    from asft_jax.train import lower_train_step
 
     def peak_of(candidate) -> int:
-        model = build_model(candidate, model_architecture(candidate), "tpu")
-        tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
-        frozen = () if model.lora is None else (abstract_base(model, mesh),)
         batch = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh))
             for k, v in max_batch(candidate, mesh).items()
         }
-        with activate(mesh):
-            lowered = jit_steps(candidate, model, tx, schedule, shardings, mesh)[0].lower(state, batch, *frozen)
+        lowered = lower_train_step(candidate, model_architecture(candidate), mesh, "tpu", batch)
         try:
             return peak_bytes(lowered.compile()) * topo.devices_per_chip
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM

@@ -238,6 +238,19 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
     }
 
 
+def lower_train_step(cfg: TrainConfig, config: LlamaConfig, mesh: jax.sharding.Mesh, platform: str, batch: dict):
+    """``cfg``'s train step for the architecture ``config`` on ``mesh``, lowered for ``platform`` on
+    abstract state and ``batch``: what a memory search (``fit_memory``, ``asft compile``) compiles.
+    Only the lowering runs under the mesh: ``mesh`` may hold devices of a TPU topology that cannot
+    run anything."""
+    model = build_model(cfg, config, platform)
+    tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
+    base = () if model.lora is None else (abstract_base(model, mesh),)
+    train_step = jit_steps(cfg, model, tx, schedule, shardings, mesh)[0]
+    with activate(mesh):
+        return train_step.lower(state, batch, *base)
+
+
 def fit_memory(
     cfg: TrainConfig, config: LlamaConfig, mesh: jax.sharding.Mesh, tokenizer: Any
 ) -> tuple[TrainConfig, Any]:
@@ -264,12 +277,8 @@ def fit_memory(
     last = {}  # the last candidate compiled: `choose` stops at the first that fits, so it is the choice
 
     def peak_of(candidate: TrainConfig) -> int:
-        model = build_model(candidate, config, platform)
-        tx, schedule, shardings, state = abstract_state(candidate, model, mesh)
-        train_step, _ = jit_steps(candidate, model, tx, schedule, shardings, mesh)
-        base = () if model.lora is None else (abstract_base(model, mesh),)
         batch = step_batch(candidate, mesh, tokenizer, config.vocab_size)
-        last["step"] = train_step.lower(state, batch, *base).compile()
+        last["step"] = lower_train_step(candidate, config, mesh, platform, batch).compile()
         return peak_bytes(last["step"]) * devices
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
