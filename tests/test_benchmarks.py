@@ -54,10 +54,11 @@ def test_bench_train_prints_a_table_and_writes_json(tmp_path):
 
 
 @pytest.mark.spawn
-def test_step_shapes_counts_the_shapes_of_both_modes(smollm2_gguf):
+def test_step_shapes_counts_the_shapes_of_both_modes(smollm2_gguf, shared_data):
     script = os.path.join(REPO, "benchmarks", "step_shapes.py")
     args = ["--steps", "4", "--compile", "0", "--model", smollm2_gguf]
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+    env = {**os.environ, "ASFT_DATA": shared_data}  # the data sets it reads, wherever the fixture found them
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"data"')]
     assert [(r["data"], r["mode"]) for r in rows] == [

@@ -86,7 +86,7 @@ def _tokenizer_metadata(w: GGUFWriter, tokenizer, config: LlamaConfig, pre: str 
     if model.get("type") != "BPE" or '"ByteLevel"' not in pieces:
         kind = (spec.get("pre_tokenizer") or {}).get("type")
         raise AsftError(
-            f"{where}: only byte-level BPE tokenizers (SmolLM, Llama 3) can be written to GGUF here; this one is "
+            f"{where}: only byte-level BPE tokenizers (SmolLM, Llama 3, Qwen) can be written to GGUF here; this one is "
             f"{model.get('type')} with a {kind} pre-tokenizer (SentencePiece-style, as Llama 2's, is not supported)"
         )
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}

@@ -178,12 +178,13 @@ def _dense(features, axis, names, bias, name, m, init_std=0.02):
     )
 
 
-def _adapted(m: nn.Module, name: str, dense: nn.Module, x: Array, names: tuple[str, ...], n_in: int) -> Array:
-    """``dense(x)`` for x ``[tokens, *in]``, plus projection ``name``'s LoRA adapter (``m.lora``) when
-    the ``"lora"`` collection holds it (the model applied without that collection is the base model).
-    ``names``: the kernel's logical axes, ``n_in`` of them for the input. The adapter's input gets
+def _projection(m: nn.Module, name: str, features, axis, names: tuple[str, ...], bias: bool, x: Array) -> Array:
+    """Projection ``name`` of ``m`` (``_dense``) applied to x ``[tokens, *in]``, plus its LoRA adapter
+    (``m.lora``) when the ``"lora"`` collection holds it (the model applied without that collection is
+    the base model). ``names``: the kernel's logical axes, input axes first. The adapter's input gets
     LoRA dropout when the model is applied with a ``"dropout"`` rng (training)."""
-    y = dense(x)
+    y = _dense(features, axis, names, bias, name, m)(x)
+    n_in = len(np.atleast_1d(axis))
     lora = m.lora
     if lora is None or name not in lora.targets:
         return y
@@ -243,9 +244,9 @@ class Attention(nn.Module):
         b, t, e = x.shape
         flat = x.reshape(b * t, e)  # projections on [tokens, embed]: plain GEMMs forward and backward
         q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
-        q = _adapted(self, "q", _dense((h, d), -1, q_names, bias, "q", self), flat, q_names, 1).reshape(b, t, h, d)
-        kk = _adapted(self, "k", _dense((k, d), -1, kv_names, bias, "k", self), flat, kv_names, 1).reshape(b, t, k, d)
-        v = _adapted(self, "v", _dense((k, d), -1, kv_names, bias, "v", self), flat, kv_names, 1).reshape(b, t, k, d)
+        q = _projection(self, "q", (h, d), -1, q_names, bias, flat).reshape(b, t, h, d)
+        kk = _projection(self, "k", (k, d), -1, kv_names, bias, flat).reshape(b, t, k, d)
+        v = _projection(self, "v", (k, d), -1, kv_names, bias, flat).reshape(b, t, k, d)
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="q_norm")(q)
             kk = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name="k_norm")(kk)
@@ -263,8 +264,7 @@ class Attention(nn.Module):
             out = attention.splash_attention(q, kk, v, segment_ids, branch_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         o_names = ("heads", "head_dim", "embed")
-        o_proj = _dense(c.hidden_size, (-2, -1), o_names, c.attention_bias, "o", self)
-        o = _adapted(self, "o", o_proj, out.reshape(b * t, h, d), o_names, 2)
+        o = _projection(self, "o", c.hidden_size, (-2, -1), o_names, c.attention_bias, out.reshape(b * t, h, d))
         return o.reshape(b, t, e), kv
 
 
@@ -280,13 +280,10 @@ class MLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [tokens, embed]: plain GEMMs forward and backward
         up_names, down_names = ("embed", "mlp"), ("mlp", "embed")
-        gate = _adapted(
-            self, "gate", _dense(c.intermediate_size, -1, up_names, c.mlp_bias, "gate", self), x, up_names, 1
-        )
-        up = _adapted(self, "up", _dense(c.intermediate_size, -1, up_names, c.mlp_bias, "up", self), x, up_names, 1)
+        gate = _projection(self, "gate", c.intermediate_size, -1, up_names, c.mlp_bias, x)
+        up = _projection(self, "up", c.intermediate_size, -1, up_names, c.mlp_bias, x)
         hidden = nn.silu(gate) * up
-        down = _dense(c.hidden_size, -1, down_names, c.mlp_bias, "down", self)
-        return _adapted(self, "down", down, hidden, down_names, 1).reshape(shape)
+        return _projection(self, "down", c.hidden_size, -1, down_names, c.mlp_bias, hidden).reshape(shape)
 
 
 class DecoderLayer(nn.Module):
