@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU (bf16 matmuls are slow there), else bfloat16
     param_dtype: str = "float32"
     remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: the fastest that fits (asft_jax.memory)
-    attention: str = "auto"  # auto | xla | dot_product | splash (asft_jax.model.attention)
+    attention: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu (asft_jax.model.attention)
     lora: LoraConfig | None = None  # train LoRA adapters only (asft_jax.model.lora); None: every weight
 
 

@@ -12,7 +12,16 @@ All take queries ``[batch, t, heads, head_dim]`` and keys/values ``[batch, s, kv
   lowered by Mosaic, per shard in a ``shard_map`` (batch over ``data``/``fsdp``, heads over
   ``tensor``) when a mesh is in context; off TPU it runs in Pallas interpret mode (tests). Lengths
   that are not a multiple of 128, and sliding windows shorter than the length, fall back to ``xla``.
-- ``auto``: ``dot_product`` on GPU, ``splash`` on TPU where it applies, ``xla`` elsewhere.
+- ``pallas_gpu``: Pallas' flash attention for GPUs (``jax.experimental.pallas.ops.gpu.attention``,
+  lowered through Triton) with segment ids; the shared-prefix mask as one call per response branch
+  (see ``gpu_flash_attention``). Grouped-query heads are repeated to the query heads (the kernel is
+  multi-head only). Same block rule and window fallback as ``splash``; per shard under a mesh; off
+  GPU in interpret mode (tests).
+- ``auto``: ``pallas_gpu`` on GPU and ``splash`` on TPU where they apply, ``xla`` elsewhere.
+
+Why not cuDNN on GPU: ``jax.nn.dot_product_attention`` takes the packing mask only as a dense
+``[rows, 1, t, t]`` bias, whose memory grows with the square of the length (measured in
+``docs/gpu.md``); the Pallas kernel reads ids ``[rows, t]`` and never builds a ``[t, t]`` array.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "splash", "pallas_gpu")
+FUSED = ("splash", "pallas_gpu")  # kernels that take segment ids: a multiple of BLOCK long, no short window
 BLOCK = 128  # xla_attention's query block, and the smallest splash block: rows longer than it should be multiples
 
 
@@ -133,8 +143,9 @@ def _splash_kernel(length: int, group: int, interpret: bool, save_residuals: boo
 
 def target_platform() -> str:
     """The platform this trace targets: that of the mesh in context (``jax.set_mesh``, as
-    ``sharding.activate`` does; abstract TPUs of a topology when compiling ahead of time on a CPU
-    host), else the default backend. It picks ``auto``'s kernel, cuDNN, and splash's interpret mode."""
+    ``sharding.activate`` does; abstract TPUs or GPUs of a topology when compiling ahead of time on a
+    CPU host), else the default backend. It picks ``auto``'s kernel, cuDNN, and the Pallas kernels'
+    interpret mode."""
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     return device.platform if device is not None else jax.default_backend()
 
@@ -292,13 +303,48 @@ def _shared_prefix_local(
 
 
 def choose(implementation: str, *, length: int, window: int | None = None) -> str:
-    """The implementation used for one call: ``auto`` resolved, and ``splash`` replaced by ``xla``
-    where the length is not a multiple of 128 (the kernel's blocks) or a sliding ``window`` shorter
-    than the length limits attention (the kernel's mask here has no window)."""
+    """The implementation used for one call: ``auto`` resolved, and ``splash`` or ``pallas_gpu``
+    replaced by ``xla`` where the length is not a multiple of 128 (the kernels' blocks) or a sliding
+    ``window`` shorter than the length limits attention (the kernels' masks here have no window)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        implementation = {"gpu": "dot_product", "tpu": "splash"}.get(target_platform(), "xla")
-    if implementation == "splash" and (length % 128 or (window is not None and window < length)):
+        implementation = {"gpu": "pallas_gpu", "tpu": "splash"}.get(target_platform(), "xla")
+    if implementation in FUSED and (length % 128 or (window is not None and window < length)):
         return "xla"
     return implementation
+
+
+# --- Pallas flash attention on GPU ------------------------------------------------------------------
+#
+# The kernel takes one id per token, the same for queries and keys (mask: causal & equal ids), which
+# expresses the packed layout directly. The shared-prefix mask (a response token sees its prompt and
+# its own response, not the other response) is not one such mask, but in a row laid out as prompt,
+# chosen, rejected per segment it is two: call c gives the prompt and branch c their segment's id and
+# the other branch -1, so a query of branch c (and, causally, a prompt query) sees exactly its keys;
+# each token's output is taken from the call of its branch (prompt tokens: chosen's). Unlike splash's
+# two parts, no log-sum-exp merge is needed, and the kernel's own VJP applies (the unselected outputs
+# get zero cotangents; every query sees at least itself, so no row is all masked). Cost: two passes.
+
+
+def _pallas_gpu_local(q: Array, k: Array, v: Array, segment_ids: Array, *ids: Array, interpret: bool) -> Array:
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # query head j*group + i reads kv head j
+    attend = partial(mha, sm_scale=float(q.shape[-1]) ** -0.5, causal=True, interpret=interpret)
+    if not ids:
+        return attend(q, k, v, segment_ids)
+    (branch_ids,) = ids
+    outs = [attend(q, k, v, jnp.where((branch_ids == 0) | (branch_ids == c), segment_ids, -1)) for c in (1, 2)]
+    return jnp.where((branch_ids == 2)[:, :, None, None], outs[1], outs[0])
+
+
+def gpu_flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Array | None = None) -> Array:
+    """Causal attention within segments (``segment_ids`` ``[batch, length]``, 0 padding) with Pallas'
+    GPU flash kernel; with ``branch_ids`` the shared-prefix mask (see above). On GPU the kernel is
+    lowered through Triton, inside a ``shard_map`` when a mesh is in context; elsewhere it runs in
+    interpret mode."""
+    interpret = target_platform() != "gpu"
+    ids = (segment_ids,) if branch_ids is None else (segment_ids, branch_ids)
+    return _shard_over_mesh(partial(_pallas_gpu_local, interpret=interpret), q, k, v, *ids)

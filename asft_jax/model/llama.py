@@ -260,6 +260,8 @@ class Attention(nn.Module):
             out = attention.xla_attention(q, kk, v, mask)
         elif impl == "dot_product":
             out = attention.dot_product_attention(q, kk, v, mask)
+        elif impl == "pallas_gpu":
+            out = attention.gpu_flash_attention(q, kk, v, segment_ids, branch_ids)
         else:
             out = attention.splash_attention(q, kk, v, segment_ids, branch_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -329,7 +331,7 @@ class Llama(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | dot_product | splash: see asft_jax.model.attention
+    attention_impl: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu: see asft_jax.model.attention
     lora: LoraConfig | None = None  # adapters in the "lora" collection (asft_jax.model.lora)
 
     def setup(self) -> None:

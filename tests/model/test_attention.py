@@ -1,5 +1,5 @@
-"""The splash kernel paths against the XLA reference (Pallas interpret mode on CPU), and their
-lowering by Mosaic for an abstract TPU v5p topology under a (data, fsdp, tensor) mesh."""
+"""The fused kernels (TPU splash, Pallas' GPU flash attention) against the XLA reference (Pallas
+interpret mode on CPU), and their lowering for abstract TPU v5p and H100 topologies under a mesh."""
 
 from __future__ import annotations
 
@@ -42,9 +42,13 @@ def _ids(layout: str) -> tuple[jax.Array, jax.Array | None]:
     return seg, (br if layout == "packed_shared_prefix" else None)
 
 
+FUSED = {"splash": attention.splash_attention, "pallas_gpu": attention.gpu_flash_attention}
+
+
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("layout", ["padded", "packed", "packed_shared_prefix"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (2, 2)])
-def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
+def test_fused_kernels_match_xla_values_and_gradients(impl, layout, heads, kv_heads):
     seg, br = _ids(layout)
     mask = attention_mask(seg, br)
     b, d = seg.shape[0], 32
@@ -60,9 +64,9 @@ def test_splash_matches_xla_values_and_gradients(layout, heads, kv_heads):
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), (0, 1, 2)))
 
     want, want_grads = loss(lambda q, k, v: attention.xla_attention(q, k, v, mask))(q, k, v)
-    got, got_grads = loss(lambda q, k, v: attention.splash_attention(q, k, v, seg, br))(q, k, v)
+    got, got_grads = loss(lambda q, k, v: FUSED[impl](q, k, v, seg, br))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    out = attention.splash_attention(q, k, v, seg, br)
+    out = FUSED[impl](q, k, v, seg, br)
     np.testing.assert_allclose(
         np.asarray(out)[real], np.asarray(attention.xla_attention(q, k, v, mask))[real], atol=2e-5
     )
