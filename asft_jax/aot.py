@@ -1,10 +1,10 @@
-"""``asft compile``: the config's train and eval steps compiled ahead of time for a TPU topology.
+"""``asft compile``: the config's train and eval steps compiled ahead of time for a TPU slice or GPU nodes.
 
-No TPU, weights, data or network needed: libtpu (``pip install ".[tpu]"``) describes the topology's
-devices (``jax.experimental.topologies.get_topology_desc``), the train state and the largest batch
-the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and XLA's TPU compiler
-reports memory (``memory_analysis``) and cost (``cost_analysis``) per device. Estimates, not
-measurements: see the README, "Compile for a TPU topology".
+No accelerator, weights, data or network needed: libtpu (``pip install ".[tpu]"``) or the CUDA plugin
+(``".[gpu-aot]"``) describes the topology's devices (``asft_jax.accelerators``), the train state and
+the largest batch the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and
+XLA's compiler reports memory (``memory_analysis``) per device, and on TPU cost (``cost_analysis``).
+Estimates, not measurements: see docs/compile.md.
 """
 
 from __future__ import annotations
@@ -21,112 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from asft_jax.accelerators import GIB, Topology, topology
 from asft_jax.errors import AsftError
 from asft_jax.memory import AUTO, candidates, choose, peak_bytes
 
-GIB = 1024**3
 REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
-HEADROOM = (
-    0.10  # a step "fits" when its peak is at most 90% of HBM: room for the runtime, fragmentation, and XLA's estimate
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    kind: str
-    hbm_gib: float
-    bf16_tflops: float  # dense peak, per chip
-    hbm_gbps: float  # GB/s (10^9 bytes), per chip
-    source: str
-
-
-# Per chip, from Google's Cloud TPU system-architecture pages (retrieved 2026-11):
-# https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e ("chip specifications": HBM capacity,
-# HBM bandwidth, peak bf16 compute).
-CHIPS = {
-    "v4": Chip("TPU v4", 32, 275, 1200, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
-}
-_GENERATIONS = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
-_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
-ACCEPTED = (
-    "Cloud TPU types v4-N and v5p-N (N TensorCores, 2 per chip, N = 8, 16, 32, ...), v5litepod-N / v5e-N and v6e-N "
-    f"(N chips: {', '.join(map(str, _SHAPES_2D))}), or raw topologies v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB"
-)
-
-
-def _shape_3d(chips: int) -> tuple[int, ...]:
-    """v4 / v5p slice shapes as Cloud TPU lists them: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...
-    (the smallest axis doubles, the last of equals first)."""
-    dims = [2, 2, 1]
-    while math.prod(dims) < chips:
-        i = max(j for j in range(3) if dims[j] == min(dims))
-        dims[i] *= 2
-    return tuple(dims)
-
-
-def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-    """``"v5p-128"`` -> ``("v5p", (4, 4, 4))``; ``"v5e:2x2"`` -> ``("v5e", (2, 2))`` (no libtpu needed)."""
-    raw = re.fullmatch(r"(v4|v5p|v5|v5e|v5litepod|v6e):(\d+(?:x\d+)+)", name.strip().lower())
-    typed = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
-    if raw:
-        gen, dims = _GENERATIONS[raw[1]], tuple(int(d) for d in raw[2].split("x"))
-        if len(dims) != (3 if gen in ("v4", "v5p") else 2) or min(dims) < 1:
-            raise AsftError(
-                f"topology {name!r}: {gen} topologies have {3 if gen in ('v4', 'v5p') else 2} axes; accepted: "
-                f"{ACCEPTED}"
-            )
-        return gen, dims
-    if typed:
-        gen, n = _GENERATIONS[typed[1]], int(typed[2])
-        if gen in ("v4", "v5p"):
-            if n < 8 or n & (n - 1):
-                raise AsftError(
-                    f"topology {name!r}: {gen}-N counts TensorCores (2 per chip), N a power of two >= 8; accepted: "
-                    f"{ACCEPTED}"
-                )
-            return gen, _shape_3d(n // 2)
-        if n not in _SHAPES_2D:
-            raise AsftError(f"topology {name!r}: no such {gen} slice; accepted: {ACCEPTED}")
-        return gen, _SHAPES_2D[n]
-    raise AsftError(f"unknown topology {name!r}; accepted: {ACCEPTED}")
-
-
-@dataclasses.dataclass
-class Topology:
-    name: str  # as libtpu was asked, e.g. "v5p:4x4x4"
-    chip: Chip
-    chips: int
-    devices: list  # abstract TPU devices (v4 describes each TensorCore as a device: 2 per chip)
-
-    @property
-    def devices_per_chip(self) -> int:
-        return len(self.devices) // self.chips
-
-
-def topology(name: str) -> Topology:
-    """The abstract devices of a TPU topology (libtpu's description; no TPU needed)."""
-    gen, dims = parse_topology(name)
-    raw = f"{gen}:{'x'.join(map(str, dims))}"
-    # libtpu takes a machine-wide lock unless told otherwise; no TPU is opened here, so several
-    # compiles (and a test run beside them) may share the host
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        import libtpu  # noqa: F401  (a clear message instead of "unknown backend tpu")
-        from jax.experimental import topologies
-    except ImportError:
-        raise AsftError('asft compile needs libtpu: pip install -e ".[tpu]"') from None
-    try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw)
-    except Exception as e:  # noqa: BLE001 (slices smaller than a 2x2x1 host need their own host bounds)
-        if "not divisible" not in str(e):
-            raise AsftError(f"topology {raw}: libtpu refused it ({str(e).splitlines()[0]})") from None
-        desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims))
-        )
-    return Topology(raw, CHIPS[gen], math.prod(dims), list(desc.devices))
+HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of the usable memory: runtime, fragmentation, estimate
 
 
 def model_architecture(cfg):
@@ -193,14 +93,6 @@ def _cost(compiled) -> dict:
     return (cost[0] if isinstance(cost, list) else cost) or {}
 
 
-def _larger_slice(topo: Topology, factor: float) -> str:
-    gen = next(g for g, c in CHIPS.items() if c is topo.chip)
-    chips = topo.chips * 2 ** max(1, math.ceil(math.log2(max(factor, 1.0))))
-    if gen in ("v4", "v5p"):
-        return f"{gen}-{2 * chips}"
-    return f"{gen}-{chips}" if chips in _SHAPES_2D else f"a larger {gen} slice ({chips} chips: several slices)"
-
-
 def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, budget_gib: float) -> str:
     """The first thing to change when a step does not fit, cheapest first: shard the replicated
     parameters and AdamW state (costs communication only), more micro-batches (same math, smaller
@@ -225,7 +117,7 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
         if stronger:
             return f"set model.remat_policy={stronger[0]} (recompute more of the forward in the backward)"
     need = (peak_gib if peak_gib is not None else state_gib) / budget_gib
-    return f"use more chips: {_larger_slice(topo, need)} (with mesh.fsdp=-1)"
+    return f"use more chips: {topo.larger(need)} (with mesh.fsdp=-1)"
 
 
 def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, budget_gib: float):
@@ -241,7 +133,7 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
         raise AsftError(
             f"does not fit {topo.name}: needs about {peak_gib:.2f} GiB per chip (train state {state_gib:.2f} + XLA's "
             "temporaries "
-            f"{float(need[1]):.2f}), has {budget_gib:.1f} of {topo.chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); "
+            f"{float(need[1]):.2f}), has {budget_gib:.1f} of {topo.chip.hbm_gib:.4g} GiB ({_rule(topo)}); "
             f"first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
         ) from None
 
@@ -257,7 +149,7 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh))
             for k, v in max_batch(candidate, mesh).items()
         }
-        lowered = lower_train_step(candidate, model_architecture(candidate), mesh, "tpu", batch)
+        lowered = lower_train_step(candidate, model_architecture(candidate), mesh, topo.platform, batch)
         try:
             return peak_bytes(lowered.compile()) * topo.devices_per_chip
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM
@@ -266,17 +158,38 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
             return math.inf
 
     per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-    limit = (int(budget_gib * GIB), f"{topo.chip.kind} HBM less {HEADROOM:.0%} headroom")
+    limit = (int(budget_gib * GIB), f"{topo.chip.kind} memory, {_rule(topo)}")
     try:
-        return choose(cfg, per_shard, peak_of, limit, "tpu")
+        return choose(cfg, per_shard, peak_of, limit, topo.platform)
     except AsftError:  # nothing fits: the report of the fastest setting says by how much, and what to change
-        m, r = candidates(cfg, per_shard, "tpu")[0]
+        m, r = candidates(cfg, per_shard, topo.platform)[0]
         return dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
 
 
-def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
-    """Compiles ``cfg``'s train and eval steps for ``topology_name``; returns the report (see the
-    README). Raises ``AsftError`` (one line) when the config cannot run there or does not fit."""
+def _rule(topo: Topology) -> str:
+    """How the memory budget is set, for messages."""
+    if topo.platform == "gpu":
+        return f"{HEADROOM:.0%} headroom in the {topo.chip.usable:.0%} of memory JAX's allocator takes"
+    return f"{HEADROOM:.0%} headroom"
+
+
+def attention_kernel(hlo: str) -> str:
+    """What a compiled program runs for attention, read from its HLO text: the fused kernels' custom
+    calls (cuDNN's fMHA, a Pallas kernel lowered by Triton on GPU or Mosaic on TPU), else XLA's own
+    dots and softmax."""
+    if "__cudnn$fmha" in hlo:
+        return "cudnn_fmha"
+    if re.search(r"__gpu\$xla\.gpu\.triton.*mha_(forward|backward)", hlo):
+        return "pallas_triton_flash"
+    if "tpu_custom_call" in hlo and "splash" in hlo:
+        return "pallas_mosaic_splash"
+    return "xla_dots"
+
+
+def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dict[str, Any]:
+    """Compiles ``cfg``'s train and eval steps for ``topology_name`` (a TPU slice or GPU nodes, see
+    ``asft_jax.accelerators``; ``gpu_target``: a GPU's target file); returns the report (see
+    docs/compile.md). Raises ``AsftError`` (one line) when the config cannot run there or does not fit."""
     from asft_jax.model import attention
     from asft_jax.sharding import (
         activate,
@@ -286,12 +199,12 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     )
     from asft_jax.train import abstract_base, abstract_state, build_model, check_batch_split, jit_steps
 
-    topo = topology(topology_name)
+    topo = topology(topology_name, gpu_target)
     chip, dpc = topo.chip, topo.devices_per_chip
-    budget_gib = (1 - HEADROOM) * chip.hbm_gib
+    budget_gib = (1 - HEADROOM) * chip.usable * chip.hbm_gib
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     check_batch_split(cfg, mesh)
-    arch = (model_architecture(cfg), "tpu")
+    arch = (model_architecture(cfg), topo.platform)
     remat = "none" if cfg.model.remat_policy == AUTO else cfg.model.remat_policy  # the state does not depend on it
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=remat)), *arch)
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
@@ -314,7 +227,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     if state_gib > budget_gib:  # no compile needed to know
         raise AsftError(
             f"does not fit {topo.name}: parameters and AdamW state alone need {state_gib:.2f} GiB per chip, "
-            f"has {budget_gib:.1f} of {chip.hbm_gib} GiB ({HEADROOM:.0%} headroom); first: "
+            f"has {budget_gib:.1f} of {chip.hbm_gib:.4g} GiB ({_rule(topo)}); first: "
             f"{advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
         )
     if AUTO in (cfg.micro_batches, cfg.model.remat_policy):
@@ -325,7 +238,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh)) for k, v in batch.items()
     }
     train_step, eval_step = jit_steps(cfg, model, tx, schedule, shardings, mesh)
-    with activate(mesh):  # TPU devices in context: attention picks its TPU kernel (attention.target_platform)
+    with activate(mesh):  # the topology's devices in context: attention picks their kernel (target_platform)
         resolved = attention.choose(cfg.model.attention, length=batch["tokens"].shape[-1])
         start = time.perf_counter()
         lowered = train_step.lower(state, abstract_batch, *frozen)
@@ -336,7 +249,7 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
             eval_step.lower(state.params, abstract_batch, *frozen), cfg, topo, mesh, state_gib, budget_gib
         )
         eval_compile_s = time.perf_counter() - start - compile_s
-    cost = _cost(train)
+    cost = _cost(train)  # empty for GPU targets: XLA has no cost analysis there
     xla_flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     useful = model_flops(model.config, batch)
     # XLA's cost analysis counts a loop body once (measured: a 8-step lax.scan reports 1/8 of its
@@ -347,11 +260,14 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     executed = useful * REMAT_RECOMPUTE[cfg.model.remat_policy]
     flops_device = max(xla_flops_device, executed / len(topo.devices))
     traffic_device = max(bytes_device, 2.0 * _bytes_per_device(state))
-    step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
+    step_s = None
+    if chip.bf16_tflops:
+        step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
     peak_gib = peak_bytes(train) * dpc / GIB
     report = {
         **base,
         "attention": resolved,
+        "attention_kernel": attention_kernel(train.as_text()),
         "layout": cfg.data.layout,
         "remat_policy": cfg.model.remat_policy,
         "batch_shape": {
@@ -360,7 +276,9 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
             "length": int(batch["tokens"].shape[2]),
         },
         "hbm_per_chip_gib": chip.hbm_gib,
+        "usable_memory_fraction": chip.usable,
         "headroom": HEADROOM,
+        "budget_per_chip_gib": budget_gib,
         "params": model.config.num_params,
         "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),  # LoRA: the adapters
         "params_and_optimizer_per_chip_gib": state_gib,
@@ -368,12 +286,16 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
         "peak_per_chip_gib": peak_gib,
         "eval_peak_per_chip_gib": peak_bytes(evaluated) * dpc / GIB,
         "fits": peak_gib <= budget_gib,
-        "flops_per_step": xla_flops_device * len(topo.devices),
-        "flops_per_step_note": "XLA cost analysis, all chips; loop bodies (layers, micro-batches) counted once",
+        "flops_per_step": xla_flops_device * len(topo.devices) if cost else executed,
+        "flops_per_step_note": (
+            "XLA cost analysis, all chips; loop bodies (layers, micro-batches) counted once"
+            if cost
+            else "model FLOPs x rematerialisation's recompute (XLA has no cost analysis for this target)"
+        ),
         "bytes_accessed_per_chip": bytes_device * dpc,
         "model_flops_per_step": useful,
         "estimated_step_s": step_s,
-        "estimated_mfu": useful / (topo.chips * chip.bf16_tflops * 1e12 * step_s),
+        "estimated_mfu": useful / (topo.chips * chip.bf16_tflops * 1e12 * step_s) if step_s else None,
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
         "eval_compile_s": round(eval_compile_s, 2),
@@ -381,8 +303,8 @@ def compile_steps(cfg, topology_name: str, log=sys.stderr) -> dict[str, Any]:
     }
     if not report["fits"]:
         report["error"] = (
-            f"does not fit {topo.name}: needs {peak_gib:.2f} GiB per chip, has {budget_gib:.1f} of {chip.hbm_gib} GiB "
-            f"({HEADROOM:.0%} headroom); first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
+            f"does not fit {topo.name}: needs {peak_gib:.2f} GiB per chip, has {budget_gib:.1f} of {chip.hbm_gib:.4g} "
+            f"GiB ({_rule(topo)}); first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
         )
     return report
 
@@ -394,23 +316,29 @@ def table(report: dict) -> str:
         (
             "batch (largest)",
             "{micro_batches} x {rows} rows x {length}".format(**report["batch_shape"])
-            + f" ({report['layout']}), attention {report['attention']}",
+            + f" ({report['layout']}), attention {report['attention']} ({report['attention_kernel']})",
         ),
         ("parameters", f"{report['params'] / 1e6:,.1f} M"),
         ("params + AdamW per chip", f"{report['params_and_optimizer_per_chip_gib']:.3f} GiB"),
         (
             "train step peak per chip",
             (
-                f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']} "
-                f"(fits: {report['fits']}, {report['headroom']:.0%} headroom)"
+                f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']:.4g} "
+                f"(budget {report['budget_per_chip_gib']:.1f}, fits: {report['fits']})"
             ),
         ),
         ("eval step peak per chip", f"{report['eval_peak_per_chip_gib']:.3f} GiB"),
         (
             "model FLOPs per step",
-            f"{report['model_flops_per_step']:.3e} (XLA, loops once: {report['flops_per_step']:.3e})",
+            f"{report['model_flops_per_step']:.3e} (flops_per_step {report['flops_per_step']:.3e}: "
+            f"{report['flops_per_step_note']})",
         ),
-        ("estimated step (roofline)", f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%}"),
+        (
+            "estimated step (roofline)",
+            f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%}"
+            if report["estimated_step_s"]
+            else "no peak FLOP/s known for this chip",
+        ),
         (
             "compile",
             (
@@ -424,9 +352,9 @@ def table(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(cfg, topology_name: str) -> None:
+def main(cfg, topology_name: str, gpu_target: str | None = None) -> None:
     """The ``asft compile`` command: table to stderr, the JSON report as the last stdout line."""
-    report = compile_steps(cfg, topology_name)
+    report = compile_steps(cfg, topology_name, gpu_target)
     print(table(report), file=sys.stderr)
     print(json.dumps(report))
     if "error" in report:

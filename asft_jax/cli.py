@@ -29,22 +29,24 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from asft_jax.aot import main, parse_topology
+    from asft_jax.accelerators import parse_topology
+    from asft_jax.aot import main
     from asft_jax.config import load_config
 
-    overrides, topology = [], args.topology
-    rest = iter(args.overrides)  # argparse cannot take --topology between two positionals: picked out here
+    overrides, flags = [], {"topology": args.topology, "gpu_target": args.gpu_target}
+    rest = iter(args.overrides)  # argparse cannot take a flag between two positionals: picked out here
     for arg in rest:
-        if arg == "--topology":
-            topology = next(rest, None)
-        elif arg.startswith("--topology="):
-            topology = arg.split("=", 1)[1]
+        flag = arg.removeprefix("--").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("--") and flag in flags:
+            flags[flag] = arg.split("=", 1)[1] if "=" in arg else next(rest, None)
         else:
             overrides.append(arg)
+    topology, gpu_target = flags["topology"], flags["gpu_target"]
     if not topology:
-        raise AsftError("compile: --topology is required (e.g. --topology v5p-8)")
-    parse_topology(topology)  # a typo is reported before anything else
-    main(load_config(args.config, overrides), topology)
+        raise AsftError("compile: --topology is required (e.g. --topology v5p-8 or h100:8)")
+    if gpu_target is None:
+        parse_topology(topology)  # a typo is reported before anything else
+    main(load_config(args.config, overrides), topology, gpu_target)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -248,13 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compile",
-        help="compile a config's train step for a TPU topology (no TPU needed): memory per chip, FLOPs, estimated "
-        "step time",
+        help="compile a config's train step for a TPU slice or GPU nodes (none needed): memory per chip, FLOPs, "
+        "estimated step time",
     )
     p.add_argument(
         "--topology",
-        help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64) or raw topology (v5p:4x4x4, v5e:2x2); "
-        "required",
+        help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64), raw TPU topology (v5p:4x4x4, "
+        "v5e:2x2), or GPU nodes NAME:G / NAME:NxG (h100, h200, a100-80gb, b200; e.g. h100:8, h100:4x8); required",
+    )
+    p.add_argument(
+        "--gpu-target",
+        help="a GpuTargetConfigProto text file (XLA's GPU specs) for any other GPU; --topology then gives G or NxG",
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, as for train")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import jax
 
-from asft_jax.aot import GIB, _bytes_per_device, topology
+from asft_jax.accelerators import GIB, topology
+from asft_jax.aot import _bytes_per_device
 from asft_jax.config import load_config
 from asft_jax.model.presets import preset
 from asft_jax.sharding import make_mesh

@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import TINY, TINY_INIT
 
-from asft_jax.aot import parse_topology
+from asft_jax.accelerators import parse_topology
 from asft_jax.errors import AsftError
 
 pytestmark = pytest.mark.optimized  # the memory and FLOPs reported are those of the real TPU compile
@@ -199,10 +199,10 @@ def test_the_70b_recipe_on_too_small_a_slice_is_one_line():
 def test_peak_over_hbm_names_the_shortfall(monkeypatch):
     import dataclasses
 
-    from asft_jax import aot
+    from asft_jax import accelerators, aot
     from asft_jax.config import load_config
 
-    monkeypatch.setitem(aot.CHIPS, "v5p", dataclasses.replace(aot.CHIPS["v5p"], hbm_gib=0.01))  # a 10 MiB chip
+    monkeypatch.setitem(accelerators.CHIPS, "v5p", dataclasses.replace(accelerators.CHIPS["v5p"], hbm_gib=0.01))  # a 10 MiB chip
     cfg = load_config(CONFIG, BASE)
     report = aot.compile_steps(cfg, "v5p-8")
     assert report["fits"] is False

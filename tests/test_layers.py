@@ -22,7 +22,7 @@ LAYERS = [
     ("config", ["config"]),
     ("io", ["checkpoint", "io", "metrics_log"]),
     ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
-    ("train", ["train", "aot"]),
+    ("train", ["train", "aot", "accelerators"]),
     ("cli", ["cli", "__main__"]),
 ]
 

@@ -87,7 +87,7 @@ def test_resolve_keeps_splash_for_every_mask_and_falls_back_off_block_lengths():
 def _tpu_topology():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed: no Mosaic lowering for TPU here")
-    from asft_jax.aot import topology
+    from asft_jax.accelerators import topology
 
     return topology("v5p:2x2x1").devices  # as `asft compile` gets them (no machine-wide libtpu lock)
 
