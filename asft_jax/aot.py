@@ -324,7 +324,7 @@ def table(report: dict) -> str:
             "train step peak per chip",
             (
                 f"{report['peak_per_chip_gib']:.3f} GiB of {report['hbm_per_chip_gib']:.4g} "
-                f"(budget {report['budget_per_chip_gib']:.1f}, fits: {report['fits']})"
+                f"(budget {report['budget_per_chip_gib']:.3g}, fits: {report['fits']})"
             ),
         ),
         ("eval step peak per chip", f"{report['eval_peak_per_chip_gib']:.3f} GiB"),

@@ -4,6 +4,7 @@ interpret mode on CPU), and their lowering for abstract TPU v5p and H100 topolog
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +171,53 @@ def test_splash_lowers_for_tpu_when_tensor_does_not_divide_the_kv_heads():
     with sharding.activate(mesh):
         compiled = jax.jit(f).lower(q, kv, kv, ids, ids).compile().as_text()
     assert "tpu_custom_call" in compiled
+
+
+def _h100_devices():
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        pytest.skip('the CUDA plugin is not installed (pip install -e ".[gpu-aot]")')
+    from asft_jax.accelerators import topology
+
+    return topology("h100:8").devices
+
+
+def test_auto_follows_the_platform_of_the_mesh_in_context():
+    """``auto`` resolves by the devices of the mesh being traced for, not by ``jax.devices()`` (CPU here)."""
+    from asft_jax import sharding
+
+    assert attention.choose("auto", length=256) == "xla"
+    with sharding.activate(sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=_h100_devices())):
+        assert attention.choose("auto", length=256) == "pallas_gpu"
+        assert attention.choose("auto", length=200) == "xla"  # off the kernel's blocks
+        assert attention.choose("auto", length=256, window=128) == "xla"
+    with sharding.activate(sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=_tpu_topology())):
+        assert attention.choose("auto", length=256) == "splash"
+
+
+@pytest.mark.optimized
+@pytest.mark.parametrize("layout", ["packed", "packed_shared_prefix"])
+def test_pallas_gpu_lowers_with_triton_for_h100_under_a_mesh(layout):
+    """Forward and backward kernels compiled for an abstract 8 x H100 node (no GPU here), per shard;
+    3 kv heads on 2 tensor shards stay whole, as SmolLM2's would."""
+    from asft_jax import sharding
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=_h100_devices())
+    batch = NamedSharding(mesh, PartitionSpec(sharding.BATCH))
+    q = jax.ShapeDtypeStruct(
+        (4, LENGTH, 6, 64), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(sharding.BATCH, None, "tensor"))
+    )
+    kv = jax.ShapeDtypeStruct((4, LENGTH, 3, 64), jnp.bfloat16, sharding=batch)
+    ids = jax.ShapeDtypeStruct((4, LENGTH), jnp.int32, sharding=batch)
+    shared = layout == "packed_shared_prefix"
+
+    def loss(q, k, v, s, b):
+        return jnp.sum(attention.gpu_flash_attention(q, k, v, s, b if shared else None).astype(jnp.float32))
+
+    with sharding.activate(mesh):
+        compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, kv, kv, ids, ids).compile().as_text()
+    kernels = [line for line in compiled.splitlines() if "custom-call(" in line and "__gpu$xla.gpu.triton" in line]
+    names = [re.search(r"mha_\w+", line)[0] for line in kernels]
+    # interpret mode would have left plain HLO loops and no kernel; per call: forward, the backward's
+    # preprocessing, the backward
+    calls = 2 if shared else 1  # the shared prefix: one call per response branch
+    assert sorted(names) == sorted(["mha_forward", "mha_preprocess_backward", "mha_backward"] * calls), names
