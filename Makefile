@@ -15,7 +15,7 @@ install:
 TORCH_INDEX ?=
 install-test:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PYTHON) -m pip install --quiet -e ".[test,tpu]"
+	$(PYTHON) -m pip install --quiet -e ".[test,tpu,gpu-aot]"
 
 DEMO_RUN ?= runs/smollm2_135m_hh_asft
 

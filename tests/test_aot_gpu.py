@@ -126,3 +126,9 @@ def test_the_70b_recipe_on_one_h100_node_is_refused_with_advice(capsys):
         f"asft: error: does not fit h100:1x8: parameters and AdamW state alone need {params * 12 / 8 / GIB:.2f} GiB"
     ), err[-1]
     assert "first: use more chips: h100:" in err[-1]
+
+
+def test_the_gpu_launch_script_gives_jax_the_memory_share_compile_assumes():
+    with open(os.path.join(REPO, "launch", "gpu_slurm.sbatch")) as f:
+        share = re.search(r"XLA_PYTHON_CLIENT_MEM_FRACTION=\$\{XLA_PYTHON_CLIENT_MEM_FRACTION:-([\d.]+)\}", f.read())
+    assert share is not None and float(share[1]) == accelerators.GPU_MEMORY_FRACTION

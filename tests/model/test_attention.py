@@ -51,6 +51,8 @@ FUSED = {"splash": attention.splash_attention, "pallas_gpu": attention.gpu_flash
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (2, 2)])
 def test_fused_kernels_match_xla_values_and_gradients(impl, layout, heads, kv_heads):
     seg, br = _ids(layout)
+    seg = jnp.concatenate([seg, jnp.zeros_like(seg[:1])])  # and a row of padding only
+    br = None if br is None else jnp.concatenate([br, jnp.zeros_like(br[:1])])
     mask = attention_mask(seg, br)
     b, d = seg.shape[0], 32
     rng = np.random.default_rng(0)
@@ -131,7 +133,8 @@ def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
     assert len(kernels) == (6 if br is not None else 3), kernels  # fwd, dq, dkv (per part)
 
 
-def test_llama_with_splash_matches_xla_on_the_shared_prefix_layout():
+@pytest.mark.parametrize("impl", FUSED)
+def test_llama_with_fused_attention_matches_xla_on_the_shared_prefix_layout(impl):
     config = LlamaConfig(**TINY)
     seg, br = _ids("packed_shared_prefix")
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, TINY["vocab_size"], seg.shape), jnp.int32) * (seg > 0)
@@ -149,7 +152,7 @@ def test_llama_with_splash_matches_xla_on_the_shared_prefix_layout():
         )
 
     want, want_grads = loss("xla")(params)
-    got, got_grads = loss("splash")(params)
+    got, got_grads = loss(impl)(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, ref in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, ref, atol=1e-4 * float(jnp.abs(ref).max()))
