@@ -157,7 +157,7 @@ def _tpu(name: str, gen: str, dims: tuple[int, ...]) -> Topology:
 
 
 def _field(text: str, key: str) -> str | None:
-    found = re.search(rf"^\s*{key}:\s*\"?([^\"\n]+)\"?\s*$", text, re.M)
+    found = re.search(rf"^\s*{key}:\s*\"?([^\"\n]+)\"?\s*$", text, re.MULTILINE)
     return found[1] if found else None
 
 
@@ -172,7 +172,7 @@ def gpu_chip(text: str, where: str, bf16_tflops: float | None = None, source: st
         r"matrix_unit_description\s*{.*?key:\s*16\s*value\s*{\s*clock_rate_ghz:\s*([\d.]+)\s*units_per_core:\s*(\d+)"
         r"\s*ops_per_clock:\s*(\d+)",
         text,
-        re.S,
+        re.DOTALL,
     )
     cores = _field(text, "core_count")
     if rate and cores:
@@ -202,12 +202,14 @@ def _gpu(family: str, dims: tuple[int, int], target_file: str | None) -> Topolog
         text = f.read()
     chip = gpu_chip(text, path, bf16, source)
     # drop what the installed XLA may not parse yet (newer XLA specs carry it); comments are fine
-    text = re.sub(r"^\s*collective_memory_granularity:.*$", "", text, flags=re.M)
+    text = re.sub(r"^\s*collective_memory_granularity:.*$", "", text, flags=re.MULTILINE)
     try:
         import jax_cuda12_plugin  # noqa: F401  (a clear message instead of "unknown backend cuda")
         from jax.experimental import topologies
     except ImportError:
-        raise AsftError('asft compile for GPUs needs the CUDA plugin, ptxas and cuDNN: pip install -e ".[gpu-aot]"') from None
+        raise AsftError(
+            'asft compile for GPUs needs the CUDA plugin, ptxas and cuDNN: pip install -e ".[gpu-aot]"'
+        ) from None
     nodes, per_node = dims
     try:
         desc = topologies.get_topology_desc(platform="cuda", target_config=text, topology=f"1x{nodes}x{per_node}")

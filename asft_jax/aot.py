@@ -330,8 +330,10 @@ def table(report: dict) -> str:
         ("eval step peak per chip", f"{report['eval_peak_per_chip_gib']:.3f} GiB"),
         (
             "model FLOPs per step",
-            f"{report['model_flops_per_step']:.3e} (flops_per_step {report['flops_per_step']:.3e}: "
-            f"{report['flops_per_step_note']})",
+            (
+                f"{report['model_flops_per_step']:.3e} (flops_per_step {report['flops_per_step']:.3e}: "
+                f"{report['flops_per_step_note']})"
+            ),
         ),
         (
             "estimated step (roofline)",

@@ -202,7 +202,8 @@ def test_peak_over_hbm_names_the_shortfall(monkeypatch):
     from asft_jax import accelerators, aot
     from asft_jax.config import load_config
 
-    monkeypatch.setitem(accelerators.CHIPS, "v5p", dataclasses.replace(accelerators.CHIPS["v5p"], hbm_gib=0.01))  # a 10 MiB chip
+    small = dataclasses.replace(accelerators.CHIPS["v5p"], hbm_gib=0.01)  # a 10 MiB chip
+    monkeypatch.setitem(accelerators.CHIPS, "v5p", small)
     cfg = load_config(CONFIG, BASE)
     report = aot.compile_steps(cfg, "v5p-8")
     assert report["fits"] is False
