@@ -12,7 +12,8 @@ the data axis. ``--shape`` uses random weights of a named shape (``benchmarks/co
 batch shape first (``compile s`` is the first shape's), then ``--steps`` steps are timed after one
 warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, prompt + rejected),
 the same count for every layout; ``step s`` is the median, tokens/s and MFU are totals over the
-timed steps. MFU counts useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak,
+timed steps. ``device MiB`` is the device's measured peak (``memory_stats``), ``compiled MiB`` XLA's
+prediction for the same program (``memory_analysis``, as ``asft compile`` reports it). MFU counts useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak,
 where known. One table is printed; ``--json`` receives every number.
 """
 
@@ -40,6 +41,7 @@ from common import (  # benchmarks/ is on sys.path
 )
 
 from asft_jax.aot import model_flops
+from asft_jax.memory import peak_bytes
 from asft_jax.data.packing import LAYOUTS
 
 COLUMNS = [
@@ -53,6 +55,7 @@ COLUMNS = [
     ("shapes", "{:>6}"),
     ("host MiB", "{:>8.0f}"),
     ("device MiB", "{:>10}"),
+    ("compiled MiB", "{:>12.0f}"),
     ("MFU", "{:>6}"),
 ]
 
@@ -147,6 +150,8 @@ def run_one(args, layout: str, objective: str) -> dict:
         "shapes": len(compiled),
         "host MiB": peak_rss_mib(),
         "device MiB": f"{stats['peak_bytes_in_use'] / 2**20:.0f}" if "peak_bytes_in_use" in stats else "n/a",
+        # what `asft compile` predicts for this step: XLA's memory analysis of the same compiled program
+        "compiled MiB": max(peak_bytes(c) for c in compiled.values()) / 2**20,
         "MFU": f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
         "setting": f"micro_batches={run.cfg.micro_batches}, remat_policy={run.cfg.model.remat_policy}",
         "step_times_s": times,

@@ -12,7 +12,10 @@ import shutil
 import sys
 import tempfile
 
-os.environ["JAX_PLATFORMS"] = "cpu"  # with libtpu installed (the tpu extra), subprocesses too stay on the CPU
+# with libtpu or the CUDA plugin installed (the tpu, gpu-aot extras), subprocesses too stay on the CPU;
+# ASFT_TEST_PLATFORM=gpu runs the tests on a real GPU instead (benchmarks/gpu_device_check.sh)
+PLATFORM = os.environ.get("ASFT_TEST_PLATFORM", "cpu")
+os.environ["JAX_PLATFORMS"] = PLATFORM
 # One persistent compilation cache for this session and the processes it starts: the many tiny runs
 # that compile the same train step hit it (a repeated tiny `train()` went from 18 s to 3.5 s here).
 # Fresh per session, so that nothing cached by an earlier checkout is ever reused.
@@ -35,7 +38,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fus
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh
-jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_platforms", PLATFORM)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
