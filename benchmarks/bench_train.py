@@ -13,8 +13,9 @@ batch shape first (``compile s`` is the first shape's), then ``--steps`` steps a
 warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, prompt + rejected),
 the same count for every layout; ``step s`` is the median, tokens/s and MFU are totals over the
 timed steps. ``device MiB`` is the device's measured peak (``memory_stats``), ``compiled MiB`` XLA's
-prediction for the same program (``memory_analysis``, as ``asft compile`` reports it). MFU counts useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak,
-where known. One table is printed; ``--json`` receives every number.
+prediction for the same program (``memory_analysis``, as ``asft compile`` reports it). MFU counts
+useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak, where known. One table is
+printed; ``--json`` receives every number.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from common import (  # benchmarks/ is on sys.path
 )
 
 from asft_jax.aot import model_flops
-from asft_jax.memory import peak_bytes
 from asft_jax.data.packing import LAYOUTS
+from asft_jax.memory import peak_bytes
 
 COLUMNS = [
     ("layout", "{:<21}"),
