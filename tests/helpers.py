@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +258,55 @@ def scored(batch: dict, micro: int) -> dict[int, list[tuple[int, int]]]:
                         (int(batch["positions"][micro, row, t]), int(batch["targets"][micro, row, i, k]))
                     )
     return out
+
+
+# `asft compile` of the tiny config: the TINY shape, a batch of 8, fsdp over every device
+COMPILE_BASE = [
+    f"model.init={TINY_INIT}",
+    "data.path=unused.jsonl",
+    "batch_size=8",
+    "data.max_length=64",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+    "model.remat_policy=none",  # the first test lets `asft compile` choose
+]
+
+COMPILE_CONFIG = os.path.join(
+    REPO, "configs", "tiny_random_asft.yaml"
+)  # with COMPILE_BASE's shape, batch and mesh overrides
+
+
+def compile_cli(
+    topology: str, *overrides: str, base=COMPILE_BASE, config=COMPILE_CONFIG
+) -> tuple[int, dict | None, str]:
+    """Runs ``asft compile`` in a fresh process (as a user would); (exit code, JSON report or None, stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "asft_jax", "compile", config, "--topology", topology, *base, *overrides],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    return done.returncode, json.loads(lines[-1]) if lines else None, done.stderr
+
+
+def tiny_params() -> int:
+    """Parameters of the TINY shape, counted from the architecture (untied head)."""
+    v, e, f, n, h, k = (
+        TINY[x]
+        for x in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    )
+    d = e // h
+    layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e  # q, k+v, o, gate/up/down, two norms
+    return v * e + n * layer + e + e * v  # embedding, layers, final norm, LM head

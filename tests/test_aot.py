@@ -2,70 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import TINY, TINY_INIT
+from helpers import COMPILE_BASE, COMPILE_CONFIG, REPO, TINY, compile_cli, tiny_params
 
 from asft_jax.accelerators import parse_topology
 from asft_jax.errors import AsftError
 
 pytestmark = pytest.mark.optimized  # the memory and FLOPs reported are those of the real TPU compile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = [
-    f"model.init={TINY_INIT}",
-    "data.path=unused.jsonl",
-    "batch_size=8",
-    "data.max_length=64",
-    "mesh.data=1",
-    "mesh.fsdp=-1",
-    "model.remat_policy=none",  # the first test lets `asft compile` choose
-]
-
 needs_libtpu = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")'
 )
-
-
-CONFIG = os.path.join(REPO, "configs", "tiny_random_asft.yaml")  # with BASE's shape, batch and mesh overrides
-
-
-def compile_cli(topology: str, *overrides: str, base=BASE, config=CONFIG) -> tuple[int, dict | None, str]:
-    """Runs ``asft compile`` in a fresh process (as a user would); (exit code, JSON report or None, stderr)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "asft_jax", "compile", config, "--topology", topology, *base, *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    lines = done.stdout.strip().splitlines()
-    return done.returncode, json.loads(lines[-1]) if lines else None, done.stderr
-
-
-def tiny_params() -> int:
-    """Parameters of the TINY shape, counted from the architecture (untied head)."""
-    v, e, f, n, h, k = (
-        TINY[x]
-        for x in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-        )
-    )
-    d = e // h
-    layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e  # q, k+v, o, gate/up/down, two norms
-    return v * e + n * layer + e + e * v  # embedding, layers, final norm, LM head
 
 
 def test_topology_names():
@@ -204,7 +153,7 @@ def test_peak_over_hbm_names_the_shortfall(monkeypatch):
 
     small = dataclasses.replace(accelerators.CHIPS["v5p"], hbm_gib=0.01)  # a 10 MiB chip
     monkeypatch.setitem(accelerators.CHIPS, "v5p", small)
-    cfg = load_config(CONFIG, BASE)
+    cfg = load_config(COMPILE_CONFIG, COMPILE_BASE)
     report = aot.compile_steps(cfg, "v5p-8")
     assert report["fits"] is False
     assert (
@@ -220,5 +169,5 @@ def test_batch_that_does_not_split_is_one_line(capsys):
     pytest.importorskip("libtpu", reason='libtpu is not installed (pip install -e ".[tpu]")')
     from asft_jax.cli import main
 
-    assert main(["compile", CONFIG, "--topology", "v5p:2x2x1", *BASE, "batch_size=6"]) == 1
+    assert main(["compile", COMPILE_CONFIG, "--topology", "v5p:2x2x1", *COMPILE_BASE, "batch_size=6"]) == 1
     assert "batch_size 6 is not divisible by data x fsdp x micro_batches = 4" in capsys.readouterr().err

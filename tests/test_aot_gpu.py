@@ -8,8 +8,7 @@ import os
 import re
 
 import pytest
-from helpers import TINY_INIT
-from test_aot import CONFIG, REPO, compile_cli, tiny_params
+from helpers import COMPILE_CONFIG, REPO, TINY_INIT, compile_cli, tiny_params
 
 from asft_jax import accelerators
 from asft_jax.accelerators import GIB, parse_topology
@@ -88,7 +87,7 @@ def test_two_h100_nodes_split_the_state_over_16_gpus():
     from asft_jax import aot
     from asft_jax.config import load_config
 
-    report = aot.compile_steps(load_config(CONFIG, [*GPU_BASE, "batch_size=16"]), "h100:2x8")
+    report = aot.compile_steps(load_config(COMPILE_CONFIG, [*GPU_BASE, "batch_size=16"]), "h100:2x8")
     assert report["topology"] == "h100:2x8" and report["devices"] == 16 and report["mesh"]["fsdp"] == 16
     assert report["params_and_optimizer_per_chip_gib"] == pytest.approx(tiny_params() * 12 / 16 / GIB, rel=0.15)
     assert report["attention_kernel"] == "pallas_triton_flash" and report["fits"] is True
