@@ -14,8 +14,8 @@ All take queries ``[batch, t, heads, head_dim]`` and keys/values ``[batch, s, kv
   that are not a multiple of 128, and sliding windows shorter than the length, fall back to ``xla``.
 - ``pallas_gpu``: Pallas' flash attention for GPUs (``jax.experimental.pallas.ops.gpu.attention``,
   lowered through Triton) with segment ids; the shared-prefix mask as one call per response branch
-  (see ``gpu_flash_attention``). Grouped-query heads are repeated to the query heads (the kernel is
-  multi-head only). Same block rule and window fallback as ``splash``; per shard under a mesh; off
+  (see ``gpu_flash_attention``). Grouped-query heads: one call per query of each group, mapped (the
+  kernel is multi-head only). Same block rule and window fallback as ``splash``; per shard under a mesh; off
   GPU in interpret mode (tests).
 - ``auto``: ``pallas_gpu`` on GPU and ``splash`` on TPU where they apply, ``xla`` elsewhere.
 
@@ -330,13 +330,22 @@ def choose(implementation: str, *, length: int, window: int | None = None) -> st
 def _pallas_gpu_local(q: Array, k: Array, v: Array, segment_ids: Array, *ids: Array, interpret: bool) -> Array:
     from jax.experimental.pallas.ops.gpu.attention import mha
 
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # query head j*group + i reads kv head j
-    attend = partial(mha, sm_scale=float(q.shape[-1]) ** -0.5, causal=True, interpret=interpret)
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    kernel = partial(mha, sm_scale=float(d) ** -0.5, causal=True, interpret=interpret)
+    # the kernel is multi-head only: one call per query of each group (query head j*group + i reads kv
+    # head j), mapped over i, so keys and values are read in place (repeating them to the query heads
+    # took 1.5x the temporaries, docs/gpu.md)
+    grouped = q.reshape(b, t, kv, h // kv, d)
+
+    def attend(ids: Array) -> Array:
+        out = jax.vmap(lambda qi: kernel(qi, k, v, ids), in_axes=3, out_axes=3)(grouped)
+        return out.reshape(b, t, h, d)
+
     if not ids:
-        return attend(q, k, v, segment_ids)
+        return attend(segment_ids)
     (branch_ids,) = ids
-    outs = [attend(q, k, v, jnp.where((branch_ids == 0) | (branch_ids == c), segment_ids, -1)) for c in (1, 2)]
+    outs = [attend(jnp.where((branch_ids == 0) | (branch_ids == c), segment_ids, -1)) for c in (1, 2)]
     return jnp.where((branch_ids == 2)[:, :, None, None], outs[1], outs[0])
 
 
