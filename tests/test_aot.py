@@ -55,6 +55,8 @@ def test_compile_tiny_on_v5p_and_peak_falls_with_chips():
         four["topology"] == "v5p:2x2x1" and four["chips"] == 4 and four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     )
     assert four["attention"] in ("splash", "xla") and four["fits"] is True and four["hbm_per_chip_gib"] == 95
+    # what the compiled step runs, read from its HLO: the Mosaic kernel for splash, XLA's dots otherwise
+    assert four["attention_kernel"] == {"splash": "pallas_mosaic_splash", "xla": "xla_dots"}[four["attention"]]
     n = tiny_params()
     assert four["params"] == n
     # float32 parameters + two float32 AdamW moments, split over 4 chips by fsdp (a dimension 4 does
