@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks to run when a GPU is lent (prepared; not yet run on a GPU): under 10 minutes on one
+# The checks to run when a GPU is lent (prepared; not yet run on a GPU), meant to fit 10 minutes on one
 # H100/H200.
 #   1. the fused GPU attention (pallas_gpu, lowered by Triton) against the XLA reference on the GPU:
 #      values and gradients, three layouts, GQA and MHA, a row of padding only;
