@@ -436,9 +436,9 @@ def _skip_metrics(counts: dict[str, int]) -> dict[str, float]:
     return {"data/skipped_records": sum(counts.values()), **{f"data/skipped/{k}": v for k, v in counts.items()}}
 
 
-def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, skipped_before: int, last_good: str) -> None:
+def _warn_skipped_steps(step: int, row: dict, skipped_before: int) -> None:
     """Warns when steps were skipped since the last log (a non-finite loss or gradient leaves the
-    weights unchanged); stops the run after ``max_consecutive_skips`` in a row."""
+    weights unchanged)."""
     new = int(row["skipped_steps"]) - skipped_before
     if new > 0:
         log.warning(
@@ -446,9 +446,14 @@ def _check_skipped_steps(cfg: TrainConfig, step: int, row: dict, skipped_before:
             step,
             new,
         )
-    if row["consecutive_skips"] >= cfg.max_consecutive_skips:
+
+
+def _stop_on_skips(cfg: TrainConfig, step: int, consecutive: jax.Array, last_good: str) -> None:
+    """Stops the run after ``max_consecutive_skips`` non-finite steps in a row, whatever the logging
+    interval. Called for a step after the next one is dispatched, so the device is not left idle."""
+    if int(consecutive) >= cfg.max_consecutive_skips:
         raise AsftError(
-            f"step {step}: {int(row['consecutive_skips'])} consecutive steps had a non-finite loss or gradient "
+            f"step {step}: {int(consecutive)} consecutive steps had a non-finite loss or gradient "
             f"(skipped); last good checkpoint: {last_good}"
         )
 
@@ -492,6 +497,11 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     last: dict[str, float] = {}
     last_saved = start_step if start_step else None
     skipped_steps = int(run.state.opt_state.total_notfinite)  # as of the last log (or the restored step)
+    pending: tuple[int, jax.Array] | None = None  # the last step's consecutive skips, read a step late
+
+    def last_good() -> str:
+        return f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet"
+
     tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
         metrics_log.write(last := {"step": 0, **run_evaluation(run)})
@@ -507,20 +517,17 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 log.info("data exhausted after %d steps", step)
                 break
             run.state, metrics = run.step_fn(run.state, global_batch(rows, run.mesh))
+            if pending is not None:
+                _stop_on_skips(cfg, *pending, last_good())
             tokens_seen += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             done = step + 1
+            pending = (done, metrics["consecutive_skips"])
             row: dict[str, float] = {}
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
                 row.update(_skip_metrics(skipped_records(data)))
-                _check_skipped_steps(
-                    cfg,
-                    done,
-                    row,
-                    skipped_steps,
-                    f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet",
-                )
+                _warn_skipped_steps(done, row, skipped_steps)
                 skipped_steps = int(row["skipped_steps"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
@@ -545,6 +552,8 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
             if stop:
                 log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
                 break
+        if pending is not None:
+            _stop_on_skips(cfg, *pending, last_good())
         checkpointer.wait()
         counts = skipped_records(data)
         log.info("data: %d records skipped%s", sum(counts.values()), "".join(f", {k}: {v}" for k, v in counts.items()))

@@ -241,14 +241,26 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(pairs, tmp_path,
     )  # and it kept learning
 
 
-def test_consecutive_non_finite_steps_stop_the_run_naming_the_checkpoint(pairs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("logging_steps", [1, 10])
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_checkpoint(pairs, tmp_path, monkeypatch, logging_steps):
+    """At the step the limit is reached, whether or not it is a logging step (issue 29: with
+    ``logging_steps: 10`` the check used to run only on logging steps)."""
     poison_steps(monkeypatch, set(range(3, 100)))
     with pytest.raises(
         AsftError,
         match=r"step 5: 3 consecutive steps had a non-finite loss or gradient \(skipped\); "
         r"last good checkpoint: .*checkpoints/4$",
     ):  # 4 holds the weights of 2
-        train(config(tmp_path / "nan", pairs, "max_consecutive_skips=3", "save_steps=2", "max_steps=20"))
+        train(
+            config(
+                tmp_path / "nan",
+                pairs,
+                "max_consecutive_skips=3",
+                "save_steps=2",
+                "max_steps=20",
+                f"logging_steps={logging_steps}",
+            )
+        )
 
 
 def test_dpo_computes_reference_log_probs_once_and_starts_at_log_2(pairs, tmp_path):
