@@ -135,7 +135,7 @@ class Topology:
         return f"{self.family}-{chips}" if chips in _SHAPES_2D else f"a larger {self.family} slice ({chips} chips)"
 
 
-def _tpu(name: str, gen: str, dims: tuple[int, ...]) -> Topology:
+def _tpu(gen: str, dims: tuple[int, ...]) -> Topology:
     raw = f"{gen}:{'x'.join(map(str, dims))}"
     # libtpu takes a machine-wide lock unless told otherwise; no TPU is opened here, so several
     # compiles (and a test run beside them) may share the host
@@ -230,4 +230,4 @@ def topology(name: str, gpu_target: str | None = None) -> Topology:
     family, dims = parse_topology(name)
     if family in GPUS:
         return _gpu(family, dims, None)
-    return _tpu(name, family, dims)
+    return _tpu(family, dims)
