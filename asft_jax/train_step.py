@@ -87,10 +87,12 @@ def micro_loss(
 ) -> tuple[jax.Array, dict]:
     """Sum over the micro-batch's pairs of the per-pair loss, and the metrics summed over pairs.
 
-    With LoRA ``adapters`` and a DPO-family objective whose micro-batch carries no reference
-    log-probs, the reference is the base model, ``params`` without the adapters, scored here.
-    ``rng``: LoRA dropout's randomness (training only; the reference never drops)."""
-    if objective in NEEDS_REFERENCE and adapters is not None and "ref_logps" not in mb:
+    With LoRA ``adapters``, ``reference: adapters_off`` and a DPO-family objective, the reference is
+    the base model, ``params`` without the adapters, scored here: reference log-probs the data
+    carries are ignored, as full fine-tuning recomputes them from its starting weights. Otherwise
+    they come with the micro-batch (``ref_logps``). ``rng``: LoRA dropout's randomness (training
+    only; the reference never drops)."""
+    if objective in NEEDS_REFERENCE and adapters is not None and model.lora.reference == "adapters_off":
         mb = {**mb, "ref_logps": jax.lax.stop_gradient(pair_logps(model, params, mb))}
     return pairs_loss(objective, hparams, pair_logps(model, params, mb, adapters=adapters, rng=rng), mb)
 

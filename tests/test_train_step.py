@@ -13,8 +13,9 @@ from helpers import TINY, assert_grads_close, direct_pair_logps, loss_sums_grads
 from asft_jax.data.budget import pack_step
 from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
 from asft_jax.data.pairs import TokenizedPair
-from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.train_step import TrainState, make_optimizer, make_train_step
+from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
+from asft_jax.model.lora import LoraConfig
+from asft_jax.train_step import TrainState, make_optimizer, make_train_step, micro_loss
 
 ARCHS = {
     "gqa": {},
@@ -90,6 +91,26 @@ def test_a_fixed_shape_step_is_the_step_of_the_pairs_it_holds(objective):
     for k in m_want:
         np.testing.assert_allclose(m_got[k], m_want[k], rtol=RTOL, atol=1e-7, err_msg=k)
     assert_grads_close(got.params, want.params, RTOL)
+
+
+def test_lora_reference_follows_the_config_not_the_data():
+    """LoRA DPO with ``reference: adapters_off`` scores the base model as the reference even when the
+    pairs carry reference log-probs (full fine-tuning recomputes them too); ``precomputed`` reads them.
+    Fresh adapters (B = 0) are the base model, so adapters_off gives zero rewards and loss log 2."""
+    pairs = with_refs(random_pairs(6, seed=2))
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), layout_batch(pairs, "padded", max_length=128))
+    assert "ref_logps" in mb
+    rows = {}
+    for reference in ("adapters_off", "precomputed"):
+        model = Llama(LlamaConfig(**TINY), lora=LoraConfig(rank=4, reference=reference))
+        params, adapters = init_params(model, jax.random.key(0)), init_adapters(model, jax.random.key(1))
+        loss, metrics = micro_loss(model, "dpo", {}, params, mb, adapters=adapters)
+        rows[reference] = {"loss": float(loss) / len(pairs), **{k: float(v) / len(pairs) for k, v in metrics.items()}}
+    off = rows["adapters_off"]
+    assert off["loss"] == pytest.approx(np.log(2), rel=1e-6)
+    assert abs(off["rewards/chosen"]) < 1e-5 and abs(off["rewards/rejected"]) < 1e-5
+    # the carried values are random (-10 to -60 nats): the precomputed reference reads them
+    assert abs(rows["precomputed"]["rewards/margins"]) > 0.1
 
 
 @pytest.mark.parametrize(
