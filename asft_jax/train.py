@@ -369,7 +369,7 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
         vocab_size=model.config.vocab_size,
     )
     if lora and not reference_from_data(cfg) and cfg.objective.name in NEEDS_REFERENCE and data.has_refs:
-        log.info("the data's reference log-probs are not used: the reference is the base model (reference: adapters_off)")
+        log.info("the data's reference log-probs are not used: the reference is the base model (adapters_off)")
     if data_state is not None:
         data.set_state(host_data_state(data_state, jax.process_index(), jax.process_count()))
 
