@@ -57,18 +57,17 @@ def make_optimizer(
     Returns ``(optimizer, schedule_fn)``.
     """
     warmup = round(warmup_ratio * total_steps)
-    if warmup == 0 and schedule == "linear":  # step 0 trains at the full rate
-        lr = optax.linear_schedule(learning_rate, 0.0, total_steps)
-    elif schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(total_steps, warmup + 1), 0.0)
+    steps = max(total_steps - warmup, 1)
+    if schedule == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, steps)
     else:
-        lr = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
-                optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1)),
-            ],
-            [max(warmup, 1)],
-        )
+        decay = optax.linear_schedule(learning_rate, 0.0, steps)
+    # without warmup step 0 trains at the full rate; with it, step t < warmup at t / warmup of it
+    lr = (
+        decay
+        if warmup == 0
+        else optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup), decay], [warmup])
+    )
     tx = optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
         optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),

@@ -93,6 +93,23 @@ def test_a_fixed_shape_step_is_the_step_of_the_pairs_it_holds(objective):
     assert_grads_close(got.params, want.params, RTOL)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.3])
+def test_learning_rate_schedule(kind, warmup_ratio):
+    """Linear warmup from 0 over ``round(warmup_ratio * T)`` steps, then linear or cosine decay to 0
+    at step T; without warmup the first step (t = 0) trains at the full rate."""
+    lr, total = 1e-3, 10
+    warmup = round(warmup_ratio * total)
+    _, schedule = make_optimizer(lr, total, warmup_ratio=warmup_ratio, schedule=kind)
+    for t in range(total + 1):
+        if t < warmup:
+            want = lr * t / warmup
+        else:
+            x = (t - warmup) / (total - warmup)
+            want = lr * (1 - x) if kind == "linear" else lr * 0.5 * (1 + np.cos(np.pi * x))
+        assert float(schedule(t)) == pytest.approx(want, rel=1e-6, abs=1e-12), t
+
+
 def test_lora_reference_follows_the_config_not_the_data():
     """LoRA DPO with ``reference: adapters_off`` scores the base model as the reference even when the
     pairs carry reference log-probs (full fine-tuning recomputes them too); ``precomputed`` reads them.
