@@ -309,10 +309,27 @@ def test_bf16_dpo_rewards_start_at_zero_and_dpo_runs_are_evaluated(pairs, tmp_pa
         assert len(f.readlines()) == 16
 
 
-def test_evaluation_during_training(pairs, tmp_path, caplog):
+@SHARES_REFERENCE_RUNS
+def test_evaluation_during_training_and_logging_windows(pairs, trained, tmp_path, caplog, monkeypatch):
+    """Evaluated every 3 steps and logged every 3: each row holds its window's means (the per-step
+    run's rows averaged; the learning rate and skip counters as of the window's last step) and its
+    tokens per second over the window's training time, without compiling (step 1) or evaluation."""
+    import asft_jax.train as train_module
+
+    per_step = curve(trained())  # the same training, logged every step (trained before the clock is replaced)
+    now = [0.0]  # a clock that moves 1 s per step and 100 s per evaluation
+    monkeypatch.setattr(train_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    evaluate = train_module.run_evaluation
+
+    def slow_evaluation(run):
+        now[0] += 100.0
+        return evaluate(run)
+
+    monkeypatch.setattr(train_module, "run_evaluation", slow_evaluation)
     out = tmp_path / "eval"
     with caplog.at_level("INFO", logger="asft_jax"):
-        train(config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16"))
+        cfg = config(out, pairs, f"data.eval_path={pairs}", "eval_steps=3", "data.eval_pairs=16", "logging_steps=3")
+        train(cfg, on_step=lambda step: now.__setitem__(0, now[0] + 1.0))
     rows = curve(out)
     logged = [r.getMessage() for r in caplog.records if ": eval loss " in r.getMessage()]
     assert [m.split(":")[0] for m in logged] == ["step 0", "step 3", "step 6"]  # each as it was computed
@@ -322,6 +339,16 @@ def test_evaluation_during_training(pairs, tmp_path, caplog):
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert {"eval/logps/chosen", "eval/rewards/accuracies", "eval/rewards/margins"} <= set(evals[-1])
     assert os.listdir(out / "tensorboard")
+
+    for row, window in ((rows[1], per_step[0:3]), (rows[2], per_step[3:6])):
+        for k in window[-1]:
+            if k in ("learning_rate", "skipped_steps", "consecutive_skips") or k.startswith("data/"):
+                assert row[k] == window[-1][k], (row["step"], k)
+            elif k != "step":
+                assert row[k] == pytest.approx(np.mean([r[k] for r in window]), rel=1e-6), (row["step"], k)
+    # 8 pairs a step of 10 to 84 tokens (two sequences each: prompt + response), 1 s a step
+    speeds = [json.loads(line)["tokens_per_second"] for line in (out / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert all(8 * 10 <= v <= 8 * 84 for v in speeds), speeds
 
 
 def test_a_run_directory_is_a_model_source(pairs, tmp_path, capsys):
