@@ -443,4 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsftError as e:
         print(f"asft: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: a training run has saved its step (the message says where)
+        print(f"asft: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
     return 0

@@ -24,15 +24,33 @@ def _summary_writer():
     return SummaryWriter
 
 
+def _keep_rows(path: str, last_step: int) -> None:
+    """Drops the rows of ``path`` (a ``metrics.jsonl``) after step ``last_step``; all of them for 0."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if last_step and json.loads(line)["step"] <= last_step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class MetricsLog:
     """``metrics.jsonl`` plus TensorBoard events (and W&B when configured); process 0 only."""
 
-    def __init__(self, cfg: TrainConfig, enabled: bool):
+    def __init__(self, cfg: TrainConfig, enabled: bool, start_step: int = 0):
+        """A run starting (``start_step`` 0) or resuming after ``start_step``: rows ``metrics.jsonl``
+        holds for later steps were logged after the checkpoint the run resumes from, and go (the
+        steps are trained and logged again)."""
         self.enabled = enabled
         self.file = self.tb = self.wandb = None
         if not enabled:
             return
-        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+        path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        _keep_rows(path, start_step)
+        self.file = open(path, "a")  # noqa: SIM115 (closed in close())
         self.tb = _summary_writer()(os.path.join(cfg.output_dir, "tensorboard"))
         if cfg.wandb_project:
             try:

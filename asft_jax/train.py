@@ -417,6 +417,18 @@ def run_evaluation(run: Run) -> dict[str, float]:
     return {**{f"eval/{k}": v / max(pairs, 1) for k, v in totals.items()}, "eval/pairs": pairs}
 
 
+LAST_VALUE = ("learning_rate", "skipped_steps", "consecutive_skips")  # logged as of the window's last step
+
+
+def window_means(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """A logged row from a logging window's per-step metrics: each metric's mean over the window's
+    applied steps (a skipped step's loss and gradient are not finite; all steps if none was applied),
+    except ``LAST_VALUE``'s, which are the last step's."""
+    applied = [m for m in steps if int(m["consecutive_skips"]) == 0] or steps
+    row = {k: sum(float(m[k]) for m in applied) / len(applied) for k in steps[-1] if k not in LAST_VALUE}
+    return {**row, **{k: float(steps[-1][k]) for k in LAST_VALUE}}
+
+
 def eval_line(step: int, row: dict[str, float]) -> str:
     """One evaluation's headline numbers, for the log."""
     return (
@@ -460,24 +472,29 @@ def _stop_on_skips(cfg: TrainConfig, step: int, consecutive: jax.Array, last_goo
         )
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+class _Stop:
+    """SIGTERM (a preemption) and SIGINT (Ctrl-C) as a flag the loop checks after each step, so that
+    the step is saved before the run ends; a second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signal: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged metrics.
 
-    ``on_step(step)`` is called after each optimizer step (tests use it to deliver a SIGTERM).
+    ``on_step(step)`` is called after each optimizer step (tests use it to deliver signals). A
+    SIGTERM saves the step and returns; a Ctrl-C (SIGINT) saves it and raises KeyboardInterrupt.
     """
     initialize(cfg.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -494,8 +511,8 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     run, checkpointer, data = setup(cfg, mesh)
     start_step = int(run.state.step)
-    preemption = _Preemption()
-    metrics_log = MetricsLog(cfg, writer)
+    stop_signal = _Stop()
+    metrics_log = MetricsLog(cfg, writer, start_step)
     last: dict[str, float] = {}
     last_saved = start_step if start_step else None
     skipped_steps = int(run.state.opt_state.total_notfinite)  # as of the last log (or the restored step)
@@ -504,10 +521,11 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
     def last_good() -> str:
         return f"{checkpointer.directory}/{last_saved}" if last_saved else "none yet"
 
-    tokens_seen, clock = 0.0, time.perf_counter()
     if start_step == 0 and run.eval_fn is not None:  # the baseline the eval curve starts from
         metrics_log.write(last := {"step": 0, **run_evaluation(run)})
         log.info(eval_line(0, last))
+    window: list[dict] = []  # the logging window's per-step metrics, left on the device until logged
+    tokens, clock = 0.0, time.perf_counter()  # the window's timed tokens, and when its timing started
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not writer
     )
@@ -521,28 +539,36 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
             run.state, metrics = run.step_fn(run.state, global_batch(rows, run.mesh))
             if pending is not None:
                 _stop_on_skips(cfg, *pending, last_good())
-            tokens_seen += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             done = step + 1
             pending = (done, metrics["consecutive_skips"])
+            window.append(metrics)
+            if step == start_step:  # the process's first step compiles: timed alone, left out of the rates
+                jax.block_until_ready(metrics)
+                log.info("step %d took %.1f s, compiling included", done, time.perf_counter() - clock)
+                clock = time.perf_counter()
+            else:
+                tokens += data.last_pair_tokens * jax.process_count()  # hosts hold equal shares
             row: dict[str, float] = {}
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                row["tokens_per_second"] = tokens_seen / (time.perf_counter() - clock)
+                row = window_means(jax.device_get(window))
+                if tokens:
+                    row["tokens_per_second"] = tokens / (time.perf_counter() - clock)
                 row.update(_skip_metrics(skipped_records(data)))
                 _warn_skipped_steps(done, row, skipped_steps)
                 skipped_steps = int(row["skipped_steps"])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_second', 0):.0f}")
+                window, tokens, clock = [], 0.0, time.perf_counter()
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
                 row.update(run_evaluation(run))
                 log.info(eval_line(done, row))
+                clock = time.perf_counter()  # evaluation is not training time
             if row:
                 metrics_log.write(last := {"step": done, **row})
             bar.update(1)
             if on_step is not None:
                 on_step(done)
-            stop = any(
-                all_hosts(preemption.requested)
-            )  # every host stops at the same step (a SIGTERM reaches them at different times)
+            # every host stops at the same step (a signal reaches them at different times)
+            stop = any(all_hosts(stop_signal.signal is not None))
             if done % cfg.save_steps == 0 or done == cfg.max_steps or stop:
                 checkpointer.save(
                     done,
@@ -552,7 +578,8 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 )
                 last_saved = done
             if stop:
-                log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
+                if stop_signal.signal != signal.SIGINT:
+                    log.warning("SIGTERM: saved step %d to %s; exiting", done, checkpointer.directory)
                 break
         if pending is not None:
             _stop_on_skips(cfg, *pending, last_good())
@@ -561,9 +588,11 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
         log.info("data: %d records skipped%s", sum(counts.values()), "".join(f", {k}: {v}" for k, v in counts.items()))
     finally:
         bar.close()
-        preemption.restore()
+        stop_signal.restore()
         metrics_log.close()
         checkpointer.close()
+    if stop_signal.signal == signal.SIGINT:
+        raise KeyboardInterrupt(f"saved step {int(run.state.step)} to {checkpointer.directory}")
     if cfg.export_dir and int(run.state.step) == cfg.max_steps:
         _export(cfg, run)
     return last

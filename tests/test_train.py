@@ -58,19 +58,45 @@ FIXED = ("mesh.fsdp=2", "mesh.tensor=2", "data.fixed_shape=true")  # one step sh
 
 
 @SHARES_REFERENCE_RUNS
-def test_sigterm_then_resume_reproduces_the_uninterrupted_run(pairs, trained, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_step_and_resume_reproduces_the_uninterrupted_run(
+    pairs, trained, tmp_path, capsys, signum
+):
+    """SIGTERM (a preemption) and Ctrl-C both save the step they stop at, Ctrl-C then raising
+    KeyboardInterrupt (``asft train`` prints one line and exits 130); rows logged after the
+    checkpoint a run resumes from are dropped, not duplicated."""
     whole = trained(*FIXED)  # each step is offered 12 pairs for its 8 slots: 4 are carried across the stop
 
-    def preempt(step):
+    def stop(step):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     stopped = tmp_path / "stopped"
-    train(config(stopped, pairs, *FIXED), on_step=preempt)
+    cfg = config(stopped, pairs, *FIXED, "save_steps=2")
+    if signum == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt, match=f"saved step 3 to {stopped / 'checkpoints'}"):
+            train(cfg, on_step=stop)
+    else:
+        train(cfg, on_step=stop)
     assert [r["step"] for r in curve(stopped)] == [1, 2, 3]
-    assert sorted(os.listdir(stopped / "checkpoints")) == ["3"]
-    train(config(stopped, pairs, *FIXED))
+    assert sorted(os.listdir(stopped / "checkpoints")) == ["2", "3"]
+    with open(stopped / "metrics.jsonl", "a") as f:  # as if step 4 had been logged, then the process killed
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    train(cfg)
     assert curve(stopped) == curve(whole)  # bitwise: same batches, same carried pairs, same arithmetic
+
+    if signum == signal.SIGINT:  # the command line: one line, no traceback
+        from asft_jax import cli
+
+        def interrupted(cfg):
+            raise KeyboardInterrupt(f"saved step 3 to {stopped / 'checkpoints'}")
+
+        (tmp_path / "c.yaml").write_text("{}")
+        capsys.readouterr()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("asft_jax.train.train", interrupted)
+            assert cli.main(["train", str(tmp_path / "c.yaml"), *overrides(stopped, pairs)]) == 130
+        assert capsys.readouterr().err == f"asft: interrupted: saved step 3 to {stopped / 'checkpoints'}\n"
 
 
 def test_one_step_shape_per_run_compiles_the_step_once(pairs, tmp_path, caplog):
