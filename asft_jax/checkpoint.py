@@ -127,6 +127,21 @@ def checkpoint_steps(run_dir: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
+def read_config(run_dir: str, step: int | None) -> tuple[int, dict] | None:
+    """(step, config as ``to_dict`` gave it) saved with checkpoint ``step`` (None: the newest that
+    has a readable one), or None when no checkpoint holds one (older runs)."""
+    steps = checkpoint_steps(run_dir)
+    for candidate in [step] if step is not None else reversed(steps):
+        path = os.path.join(run_dir, "checkpoints", str(candidate), "config")
+        if not os.path.isdir(path):
+            continue
+        try:
+            return candidate, dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
+        except Exception as e:  # noqa: BLE001 (Orbax raises many types for damaged files)
+            log.warning("the config saved with %s cannot be read (%s)", path, _cause(e))
+    return None
+
+
 def read_params(run_dir: str, step: int | None, abstract_params: Any, host: bool = False) -> tuple[int, Any]:
     """(step, parameters) of a run's checkpoint ``step`` (None: the newest readable one).
 

@@ -255,6 +255,16 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     return cfg
 
 
+def from_dict(data: dict, where: str) -> TrainConfig:
+    """A validated ``TrainConfig`` from ``to_dict``'s form (e.g. a checkpoint's copy, ``where``)."""
+    try:
+        cfg = _build(TrainConfig, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise AsftError(f"{where}: {e.key}: {e.message}") from None
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> None:
     """Problems that would otherwise surface deep inside a compile or a long run."""
     from asft_jax.data.packing import LAYOUTS

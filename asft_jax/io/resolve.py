@@ -14,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from asft_jax.config import load_config
+from asft_jax.checkpoint import read_config
+from asft_jax.config import from_dict, load_config
 from asft_jax.errors import AsftError
 from asft_jax.io.demo import DEMO, demo_gguf
 from asft_jax.io.gguf import GGUFFile
@@ -57,8 +58,14 @@ def resolve(src: str) -> ModelSource:
 
 
 def open_run(run_dir: str, step: int | None = None) -> RunSource:
-    """A training run as a source: the model it started from and its tokenizer resolved too."""
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    """A training run as a source: the model it started from and its tokenizer resolved too. The
+    config is the one the checkpoint was saved with (``config.yaml`` holds the latest start's, which
+    a resume with other overrides rewrites), or ``config.yaml`` for checkpoints without one."""
+    saved = read_config(run_dir, step)
+    if saved is not None:
+        cfg = from_dict(saved[1], f"{run_dir}/checkpoints/{saved[0]}/config")
+    else:
+        cfg = load_config(os.path.join(run_dir, "config.yaml"))
     base = resolve(cfg.model.source) if cfg.model.source else None
     config = base.config if base is not None else LlamaConfig(**cfg.model.init)
     tokenizer = resolve(cfg.model.tokenizer) if cfg.model.tokenizer and base is None else None
