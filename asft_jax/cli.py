@@ -201,6 +201,7 @@ def _data_inspect(args: argparse.Namespace) -> None:
         args.max_prompt_length,
         args.truncation,
         args.limit,
+        args.strict,
     )
     print("\n".join(lines))
 
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)"
         )
-        p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+        strict_arg(p)
         p.add_argument("--limit", type=int, default=None, help="read only the first N records")
         p.add_argument(
             "--dtype",
@@ -309,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="batch layout, as data.layout in training (default: packed_shared_prefix)",
         )
         mesh_args(p)
+
+    def strict_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="stop at the first malformed record (file:line: reason); pairs that only do not fit the lengths are "
+            "still skipped and counted",
+        )
 
     def mesh_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -407,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
     fit_args(p)
     p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    strict_arg(p)
     p.set_defaults(run=_data_tokenize)
 
     p = data.add_parser("inspect", help="what the model will be trained on: format, counts, lengths, skips, an example")
@@ -416,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
     fit_args(p)
     p.add_argument("--limit", type=int, default=None, help="look at the first N records only")
+    strict_arg(p)
     p.set_defaults(run=_data_inspect)
 
     p = data.add_parser(

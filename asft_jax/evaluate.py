@@ -45,7 +45,7 @@ def read_eval_pairs(
     """The valid pairs among the first ``limit`` records (default: all) of a data file or Hub
     dataset, in any record format, untruncated: a pair longer than ``max_length`` is skipped
     (``longer_than_max_length``), since cutting it would change what is scored. Bad records are
-    counted in ``skipped``, or stop the read in strict mode."""
+    counted in ``skipped``; in strict mode a malformed one stops the read (a too long one is counted)."""
     encoder = Encoder(tokenizer, max_length=1 << 40, vocab_size=vocab_size)
     fmt = fmt or detect_source_format(source)
     return list(encode_source(source, fmt, encoder, strict=strict, skipped=skipped, max_length=max_length, limit=limit))

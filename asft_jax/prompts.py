@@ -22,12 +22,10 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from asft_jax.data.formats import HH_ASSISTANT
+from asft_jax.data.formats import HH_ASSISTANT, HH_HUMAN
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import apply_template
 from asft_jax.errors import AsftError
-
-HH_HUMAN = "\n\nHuman:"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,13 +95,14 @@ def test_strict_mode_stops_at_first_bad_record(hf_llama, tmp_path, capsys):
     assert code == 0 and summary["pairs_scored"] == 2, err  # the bad third record is never read
 
 
-def test_too_long_pairs_are_skipped(hf_llama, tmp_path, capsys):
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+def test_too_long_pairs_are_skipped(hf_llama, tmp_path, capsys, strict):
     folder, _ = hf_llama()
     data = write_jsonl(
         tmp_path / "pairs.jsonl",
         [{"prompt_input_ids": [1] * 10, "chosen_input_ids": [3] * 5, "rejected_input_ids": [4] * 2}],
     )
-    code, summary, _ = run_eval(capsys, "--model", folder, "--data", data, "--max-length", "12")
+    code, summary, _ = run_eval(capsys, "--model", folder, "--data", data, "--max-length", "12", *strict)
     assert code == 0 and summary["pairs_scored"] == 0 and summary["pairs_skipped"] == {"longer_than_max_length": 1}
     assert summary["rewards/accuracies"] is None
 

@@ -19,7 +19,8 @@ class DataConfig:
     max_length: int = 512
     max_prompt_length: int | None = None  # None: max_length // 2
     truncation: str = "head_and_tail"  # head_and_tail | keep_end | drop (asft_jax.data.tokenize)
-    strict: bool = False  # stop at the first bad record (file:line: reason) instead of skipping and counting
+    strict: bool = False  # stop at the first malformed record (file:line: reason) instead of skipping and counting
+    # it; pairs that only do not fit the lengths (data.records.DoesNotFit) are counted either way
     num_epochs: int | None = None  # None: repeat until max_steps
     shuffle: bool = True
     num_threads: int = 2

@@ -27,7 +27,7 @@ from asft_jax.data.records import BadRecord
 
 FORMATS = ("hh", "standard", "conversational", "pretokenized", "implicit_conversational", "implicit_standard")
 ENCODED_AS = {"implicit_conversational": "conversational", "implicit_standard": "standard"}  # others: as themselves
-HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from asft_jax.data.pipeline import detect_source_format, encode_record
+from asft_jax.data.pipeline import bad_record_error, detect_source_format, encode_record, stops_strict
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
 
@@ -22,8 +22,10 @@ def inspect_records(
     max_prompt_length: int | None,
     truncation: str,
     limit: int | None = None,
+    strict: bool = False,
 ) -> list[str]:
-    """The report's lines for the first ``limit`` records of ``source`` (all when None)."""
+    """The report's lines for the first ``limit`` records of ``source`` (all when None); ``strict``: the
+    first malformed record stops it (``file:line: reason``)."""
     fmt = fmt or detect_source_format(source)
     encoder = Encoder(tokenizer, max_length, max_prompt_length, vocab_size, truncation=truncation)
     untruncated = Encoder(tokenizer, 1 << 30, vocab_size=vocab_size)
@@ -32,10 +34,12 @@ def inspect_records(
     truncated, example = 0, None
     for i in range(min(len(source), limit or len(source))):
         item = encode_record(source, fmt, untruncated, i)
+        fitted = encode_record(source, fmt, encoder, i) if not isinstance(item, BadRecord) else item
+        if isinstance(fitted, BadRecord) and strict and stops_strict(fitted):
+            raise bad_record_error(source.location(i), fitted)
         if isinstance(item, BadRecord):
             skipped[item.reason] += 1
             continue
-        fitted = encode_record(source, fmt, encoder, i)
         if isinstance(fitted, BadRecord):  # over the limits (drop), or responses identical once truncated
             skipped[f"{truncation}: {fitted.reason}"] += 1
             continue

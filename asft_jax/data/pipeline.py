@@ -3,7 +3,8 @@
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
 process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``).
-Bad records are skipped and counted by reason (``strict`` stops at the first). ``get_state``/``set_state`` capture
+Bad records are skipped and counted by reason (``strict`` stops at the first malformed one; pairs that
+only do not fit the length limits, ``DoesNotFit``, are counted in every mode). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
 Records a host drops are its own: hosts stay disjoint, and their union equals the single-host batch
 whenever no record is dropped.
@@ -24,7 +25,7 @@ from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
 from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
 from asft_jax.data.pairs import TokenizedPair
-from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.records import BadRecord, DoesNotFit, RecordSource
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 
@@ -57,6 +58,11 @@ def bad_record_error(where: str, bad: BadRecord) -> AsftError:
     return AsftError(f"{where}: {bad.reason.replace('_', ' ')}")
 
 
+def stops_strict(bad: BadRecord) -> bool:
+    """Whether strict mode stops on ``bad``: a malformed record, not one that only does not fit the lengths."""
+    return not isinstance(bad, DoesNotFit)
+
+
 def encode_source(
     source: RecordSource,
     fmt: str,
@@ -69,17 +75,17 @@ def encode_source(
 ) -> Iterator[TokenizedPair]:
     """The usable pairs among the first ``limit`` records, in file order (no shuffle, one host).
 
-    Bad records are counted in ``skipped`` or, in strict mode, stop the read. With ``max_length``,
-    longer pairs are skipped as ``longer_than_max_length`` (for scoring, where truncating would
-    change what is measured).
+    Bad records are counted in ``skipped``; in strict mode a malformed one stops the read. With
+    ``max_length``, longer pairs are skipped as ``longer_than_max_length`` (for scoring, where
+    truncating would change what is measured).
     """
     skipped = skipped if skipped is not None else collections.Counter()
     for i in range(min(len(source), limit if limit is not None else len(source))):
         item = encode_record(source, fmt, encoder, i)
         if not isinstance(item, BadRecord) and max_length is not None and len(item) > max_length:
-            item = BadRecord("longer_than_max_length")
+            item = DoesNotFit("longer_than_max_length")
         if isinstance(item, BadRecord):
-            if strict:
+            if strict and stops_strict(item):
                 raise bad_record_error(source.location(i), item)
             skipped[item.reason] += 1
             continue
@@ -190,7 +196,7 @@ class PairBatches:
 
     def _skip(self, bad: BadRecord, index: int) -> None:
         where = self.source.location(index)
-        if self.cfg.strict:
+        if self.cfg.strict and stops_strict(bad):
             raise bad_record_error(where, bad)
         if bad.reason not in self._first:
             self._first[bad.reason] = where

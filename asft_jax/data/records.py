@@ -35,6 +35,11 @@ class BadRecord(Exception):
         self.index = -1  # the record's index in its source, set by whoever knows it
 
 
+class DoesNotFit(BadRecord):
+    """A well-formed record that does not fit the length limits: skipped and counted, even in strict mode
+    (which stops on malformed records only)."""
+
+
 class _JsonLines:
     def __init__(self, path: str):
         try:

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
 from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches
@@ -174,6 +175,42 @@ def test_bad_lines_are_counted_or_stop_strict_mode(tokenizer, tmp_path):
     strict = PairBatches(dataclasses.replace(one_pass, strict=True), tokenizer, 2)
     with pytest.raises(AsftError, match=rf"^{path}:2: unparsable json$"):
         list(strict)
+
+
+@pytest.mark.parametrize(
+    ("truncation", "max_prompt_length", "skipped"),
+    [
+        ("drop", 48, {"prompt_longer_than_max_prompt_length": 1}),
+        # SmolLM2's default system prompt, user header and generation prompt are 30 tokens: no room for content
+        ("head_and_tail", 30, {"head_longer_than_max_prompt_length": 5}),
+    ],
+)
+def test_strict_stops_on_malformed_records_only(tokenizer, tmp_path, truncation, max_prompt_length, skipped):
+    good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    too_long = {"prompt": "Why? " * 40, "chosen": "Because.", "rejected": "No."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, too_long, good, good, good, {**good, "rejected": 3}])
+    cfg = DataConfig(
+        path, max_length=64, max_prompt_length=max_prompt_length, truncation=truncation, strict=True, shuffle=False
+    )
+    strict = PairBatches(dataclasses.replace(cfg, num_epochs=1), tokenizer, 2)
+    with pytest.raises(AsftError, match=rf"^{path}:6: non string rejected$"):
+        strict.next_pairs(8)
+    assert dict(strict.skipped) == skipped
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+def test_inspect_takes_strict(smollm2_gguf, tmp_path, capsys, strict):
+    from asft_jax.cli import main
+
+    good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, {"prompt": "Why? " * 40, "chosen": "A", "rejected": "B"}])
+    args = ["data", "inspect", path, "--model", smollm2_gguf, "--max-length", "128", "--truncation", "drop", *strict]
+    assert main(args) == 0
+    assert "2 records, 1 usable, skipped {'drop: prompt_longer_than_max_prompt_length': 1}" in capsys.readouterr().out
+    write_jsonl(tmp_path / "pairs.jsonl", [good, {**good, "chosen": ""}])
+    assert main(args) == (1 if strict else 0)
+    captured = capsys.readouterr()
+    assert (f"asft: error: {path}:2: empty response" in captured.err) == bool(strict)
 
 
 def test_batch_must_split_over_hosts(tokenizer, uf_train):

@@ -7,6 +7,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 
 import pytest
 
@@ -99,75 +100,162 @@ def encode_or_reason(enc: Encoder, rec: dict, fmt: str):
         return bad.reason
 
 
-@pytest.mark.parametrize(("max_length", "max_prompt_length"), [(64, 16), (128, 100), (48, None)])
+@pytest.mark.parametrize(("max_length", "max_prompt_length"), [(64, 16), (128, 100), (96, None)])
 @pytest.mark.parametrize("truncation", ["head_and_tail", "keep_end"])
 def test_truncation_respects_both_limits(tokenizer, uf_records, max_length, max_prompt_length, truncation):
     enc = Encoder(tokenizer, max_length, max_prompt_length, truncation=truncation)
     full = Encoder(tokenizer, 100_000)
     limit = max_prompt_length or max_length // 2
     template_head = tokenizer.encode(SMOL_HEAD, add_special_tokens=False)
-    head = template_head[: limit // 2] if truncation == "head_and_tail" else []
+    end = tokenizer.encode(SMOL_GENERATION_PROMPT, add_special_tokens=False)
+    head = template_head if truncation == "head_and_tail" else []
+    head_fits = len(head) + len(end) < limit
     kept = 0
     for i, rec in enumerate(uf_records):
         whole = full.encode(normalize(rec, "standard"), "standard", i)
         assert whole.prompt[: len(template_head)] == template_head
         try:
             got = enc.encode(normalize(rec, "standard"), "standard", i)
-        except BadRecord as bad:  # dropped only when the cut makes the responses equal
-            assert bad.reason == "identical_after_truncation"
+        except BadRecord as bad:
+            if not head_fits:  # the head and the generation prompt leave no room for the question
+                assert bad.reason == "head_longer_than_max_prompt_length" and len(whole.prompt) > limit
+                continue
+            assert bad.reason == "identical_after_truncation"  # otherwise dropped only when responses become equal
             room = max_length - min(len(whole.prompt), limit)
             assert whole.chosen[:room] == whole.rejected[:room]
             continue
         kept += 1
         assert len(got.prompt) <= limit and len(got) <= max_length
-        if len(whole.prompt) > limit:  # the head (capped at half the limit), then the prompt's end
+        if len(whole.prompt) > limit:  # the whole head, then the prompt's end
             assert got.prompt == head + whole.prompt[len(whole.prompt) - limit + len(head) :]
         else:
             assert got.prompt == whole.prompt
         assert got.chosen == whole.chosen[: max_length - len(got.prompt)]  # responses keep their start
-    assert kept >= len(uf_records) // 2
+    assert kept >= len(uf_records) // 2 if head_fits else kept == 0
 
 
 def test_head_and_tail_keeps_the_start_and_the_generation_prompt(tokenizer, uf_records):
-    enc, full = Encoder(tokenizer, 64, 16), Encoder(tokenizer, 100_000)
+    enc, full = Encoder(tokenizer, 96, 40), Encoder(tokenizer, 100_000)
+    head = tokenizer.encode(SMOL_HEAD, add_special_tokens=False)
     end = tokenizer.encode(SMOL_GENERATION_PROMPT, add_special_tokens=False)
     for fmt, records in (("standard", uf_records), ("conversational", [as_conversation(r) for r in uf_records])):
         for rec in records:
             whole = full.encode(normalize(rec, fmt), fmt)
             got = enc.encode(normalize(rec, fmt), fmt)
-            assert len(whole.prompt) > 16 and len(got.prompt) == 16
-            assert got.prompt[0] == whole.prompt[0] == tokenizer.bos_token_id
-            assert tokenizer.decode(got.prompt[:8]) == "<|im_start|>system\nYou are a helpful AI"
+            if len(whole.prompt) <= 40:
+                assert got.prompt == whole.prompt
+                continue
+            assert len(got.prompt) == 40
+            assert got.prompt[: len(head)] == whole.prompt[: len(head)] == head
             assert got.prompt[-len(end) :] == whole.prompt[-len(end) :] == end
-            assert got.prompt[8:] == whole.prompt[-8:]
+            assert got.prompt[len(head) :] == whole.prompt[len(head) - 40 :]
 
 
-def test_head_is_the_system_prompt_and_first_role_header(tokenizer):
+def test_earlier_turns_are_dropped_whole_and_the_rest_retemplated(tokenizer):
     system = "Answer in one word."
-    head = tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
     turns = [
         {"role": "system", "content": system},
         {"role": "user", "content": "Name a colour. " * 30},
         {"role": "assistant", "content": "Red."},
         {"role": "user", "content": "Another one?"},
     ]
-    pair = Pair(turns, [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "No."}])
-    whole = Encoder(tokenizer, 100_000).encode(pair, "conversational")
+    replies = [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "No."}]
+    pair = Pair(turns, *replies)
     got = Encoder(tokenizer, 200, 40).encode(pair, "conversational")
-    assert len(head) < 20 and whole.prompt[: len(head)] == head
-    assert got.prompt == head + whole.prompt[len(head) - 40 :]
-    assert tokenizer.decode(got.prompt).endswith("Another one?<|im_end|>\n<|im_start|>assistant\n")
+    kept = [turns[0], turns[3]]
+    template = lambda messages, **kw: list(tokenizer.apply_chat_template(messages, tokenize=True, **kw)["input_ids"])
+    assert got.prompt == template(kept, add_generation_prompt=True)
+    assert got.prompt + got.chosen == template(kept + replies[0])
+    assert got.prompt + got.rejected == template(kept + replies[1])
 
 
-def test_raw_text_head_is_the_tokenizers_bos(tokenizer, bos_tokenizer, hh_records):
+def hh_messages(prompt: str) -> list[dict]:
+    """An HH prompt (``\\n\\nHuman: ...\\n\\nAssistant:`` turns) as messages, the empty last turn left out."""
+    pieces = re.split(r"\n\n(Human|Assistant):", prompt)
+    assert pieces[0] == "" and pieces[-2:] == ["Assistant", ""], prompt[:80]
+    role = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": role[r], "content": c.strip()} for r, c in zip(pieces[1:-2:2], pieces[2:-2:2])]
+
+
+def chatml_turns(text: str) -> list[tuple[str, str]]:
+    """(role, content) of each turn of a SmolLM2 (ChatML) prompt ending with the generation prompt; an
+    AssertionError when the text is anything else (a turn left open, a header missing, stray text)."""
+    assert text.endswith("<|im_start|>assistant\n"), text[-80:]
+    body = text.removesuffix("<|im_start|>assistant\n")
+    turns = re.findall(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n", body, re.DOTALL)
+    assert "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) == body, body[:200]
+    return turns
+
+
+def assert_well_formed(kept: list[tuple[str, str]], messages: list[dict]) -> None:
+    """``kept`` turns are the (default or given) system message, then the original turns from a user turn on,
+    each whole, the last user turn whole or its content's end."""
+    assert kept[0][0] == "system" and kept[-1][0] == "user"
+    if messages[0]["role"] == "system":
+        assert kept[0][1] == messages[0]["content"]
+        messages = messages[1:]
+    original = [(m["role"], m["content"]) for m in messages]
+    rest = kept[1:]
+    assert rest[0][0] == "user" and rest[:-1] == original[len(original) - len(rest) : -1]
+    assert original[-1][1].endswith(rest[-1][1]) and rest[-1][1]
+    if len(rest) > 1:
+        assert rest[-1] == original[-1]
+
+
+@pytest.mark.parametrize("system", [None, "Answer briefly and politely. " * 8])
+@pytest.mark.parametrize("max_prompt_length", [48, 96, 160])
+def test_head_and_tail_keeps_multi_turn_prompts_well_formed(tokenizer, hh_records, system, max_prompt_length):
+    enc, full = Encoder(tokenizer, 400, max_prompt_length), Encoder(tokenizer, 100_000)
+    cut = whole_turns = skipped = 0
+    for rec in hh_records:
+        pair = normalize(rec, "hh")
+        messages = hh_messages(pair.prompt)
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
+        conversation = Pair(
+            messages,
+            [{"role": "assistant", "content": pair.chosen.strip()}],
+            [{"role": "assistant", "content": pair.rejected.strip()}],
+        )
+        try:
+            got = enc.encode(conversation, "conversational")
+        except BadRecord as bad:
+            assert bad.reason in ("head_longer_than_max_prompt_length", "identical_after_truncation"), bad.reason
+            skipped += 1
+            continue
+        if len(full.encode(conversation, "conversational").prompt) <= max_prompt_length:
+            continue
+        assert len(got.prompt) <= max_prompt_length
+        kept = chatml_turns(tokenizer.decode(got.prompt))
+        assert_well_formed(kept, messages)
+        assert (pair.chosen.strip() + "<|im_end|>\n").startswith(tokenizer.decode(got.chosen))  # re-templated
+        cut += kept[-1][1] != messages[-1]["content"]
+        whole_turns += len(kept) > 2
+    assert cut + whole_turns + skipped > 0  # the limits touch these prompts
+    if max_prompt_length == 48 and system is None:
+        assert cut > 0  # the last turn's content cut
+    if max_prompt_length == 160:
+        assert whole_turns > 0  # earlier turns kept whole
+
+
+@pytest.mark.parametrize("max_prompt_length", [24, 64])
+def test_hh_transcripts_are_cut_at_human_turns(tokenizer, bos_tokenizer, hh_records, max_prompt_length):
     for tok, head in ((tokenizer, []), (bos_tokenizer, [tokenizer.bos_token_id])):  # SmolLM2 adds no BOS to raw text
-        enc, full = Encoder(tok, 64, 16), Encoder(tok, 100_000)
+        enc, full = Encoder(tok, 256, max_prompt_length), Encoder(tok, 100_000)
         for rec in hh_records:
-            whole = full.encode(normalize(rec, "hh"), "hh")
-            got = enc.encode(normalize(rec, "hh"), "hh")
-            assert whole.prompt[: len(head)] == head
-            assert got.prompt == (head + whole.prompt[len(head) - 16 :] if len(whole.prompt) > 16 else whole.prompt)
-            assert tok.decode(got.prompt).endswith("\n\nAssistant:")
+            pair = normalize(rec, "hh")
+            whole = full.encode(pair, "hh")
+            try:
+                got = enc.encode(pair, "hh")
+            except BadRecord as bad:
+                assert bad.reason == "identical_after_truncation"
+                continue
+            assert got.prompt[: len(head)] == head and len(got.prompt) <= max(max_prompt_length, len(whole.prompt))
+            text = tok.decode(got.prompt[len(head) :])
+            assert text.startswith("\n\nHuman:") and text.endswith("\n\nAssistant:")
+            if not pair.prompt.endswith(text):  # the last human turn's content cut: one turn left
+                assert text.count("\n\nHuman:") == text.count("\n\nAssistant:") == 1
+                assert pair.prompt.endswith(text.removeprefix("\n\nHuman:"))
 
 
 def test_pretokenized_head_is_bos_when_known(tokenizer):
