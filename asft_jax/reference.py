@@ -57,8 +57,8 @@ def reference_pairs_file(
     path = os.path.join(cfg.output_dir, REFERENCE_FILES[split])
     if os.path.isfile(path):
         return path
-    d = cfg.data
-    source = RecordSource(*((d.path, d.split) if split == "train" else (d.eval_path, d.eval_split)))
+    d = cfg.data if split == "train" else cfg.data.eval_split_config()
+    source = RecordSource(d.path, d.split)
     fmt = d.format or detect_source_format(source)
     encoder = Encoder(tokenizer, d.max_length, d.max_prompt_length, model.config.vocab_size, truncation=d.truncation)
     pairs = encode_source(source, fmt, encoder, strict=d.strict)

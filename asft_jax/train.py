@@ -28,8 +28,16 @@ from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import TrainConfig, to_dict
 from asft_jax.data.budget import largest_step
 from asft_jax.data.config import DataConfig
-from asft_jax.data.pipeline import PairBatches, host_data_state
-from asft_jax.data.records import is_readable_spec
+from asft_jax.data.formats import FORMATS, normalize
+from asft_jax.data.pipeline import (
+    PairBatches,
+    bad_record_error,
+    detect_source_format,
+    encode_source,
+    host_data_state,
+)
+from asft_jax.data.records import BadRecord, RecordSource, is_readable_spec
+from asft_jax.data.tokenize import Encoder
 from asft_jax.distributed import all_hosts, initialize
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
@@ -211,6 +219,42 @@ def resolve_data_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, eval_path=eval_path))
 
 
+def _parse(record: dict | BadRecord, fmt: str) -> None:
+    """Raises the ``BadRecord`` of a record that is not one of format ``fmt``."""
+    if isinstance(record, BadRecord):
+        raise record
+    normalize(record, fmt)
+
+
+def check_data(cfg: TrainConfig, tokenizer: Any, vocab_size: int) -> None:
+    """Fails in one line, before a run creates or loads anything, on data it could not train or
+    evaluate on: a file whose format is unknown, in strict mode a malformed record anywhere (file:line),
+    or a train or eval set without one usable pair (the file, its records, the skip reasons). Reads
+    records up to the first usable pair, all of them in strict mode (parsed, not tokenized)."""
+    sets = [("data.path", cfg.data)]
+    if cfg.eval_steps and cfg.data.eval_path:
+        sets.append(("data.eval_path", cfg.data.eval_split_config()))
+    for key, d in sets:
+        source = RecordSource(d.path, d.split)
+        fmt = d.format or detect_source_format(source)
+        if fmt not in FORMATS:
+            raise AsftError(f"{key} {d.path!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        if tokenizer is None and fmt != "pretokenized":
+            raise AsftError(f"{key} {d.path!r}: {fmt} records need a tokenizer and the model has none")
+        for i in range(len(source) if d.strict else 0):
+            try:
+                _parse(source[i], fmt)
+            except BadRecord as bad:
+                raise bad_record_error(source.location(i), bad) from None
+        skipped: collections.Counter = collections.Counter()
+        encoder = Encoder(tokenizer, d.max_length, d.max_prompt_length, vocab_size, truncation=d.truncation)
+        if next(encode_source(source, fmt, encoder, skipped=skipped), None) is None:
+            reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+            raise AsftError(
+                f"{key} {source.name!r} ({fmt}): none of its {len(source)} records is a usable pair ({reasons})"
+            )
+
+
 def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_size: int) -> dict:
     """Abstract arrays of the run's train-step batch: the planned shape (``data.fixed_shape``), or
     the largest a step can have."""
@@ -293,12 +337,14 @@ def fit_memory(
     return chosen, last["step"] if cfg.data.fixed_shape else None  # other shapes need the jitted function
 
 
-def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run, Checkpointer, PairBatches]:
+def setup(
+    cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None, model: tuple | None = None
+) -> tuple[Run, Checkpointer, PairBatches]:
     """Model, state (restored or fresh), data pipeline and jitted steps of a run. Call it, and the
-    steps, inside ``sharding.activate(mesh)``."""
+    steps, inside ``sharding.activate(mesh)``. ``model``: ``_model(cfg)`` when the caller has it."""
     mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_split(cfg, mesh)
-    model, src, tokenizer = _model(cfg)
+    model, src, tokenizer = model or _model(cfg)
     cfg, searched_step = fit_memory(cfg, model.config, mesh, tokenizer)
     model = build_model(cfg, model.config, jax.default_backend())
     for line in replicated_dims(model, mesh):
@@ -384,6 +430,28 @@ def setup(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Run,
         checkpointer,
         data,
     )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _save_config(cfg: TrainConfig) -> None:
+    """The run's ``config.yaml``: the config of its latest start. A resume that changes it says what
+    changed (each checkpoint keeps the config it was saved with)."""
+    path, new = os.path.join(cfg.output_dir, "config.yaml"), to_dict(cfg)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = _flat(yaml.safe_load(f) or {})
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _flat(new).items() if old.get(k) != v]
+        if changed:
+            log.warning("config.yaml: this start changes %s", "; ".join(changed))
+    with open(path, "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)
 
 
 def bind_base(fn: Callable, base: Any) -> Callable:
@@ -505,11 +573,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], None] | None) -> dict[str, float]:
     writer = jax.process_index() == 0
     cfg = resolve_data_paths(cfg)
+    check_batch_split(cfg, mesh)
+    model = _model(cfg)  # the model source and tokenizer resolved, and the data checked, before anything is written
+    check_data(cfg, model[2], model[0].config.vocab_size)
     os.makedirs(cfg.output_dir, exist_ok=True)
     if writer:
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    run, checkpointer, data = setup(cfg, mesh)
+        _save_config(cfg)
+    run, checkpointer, data = setup(cfg, mesh, model)
     start_step = int(run.state.step)
     stop_signal = _Stop()
     metrics_log = MetricsLog(cfg, writer, start_step)

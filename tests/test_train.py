@@ -133,11 +133,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(pairs, tmp_path, c
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO", logger="asft_jax"):
         train(config(out, pairs, "save_steps=2", "max_steps=6"))
     assert "checkpoint" in caplog.text and "/4 cannot be restored" in caplog.text
-    steps = [r["step"] for r in curve(out)]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
+    assert f"resuming from {out}/checkpoints/2" in caplog.text
+    assert [r["step"] for r in curve(out)] == [1, 2, 3, 4, 5, 6]  # rows 3 and 4 logged again, not twice
+    # config.yaml is the latest start's; a checkpoint is read with the config it was saved with
+    assert "config.yaml: this start changes max_steps: 4 -> 6" in caplog.text
+    from asft_jax.io import resolve
+
+    assert load_config(str(out / "config.yaml")).max_steps == 6
+    assert resolve(str(out / "checkpoints" / "2")).train_config.max_steps == 4
+    assert resolve(str(out)).train_config.max_steps == 6
 
 
 def test_config_problems_are_one_line_before_any_compile(pairs, tmp_path):
@@ -216,6 +223,28 @@ def test_skipped_records_are_counted_in_the_metrics_or_stop_a_strict_run(pairs, 
     }
     with pytest.raises(AsftError, match=rf"^{data}:6: unparsable json$"):
         train(config(tmp_path / "strict", str(data), "data.shuffle=false", "data.strict=true"))
+    assert not (tmp_path / "strict").exists()  # found before the model loads or anything is written
+
+
+def test_bad_sources_and_unusable_eval_sets_fail_before_the_run_directory_exists(pairs, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(AsftError, match=rf"^{tmp_path}/nowhere: no such file or directory$"):
+        train(config(out, pairs, "model.init=null", f"model.source={tmp_path}/nowhere"))
+    assert not out.exists()
+    # an eval file of another format than data.format: read in its own (detected) format, and
+    # refused in one line when it has no usable pair, instead of a KeyError after the first steps
+    other = tmp_path / "eval.jsonl"
+    other.write_text("".join(json.dumps({"prompt": "p", "chosen": "", "rejected": "r"}) + "\n" for _ in range(3)))
+    args = ("data.format=pretokenized", f"data.eval_path={other}", "eval_steps=2")
+    with pytest.raises(AsftError, match=rf"^data.eval_path '{other}': standard records need a tokenizer"):
+        train(config(out, pairs, *args))
+    with pytest.raises(
+        AsftError,
+        match=rf"^data.eval_path '{other}' \(pretokenized\): none of its 3 records is a usable pair "
+        r"\(missing_prompt_input_ids: 3\)$",
+    ):
+        train(config(out, pairs, *args, "data.eval_format=pretokenized"))
+    assert not out.exists()
 
 
 def poison_steps(monkeypatch, steps: set[int]) -> None:

@@ -14,6 +14,7 @@ class DataConfig:
     split: str = "train"
     format: str | None = None  # None: detected from the records (asft_jax.data.formats)
     eval_path: str | None = None
+    eval_format: str | None = None  # the eval file's own format (not `format`); None: detected from its records
     eval_split: str = "test"
     eval_pairs: int = 64  # pairs of the eval split scored at each evaluation
     max_length: int = 512
@@ -30,4 +31,6 @@ class DataConfig:
 
     def eval_split_config(self) -> DataConfig:
         """The eval split as a one-pass, file-order source (``path`` = ``eval_path``)."""
-        return dataclasses.replace(self, path=self.eval_path, split=self.eval_split, shuffle=False, num_epochs=1)
+        return dataclasses.replace(
+            self, path=self.eval_path, split=self.eval_split, format=self.eval_format, shuffle=False, num_epochs=1
+        )
