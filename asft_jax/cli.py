@@ -14,6 +14,7 @@ import time
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from asft_jax.errors import AsftError
+from asft_jax.startup import start_jax
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_jax()  # before anything imports JAX (the parser's choices do)
     args = build_parser().parse_args(argv)
     # transformers' "PyTorch was not found" advisory: asft never needs torch (only tokenizers)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

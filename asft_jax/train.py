@@ -626,7 +626,8 @@ def _train(cfg: TrainConfig, mesh: jax.sharding.Mesh, on_step: Callable[[int], N
                 row.update(_skip_metrics(skipped_records(data)))
                 _warn_skipped_steps(done, row, skipped_steps)
                 skipped_steps = int(row["skipped_steps"])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_second', 0):.0f}")
+                speed = {"tok_s": f"{row['tokens_per_second']:.0f}"} if "tokens_per_second" in row else {}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **speed)
                 window, tokens, clock = [], 0.0, time.perf_counter()
             if run.eval_fn is not None and done % cfg.eval_steps == 0:
                 row.update(run_evaluation(run))

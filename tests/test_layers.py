@@ -23,7 +23,7 @@ LAYERS = [
     ("io", ["checkpoint", "io", "metrics_log"]),
     ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
     ("train", ["train", "aot", "accelerators"]),
-    ("cli", ["cli", "__main__"]),
+    ("cli", ["cli", "__main__", "startup"]),
 ]
 
 
