@@ -402,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--truncation",
             choices=TRUNCATIONS,
             default=DataConfig.truncation,
-            help="a longer prompt keeps its head (BOS, system prompt, role header) and its end (head_and_tail, "
-            "default), only its end (keep_end), or the pair is skipped (drop); responses keep their start",
+            help="a longer prompt drops whole early turns, keeping its system prompt, and cuts inside the last user "
+            "turn only when that alone is too long (head_and_tail, default), keeps only its last tokens (keep_end), "
+            "or the pair is skipped (drop); responses keep their start",
         )
 
     p = sub.add_parser("data", help="data tools")

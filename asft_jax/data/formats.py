@@ -12,10 +12,18 @@
 - ``implicit_standard``: ``{"chosen", "rejected"}`` strings that are not HH transcripts. The prompt is
   their longest common character prefix, less a trailing space (TRL's ``extract_prompt``). Encoded as
   ``standard``.
+- ``sharegpt`` (LLaMA-Factory's ShareGPT preference layout): ``conversations`` a list of ``{"from",
+  "value"}`` turns, ``chosen``/``rejected`` one ``{"from": "gpt", "value"}`` turn each, an optional
+  ``system`` string. The prompt is the conversation as messages: ``system`` -> system (a first turn from
+  ``system``, else the record's ``system``), ``human`` -> user, ``gpt`` -> assistant, ``observation`` ->
+  tool, ``function_call`` -> assistant (the call's text as its content); the responses are assistant
+  messages (``chosen``/``rejected`` from ``gpt`` or ``function_call``). As in LLaMA-Factory, turns after
+  the system one alternate human/observation and gpt/function_call, and the last is from ``human`` or
+  ``observation``. Encoded as ``conversational``.
 
-Detection: ``prompt_input_ids`` -> pretokenized; ``prompt`` a list -> conversational; ``prompt`` ->
-standard; ``chosen`` a list -> implicit_conversational; ``chosen`` a string with ``\\n\\nAssistant:`` -> hh;
-``chosen`` a string -> implicit_standard.
+Detection: ``prompt_input_ids`` -> pretokenized; ``conversations`` -> sharegpt; ``prompt`` a list ->
+conversational; ``prompt`` -> standard; ``chosen`` a list -> implicit_conversational; ``chosen`` a string
+with ``\\n\\nAssistant:`` -> hh; ``chosen`` a string -> implicit_standard.
 """
 
 from __future__ import annotations
@@ -25,9 +33,29 @@ from typing import Any
 
 from asft_jax.data.records import BadRecord
 
-FORMATS = ("hh", "standard", "conversational", "pretokenized", "implicit_conversational", "implicit_standard")
-ENCODED_AS = {"implicit_conversational": "conversational", "implicit_standard": "standard"}  # others: as themselves
+FORMATS = (
+    "hh",
+    "standard",
+    "conversational",
+    "pretokenized",
+    "implicit_conversational",
+    "implicit_standard",
+    "sharegpt",
+)
+ENCODED_AS = {  # others: as themselves
+    "implicit_conversational": "conversational",
+    "implicit_standard": "standard",
+    "sharegpt": "conversational",
+}
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "observation": "tool",
+    "gpt": "assistant",
+    "function_call": "assistant",
+}
+SHAREGPT_ASKS, SHAREGPT_ANSWERS = ("human", "observation"), ("gpt", "function_call")  # the two sides' speakers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +74,8 @@ def detect_format(rec: dict) -> str | None:
     """The format a single record is in, or None if it fits none."""
     if "prompt_input_ids" in rec:
         return "pretokenized"
+    if "conversations" in rec:
+        return "sharegpt"
     if isinstance(rec.get("prompt"), list):
         return "conversational"
     if "prompt" in rec:
@@ -112,6 +142,45 @@ def split_implicit_text(chosen: str, rejected: str) -> Pair:
     return Pair(chosen[:k], chosen[k:], rejected[k:])
 
 
+def _sharegpt_turn(turn: Any, key: str) -> tuple[str, str]:
+    """(speaker, text) of one ShareGPT turn found under ``key``."""
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        raise BadRecord(f"bad_messages_{key}")
+    if turn.get("from") not in SHAREGPT_ROLES:
+        raise BadRecord(f"unknown_role_in_{key}")
+    return turn["from"], turn["value"]
+
+
+def split_sharegpt(rec: dict) -> Pair:
+    """A LLaMA-Factory ShareGPT preference record as conversational messages (mapping in the module docstring)."""
+    conversations = rec.get("conversations")
+    if conversations is None or not isinstance(conversations, list):
+        raise BadRecord("missing_conversations" if conversations is None else "bad_messages_conversations")
+    turns = [_sharegpt_turn(t, "conversations") for t in conversations]
+    system = rec.get("system")
+    if turns and turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    elif system is not None and not isinstance(system, str):
+        raise BadRecord("non_string_system")
+    if not turns:
+        raise BadRecord("empty_conversations")
+    if any(who not in (SHAREGPT_ANSWERS if i % 2 else SHAREGPT_ASKS) for i, (who, _) in enumerate(turns)):
+        raise BadRecord("conversations_out_of_order")
+    if len(turns) % 2 == 0:
+        raise BadRecord("conversations_must_end_with_human_or_observation")
+    responses = []
+    for key in ("chosen", "rejected"):
+        if rec.get(key) is None:
+            raise BadRecord(f"missing_{key}")
+        who, text = _sharegpt_turn(rec[key], key)
+        if who not in SHAREGPT_ANSWERS:
+            raise BadRecord(f"{key}_not_from_gpt_or_function_call")
+        responses.append([{"role": "assistant", "content": text}])
+    prompt = [{"role": "system", "content": system}] if system else []
+    prompt += [{"role": SHAREGPT_ROLES[who], "content": text} for who, text in turns]
+    return Pair(prompt, *responses)
+
+
 def _turn(message: dict) -> tuple[str, str]:
     return message["role"], message["content"]
 
@@ -128,6 +197,8 @@ def normalize(rec: dict, fmt: str) -> Pair:
         pair = split_implicit_messages(*(_messages(rec.get(k), k) for k in ("chosen", "rejected")))
     elif fmt == "conversational":
         pair = Pair(*(_messages(rec.get(k), k) for k in ("prompt", "chosen", "rejected")))
+    elif fmt == "sharegpt":
+        pair = split_sharegpt(rec)
     elif fmt == "pretokenized":
         ids = []
         for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):

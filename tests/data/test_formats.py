@@ -119,6 +119,14 @@ U, A1, A2 = msg("user", "What is 2 + 2?"), msg("assistant", "4"), msg("assistant
         ),
         ({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}, "hh"),
         ({"chosen": "2 + 2 = 4", "rejected": "2 + 2 = 5"}, "implicit_standard"),
+        (
+            {
+                "conversations": [{"from": "human", "value": "hi"}],
+                "chosen": {"from": "gpt", "value": "hello"},
+                "rejected": {"from": "gpt", "value": "go"},
+            },
+            "sharegpt",
+        ),
         ({"chosen": 4, "rejected": 5}, None),
         ({"text": "x"}, None),
     ],
@@ -221,6 +229,130 @@ def test_implicit_conversational_real_files_give_the_explicit_pairs(shared_data,
     source = RecordSource(str(path))
     assert detect_format(source[0]) == "implicit_conversational"
     pairs, skipped = normalise_all(source, "implicit_conversational")
+    assert dict(skipped) == EXPECTED[name][2]  # the same skips as the flat strings
+    for i, pair in pairs:
+        r = rows[i]
+        assert pair == Pair(
+            [msg("user", r["prompt"])], [msg("assistant", r["chosen"])], [msg("assistant", r["rejected"])]
+        )
+
+
+def turn(speaker: str, value: str) -> dict:
+    return {"from": speaker, "value": value}
+
+
+SHAREGPT = {  # LLaMA-Factory's ShareGPT preference layout, tool use included
+    "conversations": [
+        turn("human", "Weather in Paris?"),
+        turn("function_call", '{"name": "weather", "arguments": {"city": "Paris"}}'),
+        turn("observation", '{"celsius": 21}'),
+        turn("gpt", "21 degrees."),
+        turn("human", "And in Lyon?"),
+    ],
+    "chosen": turn("gpt", "Let me check Lyon."),
+    "rejected": turn("gpt", "Also 21."),
+    "system": "You answer weather questions.",
+}
+
+
+def test_sharegpt_maps_to_conversational_messages():
+    expected = Pair(
+        [
+            msg("system", "You answer weather questions."),
+            msg("user", "Weather in Paris?"),
+            msg("assistant", '{"name": "weather", "arguments": {"city": "Paris"}}'),
+            msg("tool", '{"celsius": 21}'),
+            msg("assistant", "21 degrees."),
+            msg("user", "And in Lyon?"),
+        ],
+        [msg("assistant", "Let me check Lyon.")],
+        [msg("assistant", "Also 21.")],
+    )
+    assert detect_format(SHAREGPT) == "sharegpt"
+    assert normalize(SHAREGPT, "sharegpt") == expected
+    explicit = {"prompt": expected.prompt, "chosen": expected.chosen, "rejected": expected.rejected}
+    assert normalize(explicit, "conversational") == expected
+    no_system = {k: v for k, v in SHAREGPT.items() if k != "system"}
+    assert normalize(no_system, "sharegpt").prompt == expected.prompt[1:]
+    in_turns = {**SHAREGPT, "conversations": [turn("system", "Be brief."), *SHAREGPT["conversations"]]}
+    assert normalize(in_turns, "sharegpt").prompt == [
+        msg("system", "Be brief."),
+        *expected.prompt[1:],
+    ]  # as LLaMA-Factory
+    call = {**SHAREGPT, "chosen": turn("function_call", '{"name": "weather"}')}
+    assert normalize(call, "sharegpt").chosen == [msg("assistant", '{"name": "weather"}')]
+
+
+CONVERSATION = SHAREGPT["conversations"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"conversations": [turn("user", "hi")]}, "unknown_role_in_conversations"),
+        ({"chosen": turn("human", "Lyon?")}, "chosen_not_from_gpt_or_function_call"),
+        ({"rejected": turn("assistant", "x")}, "unknown_role_in_rejected"),
+        ({"conversations": []}, "empty_conversations"),
+        ({"conversations": [turn("system", "Be brief.")]}, "empty_conversations"),
+        ({"conversations": CONVERSATION[:4]}, "conversations_must_end_with_human_or_observation"),
+        ({"conversations": [CONVERSATION[0], *CONVERSATION]}, "conversations_out_of_order"),
+        ({"conversations": [*CONVERSATION[:2], turn("system", "x"), *CONVERSATION[3:]]}, "conversations_out_of_order"),
+        ({"conversations": "hi"}, "bad_messages_conversations"),
+        ({"chosen": [turn("gpt", "x")]}, "bad_messages_chosen"),
+        ({"chosen": None}, "missing_chosen"),
+        ({"system": 3}, "non_string_system"),
+        ({"chosen": turn("gpt", "Also 21.")}, "identical_responses"),
+        ({"rejected": turn("gpt", "  ")}, "empty_response"),
+    ],
+)
+def test_malformed_sharegpt_records_say_why(change, reason):
+    with pytest.raises(BadRecord, match=f"^{reason}$"):
+        normalize({**SHAREGPT, **change}, "sharegpt")
+
+
+def test_sharegpt_files_tokenize_as_conversational_and_stop_strict_mode_at_the_bad_line(smollm2_gguf, tmp_path, capsys):
+    from asft_jax.cli import main
+
+    records = [SHAREGPT, {**SHAREGPT, "chosen": turn("human", "x")}, {**SHAREGPT, "conversations": [turn("bot", "hi")]}]
+    as_list, as_lines = tmp_path / "sharegpt.json", tmp_path / "sharegpt.jsonl"  # LLaMA-Factory's files: JSON lists
+    as_list.write_text(json.dumps(records))
+    as_lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pair = normalize(SHAREGPT, "sharegpt")
+    explicit = tmp_path / "explicit.jsonl"
+    explicit.write_text(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
+    tokenize = ["data", "tokenize", "--model", smollm2_gguf, "--max-length", "1024", "--data"]
+    assert main([*tokenize, str(as_list), "--output", str(tmp_path / "sharegpt_pairs.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "(sharegpt)" in err and "'chosen_not_from_gpt_or_function_call': 1, 'unknown_role_in_conversations': 1" in err
+    )
+    assert main([*tokenize, str(explicit), "--output", str(tmp_path / "explicit_pairs.jsonl")]) == 0
+    assert (tmp_path / "sharegpt_pairs.jsonl").read_text() == (tmp_path / "explicit_pairs.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*tokenize, str(as_lines), "--output", str(tmp_path / "strict.jsonl"), "--strict"]) == 1
+    assert capsys.readouterr().err.strip() == f"asft: error: {as_lines}:2: chosen not from gpt or function call"
+
+
+@pytest.mark.parametrize("name", ["ultrafeedback/train.jsonl", "ultrafeedback/eval.jsonl"])
+def test_sharegpt_real_files_give_the_explicit_pairs(shared_data, tmp_path, name):
+    with open(os.path.join(shared_data, name)) as f:
+        rows = [json.loads(line) for line in f]
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "conversations": [turn("human", r["prompt"])],
+                    "chosen": turn("gpt", r["chosen"]),
+                    "rejected": turn("gpt", r["rejected"]),
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    source = RecordSource(str(path))
+    pairs, skipped = normalise_all(source, "sharegpt")
     assert dict(skipped) == EXPECTED[name][2]  # the same skips as the flat strings
     for i, pair in pairs:
         r = rows[i]

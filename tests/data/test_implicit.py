@@ -64,7 +64,7 @@ def test_implicit_conversational_tokens_equal_the_explicit_form(smollm2_gguf, uf
     paths = write_forms(tmp_path, uf_eval)
     implicit, explicit = RecordSource(paths["implicit_conversational"]), RecordSource(paths["conversational"])
     assert detect_format(implicit[0]) == "implicit_conversational" and detect_format(explicit[0]) == "conversational"
-    for encoder in (Encoder(tokenizer, 100_000), Encoder(tokenizer, 64, 16)):  # untruncated, and truncated
+    for encoder in (Encoder(tokenizer, 100_000), Encoder(tokenizer, 96, 48)):  # untruncated, and truncated
         got, want = encoded(implicit, "implicit_conversational", encoder), encoded(explicit, "conversational", encoder)
         assert got == want
         assert sum(isinstance(p, str) for p in got) == 1  # the eval file's one pair with chosen == rejected

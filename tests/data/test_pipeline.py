@@ -137,7 +137,7 @@ def test_epochs_visit_every_record_once_each_in_a_new_order(tokenizer, tmp_path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     batches = take_pairs(
         PairBatches(
-            DataConfig(str(path), max_length=64, num_epochs=2), tokenizer, 3, seed=5, process_index=0, process_count=1
+            DataConfig(str(path), max_length=96, num_epochs=2), tokenizer, 3, seed=5, process_index=0, process_count=1
         ),
         9,
     )
