@@ -33,6 +33,8 @@ def export_model(
     LoRA merge), or the dtype of ``params``. A narrower ``dtype`` is written as asked, with a warning
     that measures what its rounding loses (``rounding_loss``). Returns the file names written.
     """
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise AsftError(f"export dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     src = resolve(model)
     given = params is not None
     if params is None:
