@@ -274,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"],
-        help="dtype of the saved weights (default: the source's; float32 for GGUF; q8_0: GGUF only)",
+        help="dtype of the saved weights (default: one that holds them exactly: the source's, a run's training "
+        "dtype, float32 for a LoRA merge; float32 for GGUF; q8_0: GGUF only); a narrower one warns what it rounds away",
     )
     p.add_argument(
         "--adapter",
         action="store_true",
-        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the merged model)",
+        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the merged model); its base is the "
+        "Hub id or HF folder trained from, else exported to OUTPUT/base",
     )
     p.set_defaults(run=_export)
 

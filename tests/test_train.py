@@ -406,15 +406,17 @@ def test_evaluation_during_training_and_logging_windows(pairs, trained, tmp_path
     assert all(8 * 10 <= v <= 8 * 84 for v in speeds), speeds
 
 
-def test_a_run_directory_is_a_model_source(pairs, tmp_path, capsys):
+def test_a_run_directory_is_a_model_source(pairs, hf_llama, tmp_path, capsys):
     from asft_jax.cli import main
     from asft_jax.io import resolve
 
+    source, _ = hf_llama(dtype="bfloat16")  # stored as most Hub checkpoints are, trained in float32
     out = tmp_path / "run"
-    train(config(out, pairs, "save_steps=2", "max_steps=4", f"export_dir={tmp_path / 'hf'}"))
+    overrides = ("model.init=null", f"model.source={source}", f"export_dir={tmp_path / 'hf'}")
+    train(config(out, pairs, "save_steps=2", "max_steps=4", *overrides))
     final = resolve(str(out)).load_params()
     exported = resolve(str(tmp_path / "hf")).load_params()
-    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(exported), strict=True):
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(exported), strict=True):  # the trained weights exactly
         assert np.array_equal(np.asarray(a), np.asarray(b))
     earlier = resolve(str(out / "checkpoints" / "2")).load_params()
     assert not np.array_equal(np.asarray(earlier["norm"]["scale"]), np.asarray(final["norm"]["scale"]))

@@ -1,6 +1,7 @@
-"""LoRA training runs on the tiny model (a transformers folder as the base): ASFT and DPO with the
-reference taken with the adapters off; checkpoints hold the adapters only; the merged export and
-the PEFT adapter give the same logits in transformers / peft."""
+"""LoRA training runs on the tiny model (a transformers folder stored in bfloat16 as the base): ASFT
+and DPO with the reference taken with the adapters off; checkpoints hold the adapters only; the merged
+exports (training's, ``asft export``'s), ``asft eval`` of the run and the PEFT adapter on its base
+compute the same model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import config, curve, run_eval
+from helpers import config, curve, run_eval, torch_response_logps
 
 from asft_jax.cli import main
 from asft_jax.io import resolve
@@ -37,8 +38,14 @@ def base(tmp_path_factory):
     from helpers import make_hf_llama
 
     folder = str(tmp_path_factory.mktemp("base"))
-    make_hf_llama(folder, model_type="qwen2", tie_word_embeddings=True)
+    # bfloat16, as most Hub checkpoints: merging in it would round away much of the adapters' update
+    make_hf_llama(folder, model_type="qwen2", tie_word_embeddings=True, dtype="bfloat16")
     return folder
+
+
+def jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def logits(model, ids) -> np.ndarray:
@@ -48,11 +55,11 @@ def logits(model, ids) -> np.ndarray:
 
 @pytest.mark.parametrize("objective", ["asft", "dpo"])
 def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, pairs, tmp_path, capsys, objective):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    rows = lora_run(out, pairs, base, f"objective.name={objective}")
+    rows = lora_run(out, pairs, base, f"objective.name={objective}", f"export_dir={tmp_path / 'exported'}")
     assert all(np.isfinite(r["loss"]) for r in rows)
     # stopped and resumed (adapters, their AdamW state, the dropout draws): the same run
     if objective == "asft":
@@ -87,15 +94,35 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter_with_equal_logits(base, p
     # far more than that
     assert np.abs(merged_logits - base_logits).max() > 100 * 5e-5
     np.testing.assert_allclose(peft_logits, merged_logits, rtol=0, atol=5e-5)
-    if objective == "asft":  # `asft eval` reads the run as the merged model
+    if objective == "asft":  # `asft eval` reads the run as the merged model; training's export is it too
         scores = {}
-        for name, model in (("run", str(out)), ("merged", merged)):
+        for name, model in (("run", str(out)), ("merged", merged), ("exported", str(tmp_path / "exported"))):
             scores[name] = tmp_path / f"{name}.jsonl"
             code, _, err = run_eval(
                 capsys, "--model", model, "--data", pairs, "--limit", "8", "--output", str(scores[name])
             )
             assert code == 0, err
         assert scores["run"].read_text() == scores["merged"].read_text()
+        sums = {
+            k: np.array([[r["chosen_logps_sum"], r["rejected_logps_sum"]] for r in jsonl(v)]) for k, v in scores.items()
+        }
+        assert sums["run"].shape == (8, 2)
+        # and PEFT's model, the adapter on its bfloat16 base computing in float32 (as training), in torch
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).eval()
+        records = jsonl(pairs)[:8]
+        sums["peft"] = np.array(
+            [
+                [
+                    torch_response_logps(peft_model, r["prompt_input_ids"], r[f"{k}_input_ids"])
+                    for k in ("chosen", "rejected")
+                ]
+                for r in records
+            ]
+        )
+        for name in ("exported", "peft"):
+            np.testing.assert_allclose(sums[name], sums["run"], rtol=0, atol=1e-4, err_msg=name)
+    modes = {f: os.stat(os.path.join(adapter, f)).st_mode & 0o777 for f in os.listdir(adapter)}
+    assert len(set(modes.values())) == 1, modes  # the weights too get the mode any new file gets
     config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config_json["r"] == 4 and config_json["lora_alpha"] == 8.0 and config_json["lora_dropout"] == 0.1
     assert config_json["base_model_name_or_path"] == base

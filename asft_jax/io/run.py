@@ -4,7 +4,7 @@
 tokenizer come from the run's ``config.yaml`` (its ``model.source``, or ``model.init`` and
 ``model.tokenizer``); the parameters alone are read from the Orbax checkpoint, never the optimizer
 state, placed as the caller asks. A LoRA run's checkpoints hold its adapters only: its parameters
-are the base model's with the adapters merged in (``adapters`` gives them alone).
+are the base model's with the adapters merged in, in float32 (``adapters`` gives them alone).
 """
 
 from __future__ import annotations
@@ -48,14 +48,18 @@ class RunSource:
 
     @property
     def stored_dtype(self) -> str:
-        return self.train_config.model.param_dtype
+        """The dtype that holds the trained model exactly: the run's parameter dtype, float32 for a LoRA
+        run (its merged kernels are float32, ``asft_jax.model.lora.merge``)."""
+        return "float32" if self.train_config.model.lora is not None else self.train_config.model.param_dtype
 
     def load_params(self, param_dtype=None, shardings=None, host: bool = False) -> dict:
         lora = self.train_config.model.lora
-        dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
-        if lora is not None:
-            merged = merge(self._base_params(dtype, shardings, host), self.adapters(), lora)
+        if lora is not None:  # the base as training held it, the adapters merged in float32
+            merged = merge(self.base_params(shardings, host), self.adapters(), lora)
+            if param_dtype is not None:
+                merged = jax.tree.map(lambda x: x.astype(param_dtype), merged)
             return jax.device_get(merged) if host else merged
+        dtype = jnp.dtype(param_dtype or self.train_config.model.param_dtype)
         abstract = jax.eval_shape(lambda: init_params(Llama(self.config, param_dtype=dtype), jax.random.key(0)))
         if shardings is None and not host:
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
@@ -65,12 +69,15 @@ class RunSource:
             )
         return read_params(self.path, self.step, abstract, host=host)[1]
 
-    def _base_params(self, dtype, shardings, host: bool) -> dict:
-        """The weights a LoRA run's adapters sit on: its ``model.source``, or its seeded random init."""
+    def base_params(self, shardings=None, host: bool = False) -> dict:
+        """The weights the run started from, in its parameter dtype: its ``model.source``, or its seeded
+        random init (a LoRA run's frozen base)."""
+        dtype = jnp.dtype(self.train_config.model.param_dtype)
         if self.base is not None:
             return self.base.load_params(dtype, shardings=shardings, host=host)
         model = Llama(self.config, param_dtype=dtype)
-        return jax.jit(lambda: init_params(model, jax.random.key(self.train_config.seed)), out_shardings=shardings)()
+        params = jax.jit(lambda: init_params(model, jax.random.key(self.train_config.seed)), out_shardings=shardings)()
+        return jax.device_get(params) if host else params
 
     def adapters(self) -> dict:
         """A LoRA run's adapters (host arrays) from the checkpoint."""

@@ -120,6 +120,13 @@ def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) ->
     os.replace(tmp, path)
 
 
+def write_tensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Writes ``tensors`` to the one safetensors file ``path``, created like any other file (the
+    ``safetensors`` package's writer makes it readable by its owner only)."""
+    specs = [TensorSpec(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()]
+    _write_file(path, specs, {"format": "pt"})
+
+
 def write_sharded(
     directory: str,
     specs: Iterable[TensorSpec],

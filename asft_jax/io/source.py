@@ -25,8 +25,8 @@ class ModelSource(Protocol):
     def load_params(self, param_dtype: Any = None, shardings: Any = None, host: bool = False) -> dict:
         """The parameter tree. ``shardings`` (a tree of ``jax.sharding.Sharding`` like the
         parameters) places each parameter as it is read; None puts them on the default device;
-        ``host=True`` returns NumPy arrays. ``param_dtype`` None keeps float32 (the run's dtype for
-        a training run)."""
+        ``host=True`` returns NumPy arrays. ``param_dtype`` None keeps float32 (a training run: the
+        dtype it trained in; a LoRA run's merged kernels float32)."""
         ...
 
     def has_tokenizer(self) -> bool: ...

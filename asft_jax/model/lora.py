@@ -87,13 +87,16 @@ def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 
 def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
-    """The base parameters with every adapter folded in (``W + scale * A B``), in the base's dtypes."""
+    """The base parameters with every adapter folded in (``W + scale * A B``).
+
+    Merged kernels are float32 whatever the base's dtype: much of an adapter's update lies below a
+    bfloat16 weight's resolution (2**-8 of it), and casting back would round it away. The other
+    leaves keep the base's dtype."""
     merged = jax.tree.map(lambda x: x, params)  # a new tree; unadapted leaves are shared
     for target, (a, b) in adapter_pairs(adapters).items():
-        w = _kernel(params, target)
         merged["layers"][_PARENT[target]][target] = {
             **params["layers"][_PARENT[target]][target],
-            "kernel": (w.astype(jnp.float32) + delta(a, b, lora.scale)).astype(w.dtype),
+            "kernel": _kernel(params, target).astype(jnp.float32) + delta(a, b, lora.scale),
         }
     return merged
 

@@ -95,3 +95,24 @@ def test_adapted_sums_equal_the_merged_models_in_every_layout():
     for layout in ("padded", "packed", "packed_shared_prefix"):
         got = pair_logps(model, params, micro(layout_batch(pairs, layout, 128)), adapters=adapters)
         np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_merging_into_a_bfloat16_base_keeps_the_adapters_update_in_float32():
+    _, params, adapters = model_and_weights()
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    small = jax.tree_util.tree_map_with_path(  # updates about bfloat16's resolution of W (2**-8 of it)
+        lambda path, x: 1e-3 * x if "_lora_b" in jax.tree_util.keystr(path) else x, adapters
+    )
+    merged = merge(base, small, LORA)
+    for target, parent in (("q", "attn"), ("down", "mlp")):
+        w = np.asarray(base["layers"][parent][target]["kernel"], np.float64)
+        a = np.asarray(small["layers"][parent][f"{target}_lora_a"], np.float64)
+        b = np.asarray(small["layers"][parent][f"{target}_lora_b"], np.float64)
+        n, r = a.shape[0], LORA.rank
+        update = LORA.scale * np.einsum("lir,lro->lio", a.reshape(n, -1, r), b.reshape(n, r, -1)).reshape(w.shape)
+        got = merged["layers"][parent][target]["kernel"]
+        assert got.dtype == jnp.float32
+        bound = 2**-23 * np.linalg.norm(w + update)  # float32 rounding of W + dW
+        assert np.linalg.norm(np.asarray(got, np.float64) - (w + update)) <= bound
+        assert np.linalg.norm(update) > 1000 * bound
+    assert merged["norm"]["scale"].dtype == jnp.bfloat16  # unadapted leaves are the base's
