@@ -129,6 +129,7 @@ ATTENTION_KERNELS = {
     "mha_forward": (2, 1, 128),
     "mha_backward": (7, 1, 32),
 }
+_KERNEL = re.compile(r'op_name="[^"]*[/(](' + "|".join(ATTENTION_KERNELS) + r")\w*[/)]")
 
 
 @dataclasses.dataclass
@@ -234,10 +235,8 @@ def _kernel_flops(line: str) -> float:
     causal blocks it computes, per head and row."""
     from asft_jax.model.attention import _splash_block
 
-    kernel = re.search(
-        r'op_name="[^"]*/(splash_mqa_fwd|splash_mqa_dq|splash_mqa_dkv|mha_forward|mha_backward)\w*/', line
-    )
-    constraints = re.search(r"operand_layout_constraints=\{(.*?)\}, ", line)
+    kernel = _KERNEL.search(line)
+    constraints = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)  # the operands' shapes
     shapes = [[int(n) for n in dims.split(",")] for _, dims in _SHAPE.findall(constraints[1] if constraints else "")]
     query = next((s for s in shapes if len(s) >= 3), None)
     if kernel is None or query is None:
@@ -253,7 +252,8 @@ def _kernel_flops(line: str) -> float:
 def step_cost(hlo: str) -> StepCost:
     """FLOPs and bytes one device moves in one run of the compiled program ``hlo`` (its
     ``as_text()``), every while loop's body counted as many times as the loop runs."""
-    from jax._src.lib import _hlo, _jax  # XLA's HloModule and HloCostAnalysis (jax 0.10; no public API)
+    from jax._src.lib import _jax  # XLA's HloCostAnalysis and HloModule (jaxlib 0.10; no public API)
+    from jaxlib import _hlo
 
     computations, entry = _computations(hlo)
     client = jax.devices("cpu")[0].client
