@@ -3,7 +3,8 @@
 No accelerator, weights, data or network needed: libtpu (``pip install ".[tpu]"``) or the CUDA plugin
 (``".[gpu-aot]"``) describes the topology's devices (``asft_jax.accelerators``), the train state and
 the largest batch the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and
-XLA's compiler reports memory (``memory_analysis``) per device, and on TPU cost (``cost_analysis``).
+XLA's compiler reports memory (``memory_analysis``) per device (one device per chip or GPU), and its
+cost analysis the FLOPs and bytes of the compiled step, here with every loop's trip count (``step_cost``).
 Estimates, not measurements: see the README, "Compile for a TPU topology", and docs/gpu.md.
 """
 
