@@ -53,6 +53,7 @@ GPUS = {
     "a100-80gb": ("a100_sxm_80.txtpb", 312.0, "NVIDIA A100 datasheet: 312 TFLOPS BF16 Tensor Core, dense"),
 }
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+MEGACORE = ("v4", "v5p")  # two TensorCores per chip, one JAX device
 _GENERATIONS = {"v4": "v4", "v5p": "v5p", "v5": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 ACCEPTED = (
@@ -112,13 +113,9 @@ class Topology:
     name: str  # as the plugin was asked, e.g. "v5p:4x4x4", "h100:4x8"
     chip: Chip
     chips: int
-    devices: list  # abstract devices (v4 describes each TensorCore as a device: 2 per chip)
+    devices: list  # abstract devices, one per chip (v4 and v5p: both TensorCores as one, megacore)
     family: str  # "v5p", "h100", ...: what a larger slice or more nodes are named by
     dims: tuple[int, ...]
-
-    @property
-    def devices_per_chip(self) -> int:
-        return len(self.devices) // self.chips
 
     @property
     def platform(self) -> str:
@@ -145,15 +142,21 @@ def _tpu(gen: str, dims: tuple[int, ...]) -> Topology:
         from jax.experimental import topologies
     except ImportError:
         raise AsftError('asft compile for TPUs needs libtpu: pip install -e ".[tpu]"') from None
+    # v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), as a slice
+    # runs; libtpu's default for v4 describes each TensorCore as a device, which doubles the mesh
+    chip_config = {"chip_config_name": "megacore"} if gen in MEGACORE else {}
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw)
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw, **chip_config)
     except Exception as e:  # noqa: BLE001 (slices smaller than a 2x2x1 host need their own host bounds)
         if "not divisible" not in str(e):
             raise AsftError(f"topology {raw}: libtpu refused it ({str(e).splitlines()[0]})") from None
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims))
+            platform="tpu", topology_name=raw, chips_per_host_bounds=tuple(dims) + (1,) * (3 - len(dims)), **chip_config
         )
-    return Topology(raw, CHIPS[gen], math.prod(dims), list(desc.devices), gen, dims)
+    chips = math.prod(dims)
+    if len(desc.devices) != chips:
+        raise AsftError(f"topology {raw}: libtpu describes {len(desc.devices)} devices for {chips} chips")
+    return Topology(raw, CHIPS[gen], chips, list(desc.devices), gen, dims)
 
 
 def _field(text: str, key: str) -> str | None:

@@ -3,19 +3,25 @@
 No accelerator, weights, data or network needed: libtpu (``pip install ".[tpu]"``) or the CUDA plugin
 (``".[gpu-aot]"``) describes the topology's devices (``asft_jax.accelerators``), the train state and
 the largest batch the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and
-XLA's compiler reports memory (``memory_analysis``) per device, and on TPU cost (``cost_analysis``).
+XLA's compiler reports memory (``memory_analysis``) per device (one device per chip or GPU), and its
+cost analysis the FLOPs and bytes of the compiled step, here with every loop's trip count (``step_cost``).
 Estimates, not measurements: see the README, "Compile for a TPU topology", and docs/gpu.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,7 +31,8 @@ from asft_jax.accelerators import GIB, Topology, topology
 from asft_jax.errors import AsftError
 from asft_jax.memory import AUTO, candidates, choose, peak_bytes
 
-REMAT_RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}  # executed / model FLOPs (matmuls)
+log = logging.getLogger(__name__)
+
 HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of the usable memory: runtime, fragmentation, estimate
 
 
@@ -67,12 +74,17 @@ def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, reference_from_data(cfg))
 
 
-def model_flops(config, batch: dict) -> float:
+def model_flops(config, batch: dict, adapter_params: int = 0, reference_forward: bool = False) -> float:
     """Useful FLOPs of one forward + backward over a laid-out batch: ``6 N`` per computed token, ``N``
     the matmul parameters (attention and MLP projections of every layer, plus the LM head; not the
     embedding lookup), plus ``12 x layers x heads x head_dim`` per (query, key) pair the mask lets
     through (QK^T and PV, forward 2 + backward 4 FLOPs each; a token at position p sees p + 1 keys).
-    Rematerialisation's recomputation is not useful work and is not counted."""
+    Rematerialisation's recomputation is not useful work and is not counted.
+
+    LoRA (``adapter_params`` > 0, the adapters' parameter count): the frozen base costs ``4 N`` per
+    token (forward, and the backward's gradient of the activations; no weight gradients), the
+    adapters ``6`` per parameter and token; ``reference_forward``: the step also scores the pairs
+    with the adapters off (``reference: adapters_off``), one more forward, ``2 N`` per token."""
     c = config
     h, k, d, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     per_layer = e * h * d * 2 + e * k * d * 2 + 3 * e * c.intermediate_size
@@ -80,7 +92,10 @@ def model_flops(config, batch: dict) -> float:
     real = batch["segment_ids"] > 0
     tokens = int(real.sum())
     attended = int((batch["positions"] + 1)[real].sum())
-    return 6.0 * matmul * tokens + 12.0 * c.num_hidden_layers * h * d * attended
+    forward = 2.0 * matmul * tokens + 4.0 * c.num_hidden_layers * h * d * attended  # of the base model
+    if not adapter_params:
+        return 3 * forward
+    return 2 * forward + 6.0 * adapter_params * tokens + (forward if reference_forward else 0.0)
 
 
 def _bytes_per_device(tree) -> int:
@@ -88,9 +103,205 @@ def _bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost) or {}
+# --- FLOPs and bytes per step from the compiled program -------------------------------------------
+#
+# XLA's cost analysis (``compiled.cost_analysis()``, and none at all for GPU targets) counts a while
+# loop's body once, and the layers (``nn.scan``), the micro-batches and the chunked log-probs are
+# loops. Here the compiled HLO is split into its computations: each while body is costed by XLA's own
+# analysis (``HloCostAnalysis``, run by the CPU client on a module whose entry is that body; on TPU
+# its FLOPs equal the TPU compiler's) and multiplied by the loop's trip count, read from the loop
+# (``known_trip_count``, else its condition ``i < N`` and the counter's start). XLA counts nothing
+# inside a custom call, so the attention kernels' matmuls are added from their operand shapes.
+
+_NAME = r"%([\w.\-]+)"
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_INSTRUCTION = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = (.*)$", re.DOTALL)
+_OPCODE = re.compile(r" ([a-z][a-z0-9\-]*)\(([^)]*)\)")  # the first "op(" after the shape
+_SHAPE = re.compile(r"\b(bf16|f16|f32)\[([\d,]+)\]")
+# Pallas attention kernels by the name of their pallas_call: (matmuls per query block x key block
+# computed, the query operand's sequence axis, the block: None for splash's own rule). Splash:
+# forward QK^T and PV; dq kernel QK^T, dP and dS K; dkv kernel QK^T, dP, P^T dO and dS^T Q. Pallas'
+# GPU kernel: the same forward, one backward kernel with both loops (4 + 3), 32-token blocks.
+ATTENTION_KERNELS = {
+    "splash_mqa_fwd": (2, -2, None),
+    "splash_mqa_dq": (3, -2, None),
+    "splash_mqa_dkv": (4, -2, None),
+    "mha_forward": (2, 1, 128),
+    "mha_backward": (7, 1, 32),
+}
+_KERNEL = re.compile(r'op_name="[^"]*[/(](' + "|".join(ATTENTION_KERNELS) + r")\w*[/)]")
+
+
+@dataclasses.dataclass
+class StepCost:
+    """One device's work in one run of a compiled program, loops counted with their trip counts."""
+
+    flops: float  # XLA's count plus the attention kernels'
+    bytes_accessed: float
+    kernel_flops: float  # of ``flops``: the attention kernels' matmuls
+    unknown_loops: int  # while loops whose trip count could not be read: counted once
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """HLO text -> ({computation name: its header, instructions (one string each) and closing brace},
+    entry name)."""
+    out: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo.splitlines():
+        if current is None:
+            head = re.match(r"(ENTRY )?%([\w.\-]+) ", line)
+            if head and line.rstrip().endswith("{"):
+                current = head[2]
+                out[current] = [line]
+                entry = current if head[1] else entry
+        elif re.fullmatch(r"\}(, execution_thread=\S+)?", line):
+            out[current].append(line)
+            current = None
+        elif _INSTRUCTION.match(line) or len(out[current]) == 1:
+            out[current].append(line)
+        else:  # an attribute's text spanning lines (a kernel's metadata): part of the instruction above
+            out[current][-1] += "\n" + line
+    return out, entry
+
+
+def _called(lines: list[str]) -> list[str]:
+    """The computations the instructions ``lines`` call, once per call site."""
+    out = []
+    for line in lines:
+        out += _CALLED.findall(line)
+        for branches in _BRANCHES.findall(line):
+            out += re.findall(_NAME, branches)
+    return out
+
+
+def _instructions(lines: list[str]) -> tuple[dict[str, str], str]:
+    """{instruction name: the text right of ``=``}, and the root's name."""
+    out, root = {}, ""
+    for line in lines[1:]:
+        found = _INSTRUCTION.match(line)
+        if found:
+            out[found[2]] = found[3]
+            root = found[2] if found[1] else root
+    return out, root
+
+
+def _opcode(text: str) -> tuple[str, str]:
+    found = _OPCODE.search(text)
+    return (found[1], found[2]) if found else ("", "")
+
+
+def _integer(defs: dict[str, str], name: str, outer=None) -> int | None:
+    """The integer constant ``name`` holds, through copies; ``outer(i)`` resolves element ``i`` of
+    the computation's tuple parameter."""
+    for _ in range(8):
+        op, args = _opcode(defs.get(name, ""))
+        if op == "constant":
+            return int(args) if re.fullmatch(r"-?\d+", args) else None
+        if op in ("copy", "bitcast", "convert", "copy-done") and re.findall(_NAME, args):
+            name = re.findall(_NAME, args)[0]
+            continue
+        index = re.search(r"\), index=(\d+)", defs.get(name, ""))
+        return outer(int(index[1])) if op == "get-tuple-element" and index and outer else None
+    return None
+
+
+def _trip_count(computations: dict[str, list[str]], defs: dict[str, str], loop: str) -> int | None:
+    """Iterations of the while instruction ``loop`` (its text right of ``=``, in a computation whose
+    instructions are ``defs``): XLA's annotation, else ``counter < N`` (or <=, >, >=) with both ends
+    constants, the counter's start read from the loop's initial tuple."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop)
+    if known:
+        return int(known[1])
+    initial = re.findall(_NAME, _opcode(loop)[1])
+    op, elements = _opcode(defs.get(initial[0], "")) if initial else ("", "")
+    starts = re.findall(_NAME, elements) if op == "tuple" else []
+
+    def start(i: int) -> int | None:
+        return _integer(defs, starts[i]) if i < len(starts) else None
+
+    condition = re.search(r"condition=%([\w.\-]+)", loop)
+    cond_defs, root = _instructions(computations.get(condition[1], [])) if condition else ({}, "")
+    op, args = _opcode(cond_defs.get(root, ""))
+    direction = re.search(r"direction=(\w+)", cond_defs.get(root, ""))
+    sides = [_integer(cond_defs, name, start) for name in re.findall(_NAME, args)]
+    if op != "compare" or direction is None or len(sides) != 2 or None in sides:
+        return None
+    a, b = sides
+    return {"LT": b - a, "LE": b - a + 1, "GT": a - b, "GE": a - b + 1}.get(direction[1])
+
+
+def _kernel_flops(line: str) -> float:
+    """FLOPs of one Pallas attention kernel call (an HLO custom-call line): its matmuls over the
+    causal blocks it computes, per head and row."""
+    from asft_jax.model.attention import _splash_block
+
+    kernel = _KERNEL.search(line)
+    constraints = re.search(r"operand_layout_constraints=\{(.*?)\}\}", line)  # the operands' shapes
+    shapes = [[int(n) for n in dims.split(",")] for _, dims in _SHAPE.findall(constraints[1] if constraints else "")]
+    query = next((s for s in shapes if len(s) >= 3), None)
+    if kernel is None or query is None:
+        return 0.0
+    matmuls, axis, block = ATTENTION_KERNELS[kernel[1]]
+    length, head_dim = query[axis], query[-1]
+    block = min(block or _splash_block(length), length)
+    blocks = length // block
+    computed = blocks * (blocks + 1) // 2 * block * block  # (query, key) pairs in blocks on or below the diagonal
+    return 2.0 * matmuls * head_dim * computed * math.prod(query) / (length * head_dim)
+
+
+def step_cost(hlo: str) -> StepCost:
+    """FLOPs and bytes one device moves in one run of the compiled program ``hlo`` (its
+    ``as_text()``), every while loop's body counted as many times as the loop runs."""
+    from jax._src.lib import _jax  # XLA's HloCostAnalysis and HloModule (jaxlib 0.10; no public API)
+    from jaxlib import _hlo
+
+    computations, entry = _computations(hlo)
+    client = jax.devices("cpu")[0].client
+    unknown = [0]
+
+    def reachable(name: str, through_loops: bool) -> Iterator[str]:
+        """``name`` and the computations it calls, once per call path (as XLA's analysis counts them)."""
+        yield name
+        for line in computations.get(name, [])[1:]:
+            if through_loops or " while(" not in line:
+                for called in _called([line]):
+                    yield from reachable(called, through_loops)
+
+    @functools.cache
+    def once(name: str) -> tuple[float, float, float]:
+        """(FLOPs, bytes, kernel FLOPs) of computation ``name`` with its loops' bodies counted once."""
+        order = [c for c in dict.fromkeys(reversed(list(reachable(name, True)))) if c in computations]  # callees first
+        text = "HloModule cost\n\n" + "\n\n".join(
+            "\n".join(
+                [("ENTRY " if c == name else "") + computations[c][0].removeprefix("ENTRY "), *computations[c][1:]]
+            )
+            for c in order
+            if c in computations
+        )
+        text = re.sub(r", metadata=\{[^}]*\}", "", text)  # stack frame ids refer to tables not copied here
+        cost = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(text))
+        kernels = sum(_kernel_flops(line) for c in reachable(name, True) for line in computations.get(c, [])[1:])
+        return float(cost.get("flops", 0.0)) + kernels, float(cost.get("bytes accessed", 0.0)), kernels
+
+    @functools.cache
+    def total(name: str) -> tuple[float, float, float]:
+        """``once(name)`` with each loop reached without entering another loop's body counted as
+        often as it runs (its own loops likewise, recursively)."""
+        sums = list(once(name))
+        for c in reachable(name, False):
+            defs = _instructions(computations.get(c, []))[0]
+            for loop in (text for text in defs.values() if _opcode(text)[0] == "while"):
+                body = re.search(r"body=%([\w.\-]+)", loop)[1]
+                trips = _trip_count(computations, defs, loop)
+                if trips is None:
+                    unknown[0] += 1
+                    continue
+                sums = [s + trips * t - o for s, t, o in zip(sums, total(body), once(body))]
+        return sums[0], sums[1], sums[2]
+
+    flops, bytes_accessed, kernels = total(entry)
+    return StepCost(flops, bytes_accessed, kernels, unknown[0])
 
 
 def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, budget_gib: float) -> str:
@@ -120,6 +331,34 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
     return f"use more chips: {topo.larger(need)} (with mesh.fsdp=-1)"
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[None]:
+    """Logs ``what`` when it starts, every ``PROGRESS_EVERY_S`` seconds while it runs (XLA's compile of
+    a large step takes minutes in one call), and its time when it ends."""
+    start, done = time.perf_counter(), threading.Event()
+
+    def beat() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            log.info("%s: %.0f s so far", what, time.perf_counter() - start)
+
+    log.info("%s ...", what)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
+def _setting(cfg) -> str:
+    return f"micro_batches={cfg.micro_batches}, remat_policy={cfg.model.remat_policy}"
+
+
 def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, budget_gib: float):
     """``lowered.compile()``; XLA's TPU compiler refuses a program whose temporaries exceed HBM
     (RESOURCE_EXHAUSTED), which becomes the one-line shortfall."""
@@ -129,7 +368,7 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
         need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or need is None:
             raise
-        peak_gib = state_gib + float(need[1]) * topo.devices_per_chip
+        peak_gib = state_gib + float(need[1])
         raise AsftError(
             f"does not fit {topo.name}: needs about {peak_gib:.2f} GiB per chip (train state {state_gib:.2f} + XLA's "
             "temporaries "
@@ -149,9 +388,11 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=micro_batch_sharding(mesh))
             for k, v in max_batch(candidate, mesh).items()
         }
-        lowered = lower_train_step(candidate, model_architecture(candidate), mesh, topo.platform, batch)
+        with _progress(f"lowering the train step ({_setting(candidate)})"):
+            lowered = lower_train_step(candidate, model_architecture(candidate), mesh, topo.platform, batch)
         try:
-            return peak_bytes(lowered.compile()) * topo.devices_per_chip
+            with _progress(f"compiling the train step ({_setting(candidate)})"):
+                return peak_bytes(lowered.compile())
         except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -191,6 +432,7 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
     ``asft_jax.accelerators``; ``gpu_target``: a GPU's target file); returns the report (see the
     README and docs/gpu.md). Raises ``AsftError`` (one line) when the config cannot run there or does
     not fit."""
+    from asft_jax.losses import NEEDS_REFERENCE
     from asft_jax.model import attention
     from asft_jax.sharding import (
         activate,
@@ -198,10 +440,17 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
         micro_batch_sharding,
         replicated_dims,
     )
-    from asft_jax.train import abstract_base, abstract_state, build_model, check_batch_split, jit_steps
+    from asft_jax.train import (
+        abstract_base,
+        abstract_state,
+        build_model,
+        check_batch_split,
+        jit_steps,
+        reference_from_data,
+    )
 
     topo = topology(topology_name, gpu_target)
-    chip, dpc = topo.chip, topo.devices_per_chip
+    chip = topo.chip
     budget_gib = (1 - HEADROOM) * chip.usable * chip.hbm_gib
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=topo.devices)
     check_batch_split(cfg, mesh)
@@ -210,13 +459,11 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy=remat)), *arch)
     tx, schedule, shardings, state = abstract_state(cfg, model, mesh)
     frozen = () if model.lora is None else (abstract_base(model, mesh),)  # LoRA: the state holds the adapters
-    state_gib = (_bytes_per_device(state) + sum(map(_bytes_per_device, frozen))) * dpc / GIB
+    state_gib = (_bytes_per_device(state) + sum(map(_bytes_per_device, frozen))) / GIB  # a device is a chip
     full_gib = state_gib  # what training every weight would hold, for LoRA's saving
     if model.lora is not None:
         full_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
-        full_gib = (
-            _bytes_per_device(abstract_state(full_cfg, dataclasses.replace(model, lora=None), mesh)[3]) * dpc / GIB
-        )
+        full_gib = _bytes_per_device(abstract_state(full_cfg, dataclasses.replace(model, lora=None), mesh)[3]) / GIB
     replicated = replicated_dims(model, mesh)
     base = {
         "topology": topo.name,
@@ -242,29 +489,33 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
     with activate(mesh):  # the topology's devices in context: attention picks their kernel (target_platform)
         resolved = attention.choose(cfg.model.attention, length=batch["tokens"].shape[-1])
         start = time.perf_counter()
-        lowered = train_step.lower(state, abstract_batch, *frozen)
+        with _progress(f"lowering the train step ({_setting(cfg)})"):
+            lowered = train_step.lower(state, abstract_batch, *frozen)
         lower_s = time.perf_counter() - start
-        train = _compile_or_shortfall(lowered, cfg, topo, mesh, state_gib, budget_gib)
+        with _progress(f"compiling the train step for {topo.name} ({_setting(cfg)})"):
+            train = _compile_or_shortfall(lowered, cfg, topo, mesh, state_gib, budget_gib)
         compile_s = time.perf_counter() - start
-        evaluated = _compile_or_shortfall(
-            eval_step.lower(state.params, abstract_batch, *frozen), cfg, topo, mesh, state_gib, budget_gib
-        )
+        with _progress("compiling the eval step"):
+            evaluated = _compile_or_shortfall(
+                eval_step.lower(state.params, abstract_batch, *frozen), cfg, topo, mesh, state_gib, budget_gib
+            )
         eval_compile_s = time.perf_counter() - start - compile_s
-    cost = _cost(train)  # empty for GPU targets: XLA has no cost analysis there
-    xla_flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    useful = model_flops(model.config, batch)
-    # XLA's cost analysis counts a loop body once (measured: a 8-step lax.scan reports 1/8 of its
-    # FLOPs), and the layers and the micro-batches are loops, so the roofline takes the larger of it
-    # and the FLOPs executed: the model FLOPs plus what rematerialisation recomputes (``full``: the
-    # forward again, 2 of the 6 per parameter and token); the memory term reads and writes the
-    # train state at least once.
-    executed = useful * REMAT_RECOMPUTE[cfg.model.remat_policy]
-    flops_device = max(xla_flops_device, executed / len(topo.devices))
-    traffic_device = max(bytes_device, 2.0 * _bytes_per_device(state))
-    step_s = None
+    with _progress("counting the step's FLOPs and bytes, loops times their trip counts"):
+        cost = step_cost(train.as_text())
+    lora = model.lora is not None
+    trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))  # LoRA: the adapters
+    useful = model_flops(
+        model.config,
+        batch,
+        adapter_params=trainable if lora else 0,
+        reference_forward=lora and cfg.objective.name in NEEDS_REFERENCE and not reference_from_data(cfg),
+    )
+    executed = cost.flops * len(topo.devices)
+    step_s = bound = None
     if chip.bf16_tflops:
-        step_s = max(flops_device / (chip.bf16_tflops * 1e12 / dpc), traffic_device / (chip.hbm_gbps * 1e9 / dpc))
-    peak_gib = peak_bytes(train) * dpc / GIB
+        compute_s, memory_s = cost.flops / (chip.bf16_tflops * 1e12), cost.bytes_accessed / (chip.hbm_gbps * 1e9)
+        step_s, bound = max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory"
+    peak_gib = peak_bytes(train) / GIB
     report = {
         **base,
         "attention": resolved,
@@ -281,22 +532,20 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
         "headroom": HEADROOM,
         "budget_per_chip_gib": budget_gib,
         "params": model.config.num_params,
-        "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),  # LoRA: the adapters
+        "trainable_params": trainable,
         "params_and_optimizer_per_chip_gib": state_gib,
         "full_finetuning_params_and_optimizer_per_chip_gib": full_gib,  # = the above without LoRA
         "peak_per_chip_gib": peak_gib,
-        "eval_peak_per_chip_gib": peak_bytes(evaluated) * dpc / GIB,
+        "eval_peak_per_chip_gib": peak_bytes(evaluated) / GIB,
         "fits": peak_gib <= budget_gib,
-        "flops_per_step": xla_flops_device * len(topo.devices) if cost else executed,
-        "flops_per_step_note": (
-            "XLA cost analysis, all chips; loop bodies (layers, micro-batches) counted once"
-            if cost
-            else "model FLOPs x rematerialisation's recompute (XLA has no cost analysis for this target)"
-        ),
-        "bytes_accessed_per_chip": bytes_device * dpc,
+        "flops_per_step": executed,
+        "flops_per_step_note": _flops_note(cost),
+        "attention_kernel_flops_per_step": cost.kernel_flops * len(topo.devices),
+        "bytes_accessed_per_chip": cost.bytes_accessed,
         "model_flops_per_step": useful,
         "estimated_step_s": step_s,
         "estimated_mfu": useful / (topo.chips * chip.bf16_tflops * 1e12 * step_s) if step_s else None,
+        "estimated_mfu_note": _mfu_note(bound, executed / useful, cfg.model.remat_policy) if step_s else None,
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
         "eval_compile_s": round(eval_compile_s, 2),
@@ -308,6 +557,29 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
             f"GiB ({_rule(topo)}); first: {advice(cfg, topo, mesh, state_gib, peak_gib, budget_gib)}"
         )
     return report
+
+
+def _flops_note(cost: StepCost) -> str:
+    note = (
+        "XLA's cost analysis of the compiled train step, all chips, each loop body (layers, micro-batches, "
+        "log-prob chunks) times its trip count, plus the attention kernels' matmuls over their causal blocks"
+    )
+    if cost.unknown_loops:
+        note += f"; {cost.unknown_loops} loops of unknown trip count counted once (an undercount)"
+    return note
+
+
+def _mfu_note(bound: str, executed_over_model: float, remat: str) -> str:
+    """Why the roofline's MFU is below 100%, in words."""
+    if bound == "memory":
+        why = "memory-bound: moving XLA's bytes per step takes longer than its FLOPs"
+    else:
+        why = (
+            f"compute-bound: XLA executes {executed_over_model:.2f}x the model FLOPs (remat_policy {remat}'s "
+            "recomputation, the log-probs' recomputed LM head, attention kernels computing whole causal blocks, "
+            "two passes in the shared-prefix layout, padding)"
+        )
+    return why + "; no communication or kernel efficiency counted: an upper bound"
 
 
 def table(report: dict) -> str:
@@ -338,7 +610,8 @@ def table(report: dict) -> str:
         ),
         (
             "estimated step (roofline)",
-            f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%}"
+            f"{report['estimated_step_s'] * 1e3:.2f} ms, MFU {report['estimated_mfu']:.1%} "
+            f"({report['estimated_mfu_note']})"
             if report["estimated_step_s"]
             else "no peak FLOP/s known for this chip",
         ),

@@ -89,7 +89,9 @@ def choose(cfg, per_shard: int, peak_of: Callable[[object], int], limit: tuple[i
     for m, r in settings:
         candidate = dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
         peak = peak_of(candidate)
-        tried.append(f"micro_batches={m}, remat_policy={r}: {peak / 2**30:.2f} GiB")
+        # peak_of gives inf where the compiler itself refused the program for lack of memory (TPU)
+        size = "the compiler refused it: out of memory" if math.isinf(peak) else f"{peak / 2**30:.2f} GiB"
+        tried.append(f"micro_batches={m}, remat_policy={r}: {size}")
         if peak <= limit[0]:
             log.info(
                 "memory: micro_batches=%d, remat_policy=%s, the fastest that fits %.2f GiB (%s); tried %s",

@@ -310,3 +310,27 @@ def tiny_params() -> int:
     d = e // h
     layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e  # q, k+v, o, gate/up/down, two norms
     return v * e + n * layer + e + e * v  # embedding, layers, final norm, LM head
+
+
+def nested_scan_step(devices, unroll) -> jax.stages.Lowered:
+    """A train-step-like program over ``devices`` (abstract ones: lowered, not run): gradients summed
+    over 4 micro-batches (a scan), each through 6 layers (a scan) of 3 inner steps (a scan) of a
+    512 x 512 matmul; ``unroll``: the scans' unrolling (True: no loops left)."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+
+    def loss(w, x):
+        def layer(h, wi):
+            inner = lambda h, _: (jnp.tanh(h @ wi), None)
+            return jax.lax.scan(inner, h, None, length=3, unroll=unroll)[0], None
+
+        return (jax.lax.scan(layer, x, w, unroll=unroll)[0] ** 2).sum()
+
+    def step(w, xs):
+        micro = lambda g, x: (g + jax.grad(loss)(w, x), None)
+        return w - jax.lax.scan(micro, jnp.zeros_like(w), xs, unroll=unroll)[0]
+
+    w = jax.ShapeDtypeStruct((6, 512, 512), jnp.float32, sharding=whole)
+    xs = jax.ShapeDtypeStruct((4, 64, 512), jnp.float32, sharding=split)
+    return jax.jit(step, in_shardings=(whole, split), out_shardings=whole).lower(w, xs)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 
 import pytest
-from helpers import COMPILE_BASE, COMPILE_CONFIG, REPO, TINY, compile_cli, tiny_params
+from helpers import COMPILE_BASE, COMPILE_CONFIG, REPO, TINY, compile_cli, nested_scan_step, tiny_params
 
 from asft_jax.accelerators import parse_topology
+from asft_jax.config import load_config
 from asft_jax.errors import AsftError
 
 pytestmark = pytest.mark.optimized  # the memory and FLOPs reported are those of the real TPU compile
@@ -173,3 +177,106 @@ def test_batch_that_does_not_split_is_one_line(capsys):
 
     assert main(["compile", COMPILE_CONFIG, "--topology", "v5p:2x2x1", *COMPILE_BASE, "batch_size=6"]) == 1
     assert "batch_size 6 is not divisible by data x fsdp x micro_batches = 4" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_v4_and_v5p_slices_have_one_device_per_chip():
+    """Both generations run their chip's two TensorCores as one JAX device (megacore): a v4-8 is 4
+    chips, 4 devices, so 4 pairs split one per chip."""
+    from asft_jax.accelerators import topology
+    from asft_jax.sharding import make_mesh
+    from asft_jax.train import check_batch_split
+
+    cfg = load_config(COMPILE_CONFIG, [*COMPILE_BASE, "batch_size=4"])
+    for name in ("v4-8", "v5p-8", "v4:2x2x2"):
+        topo = topology(name)
+        assert len(topo.devices) == topo.chips == math.prod(topo.dims), name
+        mesh = make_mesh(1, -1, 1, devices=topo.devices)
+        assert mesh.shape["fsdp"] == topo.chips
+        if topo.chips == 4:
+            check_batch_split(cfg, mesh)
+
+
+@needs_libtpu
+def test_step_cost_counts_each_loop_body_as_often_as_it_runs():
+    """Nested scans (micro-batches, layers, an inner loop) and their gradients: XLA's count of the
+    looped program with trip counts equals XLA's own count of the same program unrolled."""
+    from asft_jax import aot
+    from asft_jax.accelerators import topology
+
+    devices = topology("v5p:2x2x1").devices
+    looped, unrolled = (nested_scan_step(devices, unroll).compile() for unroll in (1, True))
+    expected = unrolled.cost_analysis()["flops"]
+    assert looped.cost_analysis()["flops"] < expected / 10  # XLA alone: each body once
+    cost = aot.step_cost(looped.as_text())
+    # within 5%: in the loops XLA adds each iteration's weight gradient to the running sum (measured
+    # 3.8% here), which it folds into the dots once unrolled
+    assert cost.flops == pytest.approx(expected, rel=0.05) and cost.unknown_loops == 0
+    assert cost.kernel_flops == 0 and cost.bytes_accessed > 0
+
+
+# wider than TINY, so that the matmuls dominate as in real models; 4 layers, 2 micro-batches
+WIDE = [
+    (
+        "model.init={vocab_size: 512, hidden_size: 256, intermediate_size: 768, num_hidden_layers: 4, "
+        "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512}"
+    ),
+    "data.path=unused.jsonl",
+    "batch_size=8",
+    "data.max_length=64",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+    "model.remat_policy=none",
+    "micro_batches=2",
+]
+
+
+def splash_shared_prefix_flops(report: dict, layers: int, heads: int, head_dim: int) -> float:
+    """The shared-prefix splash kernels' matmuls per step, from the batch shape: two passes, each
+    forward (QK^T, PV), dq (3) and dkv (4) matmuls of 2 x head_dim FLOPs per (query, key) pair of the
+    causal blocks (one block of the whole row at 128 tokens)."""
+    shape = report["batch_shape"]
+    assert shape["length"] == 128
+    pairs = 128 * 128
+    return 2 * (2 + 3 + 4) * 2 * head_dim * pairs * heads * shape["rows"] * shape["micro_batches"] * layers
+
+
+@needs_libtpu
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_flops_per_step_count_layers_micro_batches_and_kernels(lora, monkeypatch, caplog):
+    """XLA's FLOPs (with trip counts) against the model FLOPs: within 10% of full fine-tuning's
+    6 N per token, and of LoRA's 4 N for the frozen base plus 6 per adapter parameter; the splash
+    kernels' two passes on top; the MFU below 100% with its reason; progress while compiling."""
+    from asft_jax import aot
+
+    monkeypatch.setattr(aot, "PROGRESS_EVERY_S", 0.2)  # a heartbeat even for a short compile
+    cfg = load_config(COMPILE_CONFIG, [*WIDE, *(["model.lora={rank: 8}"] if lora else [])])
+    with caplog.at_level(logging.INFO, logger="asft_jax"):
+        report = aot.compile_steps(cfg, "v5p:2x2x1")
+    assert report["batch_shape"]["micro_batches"] == 2 and report["attention_kernel"] == "pallas_mosaic_splash"
+    kernels = report["attention_kernel_flops_per_step"]
+    assert kernels == pytest.approx(splash_shared_prefix_flops(report, 4, 4, 64), rel=1e-6)
+    xla = report["flops_per_step"] - kernels
+    assert 1.0 <= xla / report["model_flops_per_step"] <= 1.1, xla / report["model_flops_per_step"]
+    assert 0 < report["estimated_mfu"] < 1 and report["estimated_mfu_note"].startswith(("compute-bound", "memory-"))
+    assert "loops of unknown trip count" not in report["flops_per_step_note"]
+    for phase in ("lowering the train step (micro", "compiling the train step for v5p:2x2x1 (", "compiling the eval"):
+        assert re.search(rf"{re.escape(phase)}.*: done in [\d.]+ s", caplog.text), phase
+    assert re.search(r"compiling the train step .*: \d+ s so far", caplog.text)
+
+
+def test_a_candidate_the_compiler_refused_is_said_in_words(caplog):
+    """The TPU compiler refuses a program larger than HBM (``peak_of`` gives inf): the memory
+    search says so rather than "inf GiB"."""
+    from asft_jax.memory import choose
+
+    cfg = load_config(COMPILE_CONFIG, [*COMPILE_BASE, "micro_batches=auto"])
+    peaks = iter([math.inf, 2**20])
+    with caplog.at_level(logging.INFO, logger="asft_jax"):
+        chosen = choose(cfg, 2, lambda _: next(peaks), (2**30, "the test's budget"), "tpu")
+    assert chosen.micro_batches == 2
+    assert "micro_batches=1, remat_policy=none: the compiler refused it: out of memory" in caplog.text
+    assert "inf" not in caplog.text
+    with pytest.raises(AsftError, match="remat_policy=none: the compiler refused it: out of memory; ") as e:
+        choose(cfg, 1, lambda _: math.inf, (2**30, "the test's budget"), "tpu")
+    assert "inf" not in str(e.value)

@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from helpers import COMPILE_CONFIG, REPO, TINY_INIT, compile_cli, tiny_params
+from helpers import COMPILE_CONFIG, REPO, TINY, TINY_INIT, compile_cli, nested_scan_step, tiny_params
 
 from asft_jax import accelerators
 from asft_jax.accelerators import GIB, parse_topology
@@ -77,8 +77,17 @@ def test_compile_tiny_for_one_h100_node():
     assert 0 < report["params_and_optimizer_per_chip_gib"] < report["peak_per_chip_gib"] < 1
     assert 0 < report["eval_peak_per_chip_gib"] < report["peak_per_chip_gib"]
     assert report["budget_per_chip_gib"] == pytest.approx(0.9 * 0.92 * report["hbm_per_chip_gib"])
-    assert report["fits"] is True and "no cost analysis" in report["flops_per_step_note"]
-    assert report["flops_per_step"] >= report["model_flops_per_step"] > 0
+    assert report["fits"] is True and "trip count" in report["flops_per_step_note"]
+    # XLA's count with the loops' trip counts (XLA has no cost analysis of its own for GPU targets), plus
+    # the Triton kernels: forward 2 and backward 7 matmuls per (query, key) pair of their causal blocks
+    # (128 then 32 tokens), two passes (chosen and rejected branches), per layer and row
+    shape, heads, head_dim = report["batch_shape"], TINY["num_attention_heads"], 64 // TINY["num_attention_heads"]
+    blocks = {128: shape["length"] // 128, 32: shape["length"] // 32}
+    causal = {b: n * (n + 1) // 2 * b * b for b, n in blocks.items()}
+    per_row = 2 * 2 * head_dim * heads * (2 * causal[128] + 7 * causal[32])
+    rows = shape["rows"] * shape["micro_batches"] * TINY["num_hidden_layers"]
+    assert report["attention_kernel_flops_per_step"] == pytest.approx(per_row * rows, rel=1e-6)
+    assert report["flops_per_step"] > report["model_flops_per_step"] > 0
     assert "pallas_triton_flash" in err  # the table names it too
 
 
@@ -131,3 +140,14 @@ def test_the_gpu_launch_script_gives_jax_the_memory_share_compile_assumes():
     with open(os.path.join(REPO, "launch", "gpu_slurm.sbatch")) as f:
         share = re.search(r"XLA_PYTHON_CLIENT_MEM_FRACTION=\$\{XLA_PYTHON_CLIENT_MEM_FRACTION:-([\d.]+)\}", f.read())
     assert share is not None and float(share[1]) == accelerators.GPU_MEMORY_FRACTION
+
+
+@needs_cuda_plugin
+def test_step_cost_counts_loop_bodies_on_gpu_targets():
+    """XLA has no cost analysis for GPU targets; its HloCostAnalysis on the compiled GPU program, each
+    loop body times its trip count, against the same on the program unrolled (no loops)."""
+    from asft_jax import aot
+
+    devices = accelerators.topology("h100:2").devices
+    looped, unrolled = (aot.step_cost(nested_scan_step(devices, u).compile().as_text()) for u in (1, True))
+    assert looped.flops == pytest.approx(unrolled.flops, rel=0.05) and looped.unknown_loops == 0
