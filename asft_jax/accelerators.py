@@ -14,6 +14,7 @@ import os
 import re
 
 from asft_jax.errors import AsftError
+from asft_jax.quiet import native_stderr_filtered
 
 GIB = 1024**3
 
@@ -146,7 +147,8 @@ def _tpu(gen: str, dims: tuple[int, ...]) -> Topology:
     # runs; libtpu's default for v4 describes each TensorCore as a device, which doubles the mesh
     chip_config = {"chip_config_name": "megacore"} if gen in MEGACORE else {}
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=raw, **chip_config)
+        with native_stderr_filtered():  # libtpu's warnings about the host not being a TPU VM
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=raw, **chip_config)
     except Exception as e:  # noqa: BLE001 (slices smaller than a 2x2x1 host need their own host bounds)
         if "not divisible" not in str(e):
             raise AsftError(f"topology {raw}: libtpu refused it ({str(e).splitlines()[0]})") from None

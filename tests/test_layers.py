@@ -15,7 +15,7 @@ import os
 from helpers import REPO
 
 LAYERS = [
-    ("errors", ["errors"]),
+    ("errors", ["errors", "quiet"]),
     ("model", ["model"]),
     ("data", ["data"]),
     ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed", "memory"]),
