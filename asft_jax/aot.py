@@ -209,15 +209,18 @@ def _integer(defs: dict[str, str], name: str, outer=None) -> int | None:
 def _trip_count(computations: dict[str, list[str]], defs: dict[str, str], loop: str) -> int | None:
     """Iterations of the while instruction ``loop`` (its text right of ``=``, in a computation whose
     instructions are ``defs``): XLA's annotation, else ``counter < N`` (or <=, >, >=) with both ends
-    constants, the counter's start read from the loop's initial tuple."""
+    constants, the counter's start read from the loop's initial tuple and its step from the body
+    (TPU's widened loops advance it by 2, each iteration doing two)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop)
     if known:
         return int(known[1])
     initial = re.findall(_NAME, _opcode(loop)[1])
     op, elements = _opcode(defs.get(initial[0], "")) if initial else ("", "")
     starts = re.findall(_NAME, elements) if op == "tuple" else []
+    counters: list[int] = []  # the tuple index the condition reads the counter from
 
     def start(i: int) -> int | None:
+        counters.append(i)
         return _integer(defs, starts[i]) if i < len(starts) else None
 
     condition = re.search(r"condition=%([\w.\-]+)", loop)
@@ -225,10 +228,29 @@ def _trip_count(computations: dict[str, list[str]], defs: dict[str, str], loop: 
     op, args = _opcode(cond_defs.get(root, ""))
     direction = re.search(r"direction=(\w+)", cond_defs.get(root, ""))
     sides = [_integer(cond_defs, name, start) for name in re.findall(_NAME, args)]
-    if op != "compare" or direction is None or len(sides) != 2 or None in sides:
+    if op != "compare" or direction is None or len(sides) != 2 or None in sides or len(counters) != 1:
+        return None
+    step = _counter_step(computations, re.search(r"body=%([\w.\-]+)", loop)[1], counters[0])
+    if step is None:
         return None
     a, b = sides
-    return {"LT": b - a, "LE": b - a + 1, "GT": a - b, "GE": a - b + 1}.get(direction[1])
+    span = {"LT": b - a, "LE": b - a + 1, "GT": a - b, "GE": a - b + 1}.get(direction[1])
+    return None if span is None else max(0, -(-span // abs(step)))
+
+
+def _counter_step(computations: dict[str, list[str]], body: str, index: int) -> int | None:
+    """How much the loop ``body`` adds to element ``index`` of its state: the root tuple's element is
+    ``add(counter, constant)`` (or ``subtract``); None when it is anything else."""
+    defs, root = _instructions(computations.get(body, []))
+    op, args = _opcode(defs.get(root, ""))
+    elements = re.findall(_NAME, args) if op == "tuple" else []
+    if index >= len(elements):
+        return None
+    op, args = _opcode(defs.get(elements[index], ""))
+    if op not in ("add", "subtract"):
+        return None
+    constants = [c for c in (_integer(defs, name) for name in re.findall(_NAME, args)) if c is not None]
+    return (constants[0] if op == "add" else -constants[0]) if len(constants) == 1 and constants[0] else None
 
 
 def _kernel_flops(line: str) -> float:

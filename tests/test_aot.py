@@ -7,6 +7,7 @@ import math
 import os
 import re
 
+import jax
 import pytest
 from helpers import COMPILE_BASE, COMPILE_CONFIG, REPO, TINY, compile_cli, nested_scan_step, tiny_params
 
@@ -215,6 +216,29 @@ def test_step_cost_counts_each_loop_body_as_often_as_it_runs():
     # 3.8% here), which it folds into the dots once unrolled
     assert cost.flops == pytest.approx(expected, rel=0.05) and cost.unknown_loops == 0
     assert cost.kernel_flops == 0 and cost.bytes_accessed > 0
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_loop_counter_advancing_by_more_than_one_runs_fewer_times(step):
+    """TPU's widened loops (the windowed einsums of an FSDP matmul) advance their counter by 2, each
+    iteration holding two, and carry no trip-count annotation: read from the condition and the
+    body, ``i < 16`` in steps of ``step`` runs ``ceil(16 / step)`` matmuls."""
+    import jax.numpy as jnp
+
+    from asft_jax import aot
+
+    def f(x, w):
+        body = lambda c: (c[0] + step, jnp.tanh(c[1] @ w))
+        return jax.lax.while_loop(lambda c: c[0] < 16, body, (jnp.int32(0), x))[1]
+
+    n = 64
+    x = jax.ShapeDtypeStruct((n, n), jnp.float32)
+    hlo = jax.jit(f).lower(x, x).compile().as_text()
+    assert '"known_trip_count"' in hlo  # XLA:CPU annotates the loop; TPU's widened loops are not
+    cost = aot.step_cost(re.sub(r',?"known_trip_count":\{"n":"\d+"\}', "", hlo))
+    runs = -(-16 // step)
+    assert cost.unknown_loops == 0
+    assert cost.flops == pytest.approx(runs * 2 * n**3, rel=0.05)  # the matmuls; tanh is a few % more
 
 
 # wider than TINY, so that the matmuls dominate as in real models; 4 layers, 2 micro-batches
