@@ -76,8 +76,8 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
+    from asft_jax.run_setup import setup
     from asft_jax.sharding import activate, global_batch, make_mesh
-    from asft_jax.train import setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
     data = os.path.join(work, "pairs.jsonl")
