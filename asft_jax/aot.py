@@ -39,9 +39,9 @@ HEADROOM = 0.10  # a step "fits" when its peak is at most 90% of the usable memo
 def model_architecture(cfg):
     """The config's ``LlamaConfig`` without weights: ``model.init``; a local model (folder, file, run,
     or a Hub id already in the cache); else the built-in table of well-known Hub ids."""
+    from asft_jax.build import init_config
     from asft_jax.io import resolve
     from asft_jax.model.presets import preset
-    from asft_jax.train import init_config
 
     if cfg.model.source is None:
         return init_config(cfg)
@@ -67,8 +67,8 @@ def model_architecture(cfg):
 
 def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     """The largest step the pipeline can produce for ``cfg`` on ``mesh`` (``budget.largest_step``)."""
+    from asft_jax.build import reference_from_data
     from asft_jax.data.budget import largest_step
-    from asft_jax.train import reference_from_data
 
     row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
     return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, reference_from_data(cfg))
@@ -402,8 +402,8 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
 def _fit(cfg, mesh, topo: Topology, budget_gib: float):
     """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.memory.choose``), on
     the largest step the pipeline can produce."""
+    from asft_jax.memory_search import lower_train_step
     from asft_jax.sharding import micro_batch_sharding
-    from asft_jax.train import lower_train_step
 
     def peak_of(candidate) -> int:
         batch = {
@@ -454,6 +454,14 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
     ``asft_jax.accelerators``; ``gpu_target``: a GPU's target file); returns the report (see the
     README and docs/gpu.md). Raises ``AsftError`` (one line) when the config cannot run there or does
     not fit."""
+    from asft_jax.build import (
+        abstract_base,
+        abstract_state,
+        build_model,
+        check_batch_split,
+        jit_steps,
+        reference_from_data,
+    )
     from asft_jax.losses import NEEDS_REFERENCE
     from asft_jax.model import attention
     from asft_jax.sharding import (
@@ -461,14 +469,6 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
         make_mesh,
         micro_batch_sharding,
         replicated_dims,
-    )
-    from asft_jax.train import (
-        abstract_base,
-        abstract_state,
-        build_model,
-        check_batch_split,
-        jit_steps,
-        reference_from_data,
     )
 
     topo = topology(topology_name, gpu_target)

@@ -1,8 +1,7 @@
 """Orbax checkpoints of a run: parameters, optimizer state, data-iterator state and config.
 
 Layout: ``OUTPUT_DIR/checkpoints/<step>/{params,optimizer,data,config}``; ``params`` is its own
-item so that eval, generate and export read the parameters alone (``read_params``). Runs saved
-before that split hold one ``state`` item (the whole ``TrainState``); both are read.
+item so that eval, generate and export read the parameters alone (``read_params``).
 
 Saves are asynchronous; Orbax finalises a step only when it is complete, so a crash mid-save
 leaves the previous step as the latest. When training resumes, a step that exists but cannot be
@@ -33,10 +32,6 @@ def _cause(e: Exception) -> str:
     return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
 
 
-def _is_legacy(step_dir: str) -> bool:
-    return not os.path.isdir(os.path.join(step_dir, "params")) and os.path.isdir(os.path.join(step_dir, "state"))
-
-
 class Checkpointer:
     """Saves and restores a training run's whole state (parameters, optimizer, data position)."""
 
@@ -61,10 +56,6 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def _restore(self, step: int, abstract: TrainState) -> tuple[int, TrainState, dict]:
-        if _is_legacy(os.path.join(self.directory, str(step))):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-            out = self.manager.restore(step, args=args)
-            return step, TrainState(*out["state"]), out["data"]
         optimizer = {"step": abstract.step, "opt_state": abstract.opt_state}
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract.params),
@@ -73,13 +64,6 @@ class Checkpointer:
         )
         out = self.manager.restore(step, args=args)
         return step, TrainState(out["optimizer"]["step"], out["params"], out["optimizer"]["opt_state"]), out["data"]
-
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[int, TrainState, dict]:
-        """(step, state, data_state) of one given step."""
-        try:
-            return self._restore(step, abstract_state)
-        except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
-            raise AsftError(f"{self.directory}/{step}: cannot be restored ({_cause(e)})") from None
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState, dict] | None:
         """(step, state, data_state) of the newest restorable checkpoint, or None if there is none.
@@ -157,25 +141,21 @@ def read_params(run_dir: str, step: int | None, abstract_params: Any, host: bool
     checkpointer = ocp.PyTreeCheckpointer()
     for candidate in [step] if step is not None else reversed(steps):
         step_dir = os.path.join(run_dir, "checkpoints", str(candidate))
-        legacy = _is_legacy(step_dir)
         if host:
             restore_args = jax.tree.map(
                 lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract_params
             )
         else:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-        item, restore_args = (
-            ({"params": abstract_params}, {"params": restore_args}) if legacy else (abstract_params, restore_args)
-        )
-        path = os.path.join(step_dir, "state" if legacy else "params")
+        path = os.path.join(step_dir, "params")
         try:
             out = checkpointer.restore(
-                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=legacy)
+                path, args=ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args)
             )
         except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types for damaged files)
             if step is not None:
                 raise AsftError(f"{step_dir}: cannot be restored ({_cause(e)})") from None
             log.warning("checkpoint %s cannot be restored (%s); trying the one before", step_dir, _cause(e))
             continue
-        return candidate, out["params"] if legacy else out
+        return candidate, out
     raise AsftError(f"{run_dir}: no checkpoint could be restored (tried steps {steps})")

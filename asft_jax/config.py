@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import types
 import typing
@@ -20,6 +21,8 @@ import yaml
 from asft_jax.data.config import DataConfig
 from asft_jax.errors import AsftError
 from asft_jax.model.lora import LoraConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(AsftError):
@@ -338,3 +341,25 @@ def validate(cfg: TrainConfig) -> None:
 def to_dict(cfg: TrainConfig) -> dict:
     """The config as plain YAML/JSON values (tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    """Writes ``cfg`` to the YAML file ``path``; when ``path`` holds a config already (a run's
+    ``config.yaml``, rewritten by each start), warns with what this one changes."""
+    new = to_dict(cfg)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = _flat(yaml.safe_load(f) or {})
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _flat(new).items() if old.get(k) != v]
+        if changed:
+            log.warning("%s: this start changes %s", os.path.basename(path), "; ".join(changed))
+    with open(path, "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)

@@ -7,7 +7,7 @@ Usage:
 
 Default: the demo SmolLM2-135M (GGUF) on the first UltraFeedback train pairs (``--data``), float32, all devices on
 the data axis. ``--shape`` uses random weights of a named shape (``benchmarks/common.py``);
-``--synthetic`` random pairs. Each configuration runs in its own process through ``asft_jax.train``
+``--synthetic`` random pairs. Each configuration runs in its own process through ``run_setup.setup``
 (the pipeline's batches, the jitted, sharded step), so peak memory is its own: XLA compiles every
 batch shape first (``compile s`` is the first shape's), then ``--steps`` steps are timed after one
 warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, prompt + rejected),
@@ -76,8 +76,8 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
+    from asft_jax.run_setup import setup
     from asft_jax.sharding import activate, global_batch, make_mesh
-    from asft_jax.train import setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
     data = os.path.join(work, "pairs.jsonl")

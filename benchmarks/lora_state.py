@@ -11,10 +11,10 @@ import jax
 
 from asft_jax.accelerators import GIB, topology
 from asft_jax.aot import _bytes_per_device
+from asft_jax.build import abstract_base, abstract_state, build_model
 from asft_jax.config import load_config
 from asft_jax.model.presets import preset
 from asft_jax.sharding import make_mesh
-from asft_jax.train import abstract_base, abstract_state, build_model
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 

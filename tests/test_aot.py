@@ -187,8 +187,8 @@ def test_v4_and_v5p_slices_have_one_device_per_chip():
     """Both generations run their chip's two TensorCores as one JAX device (megacore): a v4-8 is 4
     chips, 4 devices, so 4 pairs split one per chip."""
     from asft_jax.accelerators import topology
+    from asft_jax.build import check_batch_split
     from asft_jax.sharding import make_mesh
-    from asft_jax.train import check_batch_split
 
     cfg = load_config(COMPILE_CONFIG, [*COMPILE_BASE, "batch_size=4"])
     for name in ("v4-8", "v5p-8", "v4:2x2x2"):

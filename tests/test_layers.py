@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own layer and those below; the README's Layout
 section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
 sharding) <- config <- io (checkpoints, model sources, export, metrics log) <- inference (scoring, decoding,
-prompts, metrics, reports) <- train (the loop, AOT compile) <- cli.
+prompts, metrics, reports) <- train (the loop, its setup, the memory search, the jitted steps, AOT compile) <- cli.
 Imports inside functions count too: a lazy import is still a dependency.
 """
 
@@ -22,7 +22,7 @@ LAYERS = [
     ("config", ["config"]),
     ("io", ["checkpoint", "io", "metrics_log"]),
     ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
-    ("train", ["train", "aot", "accelerators"]),
+    ("train", ["train", "run_setup", "memory_search", "build", "aot", "accelerators"]),
     ("cli", ["cli", "__main__", "startup"]),
 ]
 

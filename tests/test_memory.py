@@ -10,9 +10,11 @@ import pytest
 from helpers import config
 
 import asft_jax.memory as memory_module
-import asft_jax.train as train_module
+import asft_jax.memory_search as search_module
+from asft_jax.checkpoint import read_config
 from asft_jax.config import TrainConfig
 from asft_jax.errors import AsftError
+from asft_jax.io import resolve
 from asft_jax.memory import CHOICE_FILE, candidates, choose
 from asft_jax.train import train
 
@@ -52,14 +54,14 @@ def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
 
 @pytest.mark.training
 def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, monkeypatch, caplog):
-    real = train_module.peak_bytes
+    real = search_module.peak_bytes
     peaks: dict = {}
 
     def recording(compiled):
         peaks[len(peaks)] = real(compiled)
         return peaks[len(peaks) - 1]
 
-    monkeypatch.setattr(train_module, "peak_bytes", recording)
+    monkeypatch.setattr(search_module, "peak_bytes", recording)
     monkeypatch.setattr(memory_module, "REMAT_COST_CPU", memory_module.REMAT_COST)  # none first, as elsewhere
     probe = tmp_path / "probe"
     # micro_batches fixed at 1 here: the remat candidates hold the two peaks needed (the no-fit error
@@ -73,7 +75,7 @@ def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, m
 
     out = tmp_path / "run"
     devices = len(jax.local_devices())  # CPU devices share the host's memory: the budget is for all of them
-    monkeypatch.setattr(train_module, "budget", lambda cfg: (devices * (first + second) // 2, "a test"))
+    monkeypatch.setattr(search_module, "budget", lambda cfg: (devices * (first + second) // 2, "a test"))
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.INFO):
@@ -84,8 +86,11 @@ def test_a_run_picks_what_fits_says_so_and_keeps_it_on_resume(pairs, tmp_path, m
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
     assert len(compiles) == 2  # the two candidates tried; the run reuses the second
     assert json.loads((out / CHOICE_FILE).read_text()) == {"micro_batches": 1, "remat_policy": "dots_no_batch"}
-    monkeypatch.setattr(train_module, "budget", lambda cfg: pytest.fail("a resume must not search again"))
+    saved = read_config(str(out), None)[1]  # each checkpoint keeps the config as resolved, not `auto`
+    assert (saved["micro_batches"], saved["model"]["remat_policy"]) == (1, "dots_no_batch")
+    monkeypatch.setattr(search_module, "budget", lambda cfg: pytest.fail("a resume must not search again"))
     caplog.clear()
     with caplog.at_level(logging.INFO):
         train(config(out, pairs, *AUTO, "max_steps=3"))
     assert "remat_policy=dots_no_batch, as chosen when the run started" in caplog.text
+    assert resolve(str(out)).train_config.micro_batches == 1  # a run reads as a model source from its saved config

@@ -15,7 +15,8 @@ from helpers import SHARES_REFERENCE_RUNS, assert_curves_close, config, curve, o
 
 from asft_jax.config import load_config
 from asft_jax.errors import AsftError
-from asft_jax.train import resolve_data_paths, train
+from asft_jax.run_setup import resolve_data_paths
+from asft_jax.train import train
 
 pytestmark = pytest.mark.training
 
@@ -23,7 +24,8 @@ SINGLE_DEVICE = """
 import jax, sys
 jax.config.update("jax_num_cpu_devices", 1)
 from asft_jax.config import load_config
-from asft_jax.train import resolve_data_paths, train
+from asft_jax.run_setup import resolve_data_paths
+from asft_jax.train import train
 train(load_config(None, sys.argv[1:]))
 """
 

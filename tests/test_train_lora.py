@@ -143,8 +143,8 @@ def test_precomputed_reference_stays_available(base, pairs, tmp_path):
 def test_a_bfloat16_base_trains_float32_adapters(base, pairs, tmp_path):
     import jax
 
+    from asft_jax.build import abstract_base, abstract_state, build_model
     from asft_jax.sharding import make_mesh
-    from asft_jax.train import abstract_base, abstract_state, build_model
 
     cfg = config(tmp_path, pairs, "model.init=null", f"model.source={base}", LORA, "model.param_dtype=bfloat16")
     model = build_model(cfg, resolve(base).config, "cpu")

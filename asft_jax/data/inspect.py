@@ -1,5 +1,6 @@
 """``asft data inspect``: what a model will be trained on, before any training: the format, how many
-records are usable, token lengths, what truncation does, and one example with its masked prompt."""
+records are usable, token lengths, what truncation does, and one example with its masked prompt; and
+``check_sets``, the check ``asft train`` makes of its data sets before it writes anything."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from asft_jax.data.pipeline import bad_record_error, detect_source_format, encode_record, stops_strict
+from asft_jax.data.config import DataConfig
+from asft_jax.data.formats import FORMATS, normalize
+from asft_jax.data.pipeline import bad_record_error, detect_source_format, encode_record, encode_source, stops_strict
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder
+from asft_jax.errors import AsftError
 
 
 def inspect_records(
@@ -69,3 +73,36 @@ def inspect_records(
             f"[REJECTED]{tokenizer.decode(example.rejected)}[/REJECTED]",
         ]
     return lines
+
+
+def _parse(record: dict | BadRecord, fmt: str) -> None:
+    """Raises the ``BadRecord`` of a record that is not one of format ``fmt``."""
+    if isinstance(record, BadRecord):
+        raise record
+    normalize(record, fmt)
+
+
+def check_sets(sets: list[tuple[str, DataConfig]], tokenizer: Any, vocab_size: int) -> None:
+    """Fails in one line on a data set (``(config key, DataConfig)``) a run could not train or evaluate
+    on: a file whose format is unknown, in strict mode a malformed record anywhere (file:line), or no
+    usable pair (the file, its records, the skip reasons). Reads records up to the first usable pair,
+    all of them in strict mode (parsed, not tokenized)."""
+    for key, d in sets:
+        source = RecordSource(d.path, d.split)
+        fmt = d.format or detect_source_format(source)
+        if fmt not in FORMATS:
+            raise AsftError(f"{key} {d.path!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        if tokenizer is None and fmt != "pretokenized":
+            raise AsftError(f"{key} {d.path!r}: {fmt} records need a tokenizer and the model has none")
+        for i in range(len(source) if d.strict else 0):
+            try:
+                _parse(source[i], fmt)
+            except BadRecord as bad:
+                raise bad_record_error(source.location(i), bad) from None
+        skipped: collections.Counter = collections.Counter()
+        encoder = Encoder(tokenizer, d.max_length, d.max_prompt_length, vocab_size, truncation=d.truncation)
+        if next(encode_source(source, fmt, encoder, skipped=skipped), None) is None:
+            reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+            raise AsftError(
+                f"{key} {source.name!r} ({fmt}): none of its {len(source)} records is a usable pair ({reasons})"
+            )

@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from asft_jax.io.resolve import resolve
 from asft_jax.io.run import RunSource
 from asft_jax.io.safetensors import write_tensors
 from asft_jax.io.source import ModelSource
+from asft_jax.model import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,25 @@ def rounding_loss(params: dict, start: dict | None, dtype: str, chunk: int = 1 <
                 sums[2] += np.sum((wc - sc.astype(np.float64)) ** 2)
     err, norm, update = (float(x) for x in np.sqrt(sums))
     return RoundingLoss(dtype, err / norm if norm else 0.0, updated, lost, err / update if update else 0.0)
+
+
+def export_trained(params: Any, config: LlamaConfig, source: str | None, output: str) -> None:
+    """A training run's final ``params`` (sharded ``jax.Array``s, every layer trained or merged) as an
+    HF folder in ``output``: with ``source``'s tokenizer and generation config, or bare for a randomly
+    initialised model (``source`` None). Every process takes part in gathering them; process 0 writes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        params = jax.device_get(params)
+    if jax.process_index() != 0:
+        return
+    if source is not None:
+        export_model(source, output, params=params)
+    else:
+        export_params(params, config, output)
+    log.info("exported the trained model to %s", output)
 
 
 def export_adapter(model: str, output: str) -> list[str]:

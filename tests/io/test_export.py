@@ -63,7 +63,7 @@ def test_trained_weights_export_exactly_and_a_narrower_dtype_warns_with_the_upda
     trained = jax.tree.map(train, start)
     run = str(tmp_path / "run")
     save_run(run, ["model.init=null", f"model.source={folder}"], trained)
-    export_model(folder, str(tmp_path / "from_source"), params=trained)  # training's own export (train._export)
+    export_model(folder, str(tmp_path / "from_source"), params=trained)  # as training exports (export_trained)
     assert main(["export", "--model", run, "--output", str(tmp_path / "from_run")]) == 0
     for out in ("from_source", "from_run"):
         assert read_json(tmp_path / out / "config.json")["dtype"] == "float32"

@@ -1,4 +1,4 @@
-"""A training run as a model source: parameters read alone, read-only, from new and old layouts."""
+"""A training run as a model source: parameters read alone, read-only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import yaml
 from helpers import REPO, TINY
@@ -24,7 +23,7 @@ from asft_jax.model import Llama, LlamaConfig, init_params
 from asft_jax.train_step import TrainState, make_optimizer
 
 
-def make_run(out: str, init: dict, steps=(1, 2), legacy: bool = False) -> dict[int, TrainState]:
+def make_run(out: str, init: dict, steps=(1, 2)) -> dict[int, TrainState]:
     """A run directory with one checkpoint per step (parameters differ per step) and its config."""
     # floats as 1.0e-05: PyYAML reads a bare 1e-05 as a string
     init_yaml = "{" + ", ".join(f"{k}: {v:.6e}" if isinstance(v, float) else f"{k}: {v}" for k, v in init.items()) + "}"
@@ -39,25 +38,11 @@ def make_run(out: str, init: dict, steps=(1, 2), legacy: bool = False) -> dict[i
         params = jax.tree.map(lambda p, s=step: p + s, params)
         states[step] = TrainState(jnp.int32(step), params, tx.init(params))
     data = {"process_count": 1, "hosts": [{}]}
-    if legacy:  # the layout before parameters were their own item: one "state" item
-        manager = ocp.CheckpointManager(
-            os.path.join(out, "checkpoints"), options=ocp.CheckpointManagerOptions(create=True)
-        )
-        for step, state in states.items():
-            items = {
-                "state": ocp.args.StandardSave(state),
-                "data": ocp.args.JsonSave(data),
-                "config": ocp.args.JsonSave(to_dict(cfg)),
-            }
-            manager.save(step, args=ocp.args.Composite(**items))
-        manager.wait_until_finished()
-        manager.close()
-    else:
-        checkpointer = Checkpointer(out)
-        for step, state in states.items():
-            checkpointer.save(step, state, data, to_dict(cfg))
-        checkpointer.wait()
-        checkpointer.close()
+    checkpointer = Checkpointer(out)
+    for step, state in states.items():
+        checkpointer.save(step, state, data, to_dict(cfg))
+    checkpointer.wait()
+    checkpointer.close()
     return states
 
 
@@ -66,29 +51,14 @@ def assert_params_equal(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["split", "legacy"])
-def test_run_source_reads_each_steps_parameters(tmp_path, legacy):
+def test_run_source_reads_each_steps_parameters(tmp_path):
     out = str(tmp_path / "run")
-    states = make_run(out, TINY, legacy=legacy)
+    states = make_run(out, TINY)
     assert_params_equal(resolve(out).load_params(), states[2].params)
     assert_params_equal(resolve(os.path.join(out, "checkpoints", "1")).load_params(host=True), states[1].params)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(resolve(out).load_params(host=True)))
     bf16 = resolve(out).load_params(jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
-
-
-def test_legacy_checkpoint_still_resumes_training(tmp_path):
-    out = str(tmp_path / "run")
-    states = make_run(out, TINY, legacy=True)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        states[2],
-    )
-    checkpointer = Checkpointer(out)
-    step, state, data = checkpointer.restore_latest(abstract)
-    checkpointer.close()
-    assert step == 2 and data == {"process_count": 1, "hosts": [{}]}
-    assert_params_equal(state, states[2])
 
 
 def test_parameters_are_read_without_the_optimizer_state(tmp_path):
