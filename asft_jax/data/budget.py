@@ -8,6 +8,8 @@ in their order, then the fresh ones largest first, up to ``batch_size`` pairs, e
 the most free tokens and there first-fit into rows (``assign``); the ones that fit nowhere are carried
 into the next step. A pair always fits an empty micro-batch (``plan_shape`` sees to it), so the
 first carried pair is always placed and no pair waits for long.
+``carry_and_pack`` is that loop, for a run's steps (``asft_jax.data.pipeline``), for scoring
+(``asft_jax.evaluate``) and for planning (``simulate``).
 
 In the shared-prefix layout, a pair whose ``prompt | chosen | rejected`` segment does not fit a row is
 laid out as its two sequences instead (the same log-probs: each response sees the prompt and itself).

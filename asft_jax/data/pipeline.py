@@ -2,7 +2,8 @@
 
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
-process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``).
+process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``), the
+pairs a step cannot hold carried into the next (``asft_jax.data.budget.carry_and_pack``).
 Bad records are skipped and counted by reason (``strict`` stops at the first malformed one; pairs that
 only do not fit the length limits, ``DoesNotFit``, are counted in every mode). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
@@ -118,13 +119,8 @@ def record_order(count: int, cfg: DataConfig, seed: int) -> grain.MapDataset:
 
 def first_pairs(records: grain.MapDataset, want: int, end: int) -> list[TokenizedPair]:
     """Up to ``want`` usable pairs from the first ``end`` of ``records`` (pairs or ``BadRecord``s), in order."""
-    sample, i = [], 0
-    while len(sample) < want and i < end:
-        item = records[i]
-        i += 1
-        if not isinstance(item, BadRecord):
-            sample.append(item)
-    return sample
+    usable = (item for item in (records[i] for i in range(end)) if not isinstance(item, BadRecord))
+    return list(itertools.islice(usable, want))
 
 
 class Skips:
