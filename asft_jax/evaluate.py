@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import time
 from collections.abc import Iterable, Iterator
 
@@ -13,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from asft_jax.data.budget import candidates, pack_step, plan_shape
+from asft_jax.data.budget import carry_and_pack, pack_pairs, pair_tokens, plan_shape
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import detect_source_format, encode_source
 from asft_jax.data.records import RecordSource
@@ -91,24 +90,26 @@ def score_pairs(
         return
     longest = min(max(map(len, pairs)), max_length)  # rows hold the longest sequence: any pair fits a pass
     shape = plan_shape(pairs[:PLAN_PAIRS], layout, longest, batch_size, row_multiple=split)
-    stream = enumerate(pairs)
-    carry: list[tuple[int, TokenizedPair]] = []
+
+    def pack(offered: list[tuple[int, TokenizedPair]], carried: int) -> tuple[dict[str, np.ndarray], list[bool]]:
+        return pack_pairs([p for _, p in offered], layout, shape, 1, batch_size, carried)
+
     scored: dict[int, dict] = {}
     emitted, start, seen_tokens = 0, time.perf_counter(), 0
     with (
         activate(mesh),
         tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, disable=jax.process_index() != 0) as bar,
     ):
-        while offered := carry + list(itertools.islice(stream, candidates(batch_size) - len(carry))):
-            rows, left = pack_step([p for _, p in offered], layout, shape, 1, batch_size, len(carry))
+        for step in carry_and_pack(enumerate(pairs), batch_size, pack):
+            rows = step.out
             rows.pop("ref_logps", None)
             sums = jax.device_get(fn(params, {k: from_every_host(v, sharding) for k, v in rows.items()}))
             counts = rows["counts"][0]
-            waiting = {id(p) for p in left}
-            carry = [(i, p) for i, p in offered if id(p) in waiting]
-            placed = [(i, p) for i, p in offered if id(p) not in waiting]
+            placed = step.placed
             if not placed:
-                raise AsftError(f"pair {offered[0][1].index}: longer than max_length {max_length}; it cannot be scored")
+                raise AsftError(
+                    f"pair {step.offered[0][1].index}: longer than max_length {max_length}; it cannot be scored"
+                )
             for j, (i, p) in enumerate(placed):  # slot j holds the j-th pair placed, in the order offered
                 scored[i] = {
                     "index": p.index,
@@ -117,7 +118,7 @@ def score_pairs(
                     "rejected_logps_sum": float(sums[j, 1]),
                     "rejected_tokens": int(counts[j, 1]),
                 }
-            seen_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for _, p in placed)
+            seen_tokens += pair_tokens(p for _, p in placed)
             bar.update(len(placed))
             bar.set_postfix(tokens_per_s=f"{seen_tokens / (time.perf_counter() - start):.0f}")
             while emitted in scored:

@@ -8,6 +8,8 @@ in their order, then the fresh ones largest first, up to ``batch_size`` pairs, e
 the most free tokens and there first-fit into rows (``assign``); the ones that fit nowhere are carried
 into the next step. A pair always fits an empty micro-batch (``plan_shape`` sees to it), so the
 first carried pair is always placed and no pair waits for long.
+``carry_and_pack`` is that loop, for a run's steps (``asft_jax.data.pipeline``), for scoring
+(``asft_jax.evaluate``) and for planning (``simulate``).
 
 In the shared-prefix layout, a pair whose ``prompt | chosen | rejected`` segment does not fit a row is
 laid out as its two sequences instead (the same log-probs: each response sees the prompt and itself).
@@ -18,6 +20,11 @@ average; of those, the cheapest per pair under ``row_cost``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -36,11 +43,68 @@ from asft_jax.data.pairs import TokenizedPair
 from asft_jax.model.attention import BLOCK
 
 Form = tuple[bool, list[tuple[int, int]]]  # (shared, [(tokens, scored positions)] per unit)
+P = TypeVar("P")  # what a step is offered: a pair, or a stand-in for one (an index into sampled forms)
+R = TypeVar("R")  # what a step's packing makes of it
 
 
 def candidates(batch: int) -> int:
     """Pairs offered to a step of ``batch`` pair slots (carried and fresh)."""
     return batch + batch // 2
+
+
+def pair_tokens(pairs: Iterable[TokenizedPair]) -> int:
+    """Tokens of ``pairs`` as two sequences each (prompt + chosen, prompt + rejected), layout aside."""
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step(Generic[P, R]):
+    """One step of ``carry_and_pack``: what ``pack`` made of the ``offered`` pairs (the first
+    ``carried`` of them carried over from the last step), and which of them it placed (``fits``)."""
+
+    out: R
+    offered: list[P]
+    carried: int
+    fits: list[bool]
+
+    @property
+    def placed(self) -> list[P]:
+        """The pairs this step holds, in the order offered."""
+        return [p for p, f in zip(self.offered, self.fits) if f]
+
+    @property
+    def left(self) -> list[P]:
+        """The pairs carried into the next step, in the order offered."""
+        return [p for p, f in zip(self.offered, self.fits) if not f]
+
+
+def carry_and_pack(
+    fresh: Iterable[P],
+    batch: int,
+    pack: Callable[[list[P], int], tuple[R, Sequence[bool]]],
+    *,
+    least: int = 1,
+    drain: bool = True,
+    carry: Iterable[P] = (),
+) -> Iterator[Step[P, R]]:
+    """The steps of a stream of pairs, ``batch`` pair slots each, with carry-over.
+
+    Each step is offered the pairs the last one did not place (``carry`` for the first), in order,
+    then fresh ones, ``candidates(batch)`` in all, and ``pack(offered, carried)`` says what it makes
+    of them and which it placed; the rest are carried. Fresh pairs are read only as a step needs
+    them, so ``fresh``'s position between steps is the stream's. The stream ends at a step offered
+    fewer than ``least`` pairs (at least one), or, without ``drain``, with no fresh pair.
+    """
+    fresh, carry = iter(fresh), list(carry)
+    while True:
+        new = list(itertools.islice(fresh, max(0, candidates(batch) - len(carry))))
+        offered = carry + new
+        if not offered or len(offered) < least or not (new or drain):
+            return
+        out, fits = pack(offered, len(carry))
+        step = Step(out, offered, len(carry), list(fits))
+        carry = step.left
+        yield step
 
 
 def forms(pair: TokenizedPair, layout: str) -> list[Form]:
@@ -112,6 +176,14 @@ def pack_step(
 ) -> tuple[dict[str, np.ndarray], list[TokenizedPair]]:
     """``(batch, left)``: the arrays of the pairs that fit (``asft_jax.data.packing``), in their
     order, and the pairs that did not, in theirs; the first ``carried`` pairs go first (``assign``)."""
+    batch, fits = pack_pairs(pairs, layout, shape, micro_batches, pair_slots, carried)
+    return batch, [p for p, f in zip(pairs, fits) if not f]
+
+
+def pack_pairs(
+    pairs: list[TokenizedPair], layout: str, shape: RowShape, micro_batches: int, pair_slots: int, carried: int = 0
+) -> tuple[dict[str, np.ndarray], list[bool]]:
+    """``pack_step`` as ``carry_and_pack`` takes it: ``(batch, fits)``, whether each pair is in the batch."""
     pair_forms = [forms(p, layout) for p in pairs]
     where = assign(pair_forms, shape, micro_batches, pair_slots, layout == "padded", carried)
     micro: list[list[TokenizedPair]] = [[] for _ in range(micro_batches)]
@@ -125,7 +197,7 @@ def pack_step(
             groups[m][r].append(len(units[m]))
             units[m].append(u)
         micro[m].append(pair)
-    return assemble(micro, units, groups, shape, pair_slots, layout), [p for p, w in zip(pairs, where) if w is None]
+    return assemble(micro, units, groups, shape, pair_slots, layout), [w is not None for w in where]
 
 
 def row_cost(shape: RowShape) -> float:
@@ -136,20 +208,20 @@ def row_cost(shape: RowShape) -> float:
 
 def simulate(pair_forms: list[list[Form]], shape: RowShape, micro_batches: int, batch: int, one_per_row: bool) -> float:
     """The mean fraction of a step's pair slots filled when the sampled pairs are taken in order
-    with carry-over (the last step may have fewer pairs to offer: its fraction is of those)."""
-    carry: list[int] = []
-    taken, fractions = 0, []
-    while taken < len(pair_forms):
-        fresh = min(candidates(batch) - len(carry), len(pair_forms) - taken)
-        step = carry + list(range(taken, taken + fresh))
-        taken += fresh
+    with carry-over, until none is left to offer fresh (the last step may have fewer pairs to
+    offer: its fraction is of those)."""
+
+    def place(step: list[int], carried: int) -> tuple[None, list[bool]]:
         where = assign(
-            [pair_forms[i] for i in step], shape, micro_batches, batch // micro_batches, one_per_row, len(carry)
+            [pair_forms[i] for i in step], shape, micro_batches, batch // micro_batches, one_per_row, carried
         )
-        carry = [i for i, w in zip(step, where) if w is None]
-        if len(carry) == len(step):
+        return None, [w is not None for w in where]
+
+    fractions = []
+    for step in carry_and_pack(range(len(pair_forms)), batch, place, drain=False):
+        if not any(step.fits):
             return 0.0  # some pair fits no empty micro-batch: a shape that cannot train on it
-        fractions.append((len(step) - len(carry)) / min(batch, len(step)))
+        fractions.append(sum(step.fits) / min(batch, len(step.offered)))
     return float(np.mean(fractions))
 
 

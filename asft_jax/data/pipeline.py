@@ -2,7 +2,8 @@
 
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
-process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``).
+process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``), the
+pairs a step cannot hold carried into the next (``asft_jax.data.budget.carry_and_pack``).
 Bad records are skipped and counted by reason (``strict`` stops at the first malformed one; pairs that
 only do not fit the length limits, ``DoesNotFit``, are counted in every mode). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
@@ -13,6 +14,7 @@ whenever no record is dropped.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from asft_jax.data.budget import candidates, pack_step, plan_shape
+from asft_jax.data.budget import carry_and_pack, pack_pairs, pack_step, pair_tokens, plan_shape
 from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
 from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
@@ -92,6 +94,54 @@ def encode_source(
         yield item
 
 
+def open_records(cfg: DataConfig, tokenizer: Any, vocab_size: int | None) -> tuple[RecordSource, str, Encoder]:
+    """``cfg.path``'s records, their format (``cfg.format`` or detected) and the encoder that makes them pairs."""
+    source = RecordSource(cfg.path, cfg.split)
+    fmt = cfg.format or detect_source_format(source)
+    if fmt not in FORMATS:
+        raise AsftError(f"data format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if tokenizer is None and fmt != "pretokenized":
+        raise AsftError(
+            f"{cfg.path}: {fmt} records need a tokenizer and the model has none (set model.tokenizer, "
+            "or give pre-tokenized pairs)"
+        )
+    return source, fmt, Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size, truncation=cfg.truncation)
+
+
+def record_order(count: int, cfg: DataConfig, seed: int) -> grain.MapDataset:
+    """The indices of ``count`` records in the order a run reads them, over all hosts: shuffled with
+    ``seed`` (``cfg.shuffle``), ``cfg.num_epochs`` times (None: for ever)."""
+    ds = grain.MapDataset.range(count)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(cfg.num_epochs)
+
+
+def first_pairs(records: grain.MapDataset, want: int, end: int) -> list[TokenizedPair]:
+    """Up to ``want`` usable pairs from the first ``end`` of ``records`` (pairs or ``BadRecord``s), in order."""
+    usable = (item for item in (records[i] for i in range(end)) if not isinstance(item, BadRecord))
+    return list(itertools.islice(usable, want))
+
+
+class Skips:
+    """Bad records skipped, counted by reason; the first of each reason logged with its location.
+    ``strict``: a malformed record stops the read (``stops_strict``)."""
+
+    def __init__(self, source: RecordSource, strict: bool):
+        self.source, self.strict = source, strict
+        self.counts: collections.Counter = collections.Counter()
+        self.first: dict[str, str] = {}  # reason -> where it was first seen
+
+    def add(self, bad: BadRecord) -> None:
+        where = self.source.location(bad.index)
+        if self.strict and stops_strict(bad):
+            raise bad_record_error(where, bad)
+        if bad.reason not in self.first:
+            self.first[bad.reason] = where
+            log.warning("skipping records: %s (first at %s); counting the rest", bad.reason, where)
+        self.counts[bad.reason] += 1
+
+
 class PairBatches:
     """Iterator of host-local batches (arrays described in ``asft_jax.data.packing``)."""
 
@@ -110,6 +160,7 @@ class PairBatches:
         sample_steps: int = 32,
         min_fill: float = 0.95,
         limit: int | None = None,
+        refs: bool | None = None,
     ):
         """``cfg.path`` read as ``batch_size`` pairs per step over all hosts, shuffled with ``seed``,
         laid out in ``micro_batches`` with rows a multiple of ``row_multiple`` (the host's batch shards).
@@ -120,6 +171,7 @@ class PairBatches:
         the next step. ``sample_steps=0`` or ``cfg.fixed_shape`` false: each step has all its pairs
         and its own shape (``layout_batch``). ``limit``: read only this host's first ``limit`` pairs,
         then empty the carry (an evaluation: every pair once, the last steps part-filled).
+        ``refs``: whether an ``empty`` step has ``ref_logps`` (default: whether the sampled pairs do).
         """
         if process_index is None or process_count is None:
             import jax
@@ -135,48 +187,32 @@ class PairBatches:
                 f"{process_count} hosts"
             )
         self.cfg, self.micro_batches, self.row_multiple = cfg, micro_batches, row_multiple
-        self.source = RecordSource(cfg.path, cfg.split)
-        self.format = cfg.format or detect_source_format(self.source)
-        if self.format not in FORMATS:
-            raise AsftError(f"data format {self.format!r}: expected one of {', '.join(FORMATS)}")
-        if tokenizer is None and self.format != "pretokenized":
-            raise AsftError(
-                f"{cfg.path}: {self.format} records need a tokenizer and the model has none (set model.tokenizer, "
-                "or give pre-tokenized pairs)"
-            )
-        self.encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, vocab_size, truncation=cfg.truncation)
+        self.source, self.format, self.encoder = open_records(cfg, tokenizer, vocab_size)
         self.local_batch = batch_size // process_count
-        self.skipped: collections.Counter = collections.Counter()
-        self._first: dict[str, str] = {}
-        self.has_refs = False
+        self._skips = Skips(self.source, cfg.strict)
         self.last_pair_tokens = 0  # tokens of the last batch's pairs as two sequences each, layout aside
-
-        ds = grain.MapDataset.range(len(self.source))
-        if cfg.shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(cfg.num_epochs)
-        encode = lambda i: encode_record(self.source, self.format, self.encoder, int(i))
-        self.shape = self._plan(ds.map(encode), sample_steps, min_fill) if sample_steps and cfg.fixed_shape else None
-        self.carry: list[TokenizedPair] = []  # pairs that did not fit the last step, in order
         self.limit, self.taken = limit, 0
-        ds = ds[process_index::process_count].map(encode)
-        read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
-        self._items = iter(ds.to_iter_dataset(read))
 
-    def _plan(self, records: grain.MapDataset, sample_steps: int, min_fill: float) -> RowShape | None:
-        """``plan_shape`` from the stream's first ``sample_steps * local_batch`` usable pairs (at most
-        ``max(512, 4 * local_batch)``: tokenizing them is the cost)."""
+        ds = record_order(len(self.source), cfg, seed)
+        encode = lambda i: encode_record(self.source, self.format, self.encoder, int(i))
+        sample = self._sample(ds.map(encode), sample_steps) if sample_steps and cfg.fixed_shape else []
+        self.has_refs = (bool(sample) and sample[0].ref_chosen is not None) if refs is None else refs
+        self.shape = self._plan(sample, min_fill) if sample else None  # no usable pair: the first step says so
+        self.carry: list[TokenizedPair] = []  # pairs that did not fit the last step, in order
+        read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
+        self._items = iter(ds[process_index::process_count].map(encode).to_iter_dataset(read))
+        self._restart()
+
+    def _sample(self, records: grain.MapDataset, sample_steps: int) -> list[TokenizedPair]:
+        """The stream's first ``sample_steps * local_batch`` usable pairs (at most ``max(512, 4 *
+        local_batch)``: tokenizing them is the cost) to plan the shape from."""
         want = min(sample_steps * self.local_batch, max(512, 4 * self.local_batch))
-        sample, i = [], 0
-        total = len(self.source) * self.cfg.num_epochs if self.cfg.num_epochs else None
-        while len(sample) < want and (total is None or i < total) and i < 4 * want + len(self.source):
-            item = records[i]
-            i += 1
-            if not isinstance(item, BadRecord):
-                sample.append(item)
-        if not sample:
-            return None  # no usable pair: the first step says so
-        self.has_refs = sample[0].ref_chosen is not None
+        end = 4 * want + len(self.source)
+        if self.cfg.num_epochs:
+            end = min(end, len(self.source) * self.cfg.num_epochs)
+        return first_pairs(records, want, end)
+
+    def _plan(self, sample: list[TokenizedPair], min_fill: float) -> RowShape:
         shape = plan_shape(
             sample,
             self.cfg.layout,
@@ -194,14 +230,40 @@ class PairBatches:
         )
         return shape
 
-    def _skip(self, bad: BadRecord, index: int) -> None:
-        where = self.source.location(index)
-        if self.cfg.strict and stops_strict(bad):
-            raise bad_record_error(where, bad)
-        if bad.reason not in self._first:
-            self._first[bad.reason] = where
-            log.warning("skipping records: %s (first at %s); counting the rest", bad.reason, where)
-        self.skipped[bad.reason] += 1
+    def _restart(self) -> None:
+        """The fresh pairs and the steps, from the grain iterator's position and the carry."""
+        self._fresh = self._fresh_pairs()
+        self._steps = carry_and_pack(
+            self._fresh,
+            self.local_batch,
+            self._pack,
+            # at the end of the data a training step still needs a full batch; an evaluation takes what is left
+            least=self.local_batch if self.limit is None else 1,
+            carry=self.carry,
+        )
+
+    def _pack(self, pairs: list[TokenizedPair], carried: int) -> tuple[dict[str, np.ndarray], list[bool]]:
+        slots = self.local_batch // self.micro_batches
+        return pack_pairs(pairs, self.cfg.layout, self.shape, self.micro_batches, slots, carried)
+
+    def _fresh_pairs(self) -> Iterator[TokenizedPair]:
+        """This host's usable pairs in order, up to ``limit`` (bad records skipped and counted); at
+        their end, the summary."""
+        while self.limit is None or self.taken < self.limit:
+            item = next(self._items, None)
+            if item is None:
+                break
+            if isinstance(item, BadRecord):
+                self._skips.add(item)
+            else:
+                self.taken += 1
+                yield item
+        log.info("%s", self.summary())
+
+    @property
+    def skipped(self) -> collections.Counter:
+        """Records skipped so far, by reason."""
+        return self._skips.counts
 
     def __iter__(self) -> PairBatches:
         return self
@@ -211,25 +273,9 @@ class PairBatches:
             pairs = self.next_pairs()
             batch = layout_batch(pairs, self.cfg.layout, self.cfg.max_length, self.micro_batches, self.row_multiple)
         else:
-            carried = self.carry
-            try:
-                pairs = carried + self.next_pairs(candidates(self.local_batch) - len(carried), partial=True)
-            except StopIteration:
-                pairs = carried
-            # at the end of the data a training step still needs a full batch; an evaluation takes what is left
-            if len(pairs) < (self.local_batch if self.limit is None else 1):
-                raise StopIteration
-            batch, self.carry = pack_step(
-                pairs,
-                self.cfg.layout,
-                self.shape,
-                self.micro_batches,
-                self.local_batch // self.micro_batches,
-                len(carried),
-            )
-            left = {id(p) for p in self.carry}
-            pairs = [p for p in pairs if id(p) not in left]
-        self.last_pair_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+            step = next(self._steps)
+            batch, pairs, self.carry = step.out, step.placed, step.left
+        self.last_pair_tokens = pair_tokens(pairs)
         return batch
 
     def empty(self) -> dict[str, np.ndarray]:
@@ -245,37 +291,25 @@ class PairBatches:
         """This host's next ``n`` fresh pairs (default: a step's), in order; at the end of the data,
         StopIteration, or with ``partial`` the pairs that are left if there are any."""
         n = self.local_batch if n is None else n
-        pairs: list[TokenizedPair] = []
-        while len(pairs) < n:
-            try:
-                if self.limit is not None and self.taken >= self.limit:
-                    raise StopIteration
-                item = next(self._items)
-            except StopIteration:  # the end of the data; a partial batch is dropped unless asked for
-                if partial and pairs:
-                    return pairs
-                log.info("%s", self.summary())
-                raise
-            if isinstance(item, BadRecord):
-                self._skip(item, item.index)
-            else:
-                pairs.append(item)
-                self.taken += 1
+        pairs = list(itertools.islice(self._fresh, n))
+        if len(pairs) < n and not (partial and pairs):  # a partial batch is dropped unless asked for
+            raise StopIteration
         return pairs
 
     def get_state(self) -> dict:
         return {
             "items": self._items.get_state(),
-            "skipped": dict(self.skipped),
-            "first": dict(self._first),
+            "skipped": dict(self._skips.counts),
+            "first": dict(self._skips.first),
             "carry": [p.index for p in self.carry],
         }
 
     def set_state(self, state: dict) -> None:
         self._items.set_state(state["items"])
-        self.skipped = collections.Counter(state["skipped"])
-        self._first = dict(state["first"])
+        self._skips.counts = collections.Counter(state["skipped"])
+        self._skips.first = dict(state["first"])
         self.carry = [encode_record(self.source, self.format, self.encoder, i) for i in state.get("carry", [])]
+        self._restart()
 
     def summary(self) -> str:
         total = sum(self.skipped.values())

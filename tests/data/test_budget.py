@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import scored
 
-from asft_jax.data.budget import assign, candidates, forms, pack_step, plan_shape
+from asft_jax.data.budget import assign, carry_and_pack, forms, pack_pairs, pack_step, plan_shape
 from asft_jax.data.packing import LAYOUTS, RowShape
 from asft_jax.data.pairs import TokenizedPair
 
@@ -23,16 +23,42 @@ def pairs_of(n: int, seed: int, longest: int = 64) -> list[TokenizedPair]:
 
 
 def run_steps(pairs, layout, shape, micro_batches, batch):
-    """The pipeline's loop: each step offered the carried pairs, then fresh ones; yields (batch, placed)."""
-    carry, fresh = [], iter(pairs)
-    while True:
-        offered = carry + [p for _, p in zip(range(candidates(batch) - len(carry)), fresh)]
-        if len(offered) < batch:
-            return
-        out, left = pack_step(offered, layout, shape, micro_batches, batch // micro_batches, len(carry))
+    """The pipeline's steps: each offered the carried pairs, then fresh ones; yields (batch, placed)."""
+    pack = lambda offered, carried: pack_pairs(offered, layout, shape, micro_batches, batch // micro_batches, carried)
+    for step in carry_and_pack(pairs, batch, pack, least=batch):
+        carry, left = step.offered[: step.carried], step.left
         assert not carry or carry[0] not in left  # the first carried pair always fits: none waits for ever
-        yield out, [p for p in offered if p not in left]
-        carry = left
+        yield step.out, step.placed
+
+
+def test_carry_and_pack_offers_the_carry_first_and_reads_fresh_pairs_only_as_needed():
+    """4 pair slots: 6 pairs offered per step; a stand-in packing that places the first 3 offered."""
+    read = []
+
+    def fresh(n):
+        for i in range(n):
+            read.append(i)
+            yield i
+
+    def first_three(offered, carried):
+        return carried, [j < 3 for j in range(len(offered))]
+
+    offered, reads = [], []
+    for step in carry_and_pack(fresh(20), 4, first_three, least=4):
+        offered.append(step.offered)
+        reads.append(len(read))
+        assert step.out == step.carried == (0 if len(offered) == 1 else 3)
+        assert step.placed == step.offered[:3] and step.left == step.offered[3:]
+    assert offered == [[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8], [6, 7, 8, 9, 10, 11], [9, 10, 11, 12, 13, 14]] + [
+        [12, 13, 14, 15, 16, 17],
+        [15, 16, 17, 18, 19],
+    ]
+    assert reads == [6, 9, 12, 15, 18, 20]  # the fresh pairs' position between steps is the stream's
+    # an evaluation takes what is left; planning stops with the fresh pairs
+    assert [s.offered for s in carry_and_pack(range(20), 4, first_three)][-2:] == [[15, 16, 17, 18, 19], [18, 19]]
+    assert [s.offered for s in carry_and_pack(range(20), 4, first_three, drain=False)][-1] == [15, 16, 17, 18, 19]
+    first = next(carry_and_pack(range(20), 4, first_three, carry=[-1, -2]))
+    assert (first.offered, first.carried) == ([-1, -2, 0, 1, 2, 3], 2)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -231,3 +231,13 @@ def test_inspect_shows_format_counts_and_a_marked_example(smollm2_gguf, shared_d
 def test_text_records_without_a_tokenizer_are_one_line(uf_train):
     with pytest.raises(AsftError, match=r"train\.jsonl: standard records need a tokenizer and the model has none"):
         PairBatches(DataConfig(uf_train, max_length=512), None, 4)
+
+
+def test_an_empty_step_has_reference_log_probs_when_asked(tmp_path):
+    """``refs``: whether a step takes ``ref_logps`` whatever the file holds (a memory search plans on
+    the data before its reference log-probs are computed)."""
+    pair = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4, 5]}
+    cfg = DataConfig(write_jsonl(tmp_path / "pairs.jsonl", [pair] * 8), max_length=16)
+    assert "ref_logps" not in PairBatches(cfg, None, 4, process_index=0, process_count=1).empty()
+    empty = PairBatches(cfg, None, 4, process_index=0, process_count=1, refs=True).empty()
+    assert empty["ref_logps"].shape == empty["counts"].shape and not empty["ref_logps"].any()
