@@ -36,8 +36,8 @@ def step_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any, vocab_
             micro_batches=cfg.micro_batches,
             row_multiple=row_multiple(mesh),
             vocab_size=vocab_size,
+            refs=reference_from_data(cfg),
         )
-        data.has_refs = reference_from_data(cfg)
     if cfg.data.fixed_shape and data.shape is not None:
         batch = data.empty()
     else:
