@@ -30,6 +30,7 @@ import numpy as np
 from asft_jax.accelerators import GIB, Topology, topology
 from asft_jax.errors import AsftError
 from asft_jax.memory import AUTO, candidates, choose, peak_bytes
+from asft_jax.sharding import batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def max_batch(cfg, mesh) -> dict[str, np.ndarray]:
     from asft_jax.build import reference_from_data
     from asft_jax.data.budget import largest_step
 
-    row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+    row_multiple = batch_shards(mesh)
     return largest_step(cfg.data, cfg.batch_size, cfg.micro_batches, row_multiple, reference_from_data(cfg))
 
 
@@ -336,7 +337,7 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
     if replicated_state and cfg.mesh.fsdp != -1 and state_gib > 0.25 * budget_gib:
         return "set mesh.fsdp=-1 (and mesh.data=1): parameters and AdamW state are replicated over the data axis"
     if peak_gib is not None and peak_gib - state_gib > state_gib:  # activations dominate
-        per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+        per_shard = cfg.batch_size // batch_shards(mesh)
         if per_shard % (2 * cfg.micro_batches) == 0:
             return f"set micro_batches={2 * cfg.micro_batches} (smaller activations, same update)"
         strength = [
@@ -420,7 +421,7 @@ def _fit(cfg, mesh, topo: Topology, budget_gib: float):
                 raise
             return math.inf
 
-    per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    per_shard = cfg.batch_size // batch_shards(mesh)
     limit = (int(budget_gib * GIB), f"{topo.chip.kind} memory, {_rule(topo)}")
     try:
         return choose(cfg, per_shard, peak_of, limit, topo.platform)

@@ -17,6 +17,7 @@ from asft_jax.losses import NEEDS_REFERENCE
 from asft_jax.memory import AUTO
 from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params, param_logical_axes
 from asft_jax.sharding import (
+    batch_shards,
     logical_shardings,
     micro_batch_sharding,
     param_shardings,
@@ -66,7 +67,7 @@ def init_config(cfg: TrainConfig) -> LlamaConfig:
 def check_batch_split(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """Fails in one line when ``batch_size`` pairs do not split evenly over the mesh's batch shards
     and the micro-batches."""
-    split = mesh.shape["data"] * mesh.shape["fsdp"] * (1 if cfg.micro_batches == AUTO else cfg.micro_batches)
+    split = batch_shards(mesh) * (1 if cfg.micro_batches == AUTO else cfg.micro_batches)
     if cfg.batch_size % split:
         raise AsftError(
             f"config: batch_size {cfg.batch_size} is not divisible by data x fsdp x micro_batches = {split}"

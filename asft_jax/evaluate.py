@@ -23,6 +23,7 @@ from asft_jax.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 from asft_jax.model import Llama
 from asft_jax.sharding import (
     activate,
+    batch_shards,
     from_every_host,
     make_mesh,
     micro_batch_sharding,
@@ -76,7 +77,7 @@ def score_pairs(
     ``params`` should already be placed with ``param_shardings(model, mesh)``.
     """
     mesh = mesh or make_mesh()
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    split = batch_shards(mesh)
     batch_size = -(-batch_size // split) * split
     max_length = max_length or model.config.max_position_embeddings
     sharding = micro_batch_sharding(mesh)

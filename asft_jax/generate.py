@@ -26,6 +26,7 @@ from asft_jax.model import KVCache, Llama
 from asft_jax.sharding import (
     activate,
     batch_sharding,
+    batch_shards,
     from_every_host,
     param_shardings,
     replicated,
@@ -142,7 +143,7 @@ class Generator:
         sampling: SamplingConfig,
         batch_size: int = 8,
     ):
-        split = mesh.shape["data"] * mesh.shape["fsdp"]
+        split = batch_shards(mesh)
         self.batch_size = -(-batch_size // split) * split  # rows shard evenly over the batch axes
         self.model, self.params, self.sampling, self.mesh = model, params, sampling, mesh
         self.max_prompt = model.config.max_position_embeddings - sampling.max_new_tokens

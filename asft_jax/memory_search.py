@@ -19,7 +19,7 @@ from asft_jax.data.pipeline import PairBatches
 from asft_jax.distributed import all_hosts
 from asft_jax.memory import AUTO, CHOICE_FILE, budget, choose, peak_bytes
 from asft_jax.model import LlamaConfig
-from asft_jax.sharding import activate, micro_batch_sharding, row_multiple
+from asft_jax.sharding import activate, batch_shards, micro_batch_sharding, row_multiple
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def fit_memory(
         last["step"] = lower_train_step(candidate, config, mesh, platform, batch).compile()
         return peak_bytes(last["step"]) * devices
 
-    per_shard = cfg.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count())
+    per_shard = cfg.batch_size // (batch_shards(mesh) * jax.process_count())
     limit, why = budget(cfg)
     limit = min(all_hosts(limit))  # hosts may have different free memory; they must choose alike
     where = why if jax.process_count() == 1 else f"{why}, on every host"

@@ -157,6 +157,11 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch is split: the product of the ``BATCH`` mesh axes."""
+    return math.prod(mesh.shape[axis] for axis in BATCH)
+
+
 def row_multiple(mesh: jax.sharding.Mesh) -> int:
     """Rows of a host's micro-batch must split evenly over its share of the batch shards."""
-    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+    return max(1, batch_shards(mesh) // jax.process_count())
