@@ -2,7 +2,7 @@
 
 A training step is ``micro_batches`` micro-batches of ``RowShape(rows, length, width)`` with
 ``pair_slots`` pairs each, the same for every step of a run, so the train step compiles once. Each step
-takes the pairs carried over from the last one, then fresh pairs, ``candidates(batch_size)`` in all
+takes the pairs carried over from the last one, then fresh pairs, ``pairs_offered(batch_size)`` in all
 (half a batch more than it has slots: the choice packs rows fuller); places the carried ones first,
 in their order, then the fresh ones largest first, up to ``batch_size`` pairs, each into the micro-batch with
 the most free tokens and there first-fit into rows (``assign``); the ones that fit nowhere are carried
@@ -47,7 +47,7 @@ P = TypeVar("P")  # what a step is offered: a pair, or a stand-in for one (an in
 R = TypeVar("R")  # what a step's packing makes of it
 
 
-def candidates(batch: int) -> int:
+def pairs_offered(batch: int) -> int:
     """Pairs offered to a step of ``batch`` pair slots (carried and fresh)."""
     return batch + batch // 2
 
@@ -90,14 +90,14 @@ def carry_and_pack(
     """The steps of a stream of pairs, ``batch`` pair slots each, with carry-over.
 
     Each step is offered the pairs the last one did not place (``carry`` for the first), in order,
-    then fresh ones, ``candidates(batch)`` in all, and ``pack(offered, carried)`` says what it makes
+    then fresh ones, ``pairs_offered(batch)`` in all, and ``pack(offered, carried)`` says what it makes
     of them and which it placed; the rest are carried. Fresh pairs are read only as a step needs
     them, so ``fresh``'s position between steps is the stream's. The stream ends at a step offered
     fewer than ``least`` pairs (at least one), or, without ``drain``, with no fresh pair.
     """
     fresh, carry = iter(fresh), list(carry)
     while True:
-        new = list(itertools.islice(fresh, max(0, candidates(batch) - len(carry))))
+        new = list(itertools.islice(fresh, max(0, pairs_offered(batch) - len(carry))))
         offered = carry + new
         if not offered or len(offered) < least or not (new or drain):
             return
