@@ -14,10 +14,9 @@ from helpers import REPO
 
 from asft_jax.cli import build_parser
 
-DOCS = sorted(
-    ["README.md", *(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True))]
-)
-FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+PAGES = glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True)
+DOCS = sorted(["README.md", *(os.path.relpath(p, REPO) for p in PAGES)])
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 SEPARATORS = {";", "|", "||", "&&", "&", "do", "then"}
 
@@ -36,7 +35,7 @@ def _slug(heading: str) -> str:
 def _anchors(doc_path: str) -> set[str]:
     with open(doc_path) as f:
         text = FENCE.sub("", f.read())
-    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.MULTILINE)}
 
 
 def broken_links(doc: str, text: str) -> list[str]:
