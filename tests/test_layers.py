@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and every import points down the documented layers.
 
-Layers, bottom to top (a module may import its own layer and those below; the README's Layout
-section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
+Layers, bottom to top (a module may import its own layer and those below; docs/architecture.md's
+Layout section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
 sharding) <- config <- io (checkpoints, model sources, export, metrics log) <- inference (scoring, decoding,
 prompts, metrics, reports) <- train (the loop, its setup, the memory search, the jitted steps, AOT compile) <- cli.
 Imports inside functions count too: a lazy import is still a dependency.
@@ -68,7 +68,7 @@ def _layer(module: str) -> int:
     for i, (_, members) in enumerate(LAYERS):
         if top in members:
             return i
-    raise AssertionError(f"asft_jax.{module} is in no layer: add it to LAYERS and to the README")
+    raise AssertionError(f"asft_jax.{module} is in no layer: add it to LAYERS and to docs/architecture.md")
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
