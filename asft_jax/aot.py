@@ -5,7 +5,7 @@ No accelerator, weights, data or network needed: libtpu (``pip install ".[tpu]"`
 the largest batch the pipeline can produce are ``jax.ShapeDtypeStruct`` s with their shardings, and
 XLA's compiler reports memory (``memory_analysis``) per device (one device per chip or GPU), and its
 cost analysis the FLOPs and bytes of the compiled step, here with every loop's trip count (``step_cost``).
-Estimates, not measurements: see the README, "Compile for a TPU topology", and docs/gpu.md.
+Estimates, not measurements: see docs/compile.md and docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -452,8 +452,8 @@ def attention_kernel(hlo: str) -> str:
 
 def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dict[str, Any]:
     """Compiles ``cfg``'s train and eval steps for ``topology_name`` (a TPU slice or GPU nodes, see
-    ``asft_jax.accelerators``; ``gpu_target``: a GPU's target file); returns the report (see the
-    README and docs/gpu.md). Raises ``AsftError`` (one line) when the config cannot run there or does
+    ``asft_jax.accelerators``; ``gpu_target``: a GPU's target file); returns the report (see
+    docs/compile.md and docs/gpu.md). Raises ``AsftError`` (one line) when the config cannot run there or does
     not fit."""
     from asft_jax.build import (
         abstract_base,
