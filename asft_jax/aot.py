@@ -400,7 +400,7 @@ def _compile_or_shortfall(lowered, cfg, topo: Topology, mesh, state_gib: float, 
         ) from None
 
 
-def _fit(cfg, mesh, topo: Topology, budget_gib: float):
+def _memory_settings(cfg, mesh, topo: Topology, budget_gib: float):
     """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.memory.choose``), on
     the largest step the pipeline can produce."""
     from asft_jax.memory_search import lower_train_step
@@ -502,7 +502,7 @@ def compile_steps(cfg, topology_name: str, gpu_target: str | None = None) -> dic
             f"{advice(cfg, topo, mesh, state_gib, None, budget_gib)}"
         )
     if AUTO in (cfg.micro_batches, cfg.model.remat_policy):
-        cfg = _fit(cfg, mesh, topo, budget_gib)
+        cfg = _memory_settings(cfg, mesh, topo, budget_gib)
         model = build_model(cfg, *arch)
     batch = max_batch(cfg, mesh)
     abstract_batch = {

@@ -69,7 +69,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | No
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide their dimension."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -83,7 +83,7 @@ def logical_shardings(logical_specs, shapes, mesh: Mesh):
     """Tree of logical ``PartitionSpec`` + tree of shapes -> tree of ``NamedSharding``."""
     mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        lambda spec, x: NamedSharding(mesh, _divisible_spec(spec, x.shape, mesh)),
         mesh_specs,
         shapes,
         is_leaf=lambda s: isinstance(s, PartitionSpec),
@@ -98,7 +98,7 @@ def replicated_dims(model: Llama, mesh: Mesh) -> list[str]:
     out = []
     flat_specs = jax.tree_util.tree_leaves(mesh_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
     for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], flat_specs, strict=True):
-        fitted = _fit(spec, x.shape, mesh)
+        fitted = _divisible_spec(spec, x.shape, mesh)
         for i, (wanted, got) in enumerate(zip(tuple(spec), tuple(fitted))):
             if wanted is not None and got is None:
                 names = (wanted,) if isinstance(wanted, str) else tuple(wanted)

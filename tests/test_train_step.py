@@ -142,7 +142,7 @@ def test_lora_reference_follows_the_config_not_the_data():
 )
 def test_fused_attention_paths_match_xla(attention, layout):
     config = LlamaConfig(**TINY)
-    reference, fused = Llama(config, attention_impl="xla"), Llama(config, attention_impl=attention)
+    reference, fused = Llama(config, attention="xla"), Llama(config, attention=attention)
     params = init_params(reference, jax.random.key(1))
     pairs = [
         *random_pairs(6, seed=6),

@@ -138,7 +138,7 @@ def assign(
         micro = sorted((m for m in range(micro_batches) if slots[m]), key=lambda m: -sum(tokens[m]))
         for shared, units in pair_forms[i]:
             for m in micro:
-                rows = _fit(units, tokens[m], scored[m], shape.length if one_per_row else None)
+                rows = _first_fit_rows(units, tokens[m], scored[m], shape.length if one_per_row else None)
                 if rows is not None:
                     for (n, k), r in zip(units, rows):
                         tokens[m][r] -= n
@@ -151,7 +151,9 @@ def assign(
     return out
 
 
-def _fit(units: list[tuple[int, int]], tokens: list[int], scored: list[int], empty: int | None) -> list[int] | None:
+def _first_fit_rows(
+    units: list[tuple[int, int]], tokens: list[int], scored: list[int], empty: int | None
+) -> list[int] | None:
     """First-fit rows for ``units`` (longest first) in a micro-batch's free room, or None."""
     tokens, scored = list(tokens), list(scored)
     rows = [0] * len(units)

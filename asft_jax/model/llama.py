@@ -218,7 +218,7 @@ class Attention(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
-    implementation: str = "auto"  # see asft_jax.model.attention
+    attention: str = "auto"  # see asft_jax.model.attention
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -253,7 +253,7 @@ class Attention(nn.Module):
         inv_freq = np.asarray(c.rope_inv_freq(), np.float32)
         q = nn.with_logical_constraint(rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         kk = nn.with_logical_constraint(rotary(kk, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
-        impl = attention.choose(self.implementation, length=x.shape[1], window=c.sliding_window)
+        impl = attention.choose(self.attention, length=x.shape[1], window=c.sliding_window)
         if kv is not None:
             out, kv = attention.cached_attention(q, kk, v, kv, mask)
         elif segment_ids is None or impl == "xla":
@@ -292,7 +292,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     dtype: DType
     param_dtype: DType
-    attention_impl: str = "auto"
+    attention: str = "auto"
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -307,7 +307,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         c, dt, pdt = self.config, self.dtype, self.param_dtype
         normed = RMSNorm(c.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        attn, kv = Attention(c, dt, pdt, self.attention_impl, self.lora, name="attn")(
+        attn, kv = Attention(c, dt, pdt, self.attention, self.lora, name="attn")(
             normed, positions, mask, segment_ids, kv, branch_ids
         )
         h = x + attn
@@ -331,7 +331,7 @@ class Llama(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu: see asft_jax.model.attention
+    attention: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu: see asft_jax.model.attention
     lora: LoraConfig | None = None  # adapters in the "lora" collection (asft_jax.model.lora)
 
     def setup(self) -> None:
@@ -343,10 +343,8 @@ class Llama(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=_logical(nn.initializers.normal(0.02), "vocab", "embed"),
         )
-        if self.attention_impl not in attention.IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_impl {self.attention_impl!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}"
-            )
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r}: expected one of {', '.join(attention.IMPLEMENTATIONS)}")
         layer = DecoderLayer
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -361,7 +359,7 @@ class Llama(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype, self.attention_impl, self.lora)
+        )(c, self.dtype, self.param_dtype, self.attention, self.lora)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), False, None, self)

@@ -102,7 +102,7 @@ def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
     config = LlamaConfig(**{**TINY, "num_hidden_layers": 1})
-    model = Llama(config, attention_impl="splash")
+    model = Llama(config, attention="splash")
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     seg, br = _ids(layout)
     rows = seg.shape[0]
@@ -138,11 +138,11 @@ def test_llama_with_fused_attention_matches_xla_on_the_shared_prefix_layout(impl
     config = LlamaConfig(**TINY)
     seg, br = _ids("packed_shared_prefix")
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, TINY["vocab_size"], seg.shape), jnp.int32) * (seg > 0)
-    params = init_params(Llama(config, attention_impl="xla"), jax.random.key(3))
+    params = init_params(Llama(config, attention="xla"), jax.random.key(3))
     real = (seg > 0)[..., None]
 
     def loss(impl):
-        model = Llama(config, attention_impl=impl)
+        model = Llama(config, attention=impl)
         return jax.jit(
             jax.value_and_grad(
                 lambda p: jnp.sum(
