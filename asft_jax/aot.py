@@ -340,13 +340,7 @@ def advice(cfg, topo: Topology, mesh, state_gib: float, peak_gib: float | None, 
         per_shard = cfg.batch_size // batch_shards(mesh)
         if per_shard % (2 * cfg.micro_batches) == 0:
             return f"set micro_batches={2 * cfg.micro_batches} (smaller activations, same update)"
-        strength = [
-            "none",
-            "dots",
-            "dots_no_batch",
-            "full",
-        ]  # what is saved for the backward: all, all matmuls, matmuls without batch dims, nothing
-        assert set(strength) == set(REMAT_POLICIES)
+        strength = list(REMAT_POLICIES)  # least recomputed first
         stronger = strength[strength.index(cfg.model.remat_policy) + 1 :]
         if stronger:
             return f"set model.remat_policy={stronger[0]} (recompute more of the forward in the backward)"

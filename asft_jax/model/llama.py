@@ -23,11 +23,13 @@ from asft_jax.model.lora import LoraConfig
 Array = jax.Array
 DType = Any
 
+# from the least recomputed to the most: what the backward keeps is everything, every matmul's output,
+# the outputs of matmuls without batch dimensions (not attention's), nothing
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
