@@ -1,9 +1,10 @@
 """Model I/O: where a model comes from and where it goes.
 
-Layering (each module imports only those above it):
-``source`` (the ``ModelSource`` protocol) and ``safetensors``, ``demo`` -> ``hf`` (HF folders and
-the HF tensor naming) -> ``gguf`` (+ ``gguf_tokenizer``) -> ``run`` (training runs) -> ``resolve``
--> ``export``.
+Within the io layer (the package's layers: docs/architecture.md, checked by tests/test_layers.py),
+each module imports only those before it: ``source`` (the ``ModelSource`` protocol), ``safetensors``,
+``demo``, ``gguf_container`` (the GGUF file format) -> ``hf`` (HF folders and the HF tensor naming)
+-> ``gguf`` (+ ``gguf_tokenizer``) -> ``run`` (training runs) -> ``resolve`` -> ``export`` and
+``gguf_export``.
 """
 
 from asft_jax.io.demo import DEMO
