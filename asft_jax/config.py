@@ -14,6 +14,7 @@ import logging
 import os
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -250,21 +251,17 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
             raise AsftError(f"override {item!r}: invalid YAML value ({getattr(e, 'problem', None) or e})") from None
         _set(raw, key.strip(), parsed)
         origin.overrides[key.strip()] = item
-    try:
-        cfg = _build(TrainConfig, raw)
-        validate(cfg)
-    except ConfigError as e:
-        raise AsftError(f"{origin(e.key)}: {e.message}") from None
-    return cfg
+    return from_dict(raw, origin)
 
 
-def from_dict(data: dict, where: str) -> TrainConfig:
-    """A validated ``TrainConfig`` from ``to_dict``'s form (e.g. a checkpoint's copy, ``where``)."""
+def from_dict(data: dict, where: str | Callable[[str], str]) -> TrainConfig:
+    """A validated ``TrainConfig`` from ``to_dict``'s form (e.g. a checkpoint's copy). A problem is one
+    line that starts with ``where``, or ``where(key)`` (the file line or override that set the key)."""
     try:
         cfg = _build(TrainConfig, data)
         validate(cfg)
     except ConfigError as e:
-        raise AsftError(f"{where}: {e.key}: {e.message}") from None
+        raise AsftError(f"{where(e.key) if callable(where) else f'{where}: {e.key}'}: {e.message}") from None
     return cfg
 
 

@@ -276,20 +276,18 @@ COMPILE_CONFIG = os.path.join(
 )  # with COMPILE_BASE's shape, batch and mesh overrides
 
 
+def asft_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``asft ARGS`` in a fresh process from the repository root (as a user would), output captured."""
+    command = [sys.executable, "-m", "asft_jax", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
+
+
 def compile_cli(
     topology: str, *overrides: str, base=COMPILE_BASE, config=COMPILE_CONFIG
 ) -> tuple[int, dict | None, str]:
     """Runs ``asft compile`` in a fresh process (as a user would); (exit code, JSON report or None, stderr)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "asft_jax", "compile", config, "--topology", topology, *base, *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    done = asft_process("compile", config, "--topology", topology, *base, *overrides, env=env)
     lines = done.stdout.strip().splitlines()
     return done.returncode, json.loads(lines[-1]) if lines else None, done.stderr
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO, overrides
+from helpers import asft_process, overrides
 
 from asft_jax.startup import has_accelerator
 
@@ -23,15 +21,7 @@ def test_asft_train_on_a_cpu_host_prints_only_its_own_lines(pairs, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("{}\n")
     # the mesh check runs after JAX has started its backend, which is when libtpu and the CUDA plugin probe
-    done = subprocess.run(
-        [sys.executable, "-m", "asft_jax", "train", str(config), *overrides(tmp_path / "run", pairs), "mesh.data=3"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    done = asft_process("train", str(config), *overrides(tmp_path / "run", pairs), "mesh.data=3", env=env)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr  # one line: the error
     assert done.stderr.startswith("asft: error: ") and "does not fit" in done.stderr, done.stderr
