@@ -1,5 +1,5 @@
 import sys
 
-from asft_jax.cli import main
+from asft_jax.cli.commands import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from asft_jax.data.config import DataConfig
+from asft_jax.data.settings import DataConfig
 from asft_jax.errors import AsftError
 from asft_jax.model.lora import LoraConfig
 
@@ -41,7 +41,7 @@ class ModelConfig:
     tokenizer: str | None = None  # with `init`: a model source whose tokenizer reads text data
     dtype: str = "auto"  # compute dtype; auto: float32 on CPU (bf16 matmuls are slow there), else bfloat16
     param_dtype: str = "float32"
-    remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: the fastest that fits (asft_jax.memory)
+    remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: fastest that fits (parallel.memory)
     attention: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu (asft_jax.model.attention)
     lora: LoraConfig | None = None  # train LoRA adapters only (asft_jax.model.lora); None: every weight
 
@@ -65,7 +65,7 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
-    """Multi-process runs (see ``asft_jax.distributed``); each None: from the environment."""
+    """Multi-process runs (see ``asft_jax.parallel.distributed``); each None: from the environment."""
 
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = 0
     learning_rate: float = 1e-6
     batch_size: int = 8  # preference pairs per optimizer step, over all hosts
-    micro_batches: int | str = "auto"  # gradient accumulation steps per optimizer step; auto: see asft_jax.memory
+    micro_batches: int | str = "auto"  # gradient accumulation steps per optimizer step; auto: parallel.memory
     memory_budget_gib: float | None = None  # what `auto` must fit in; None: 85% of host RAM (CPU), 90% of a device
     max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     max_to_keep: int = 3
@@ -270,10 +270,10 @@ def validate(cfg: TrainConfig) -> None:
     from asft_jax.data.packing import LAYOUTS
     from asft_jax.data.records import parse_selection
     from asft_jax.data.tokenize import TRUNCATIONS
-    from asft_jax.losses import HPARAMS, LOSSES, foreign_hparam
     from asft_jax.model import LlamaConfig
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
+    from asft_jax.objectives.losses import HPARAMS, LOSSES, foreign_hparam
 
     def one_of(key: str, value: Any, accepted: typing.Iterable[str]) -> None:
         if value not in accepted:

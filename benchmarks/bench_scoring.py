@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from common import DATA_SETS  # benchmarks/ is on sys.path
 
-from asft_jax.evaluate import read_eval_pairs, score_pairs
+from asft_jax.inference.evaluate import read_eval_pairs, score_pairs
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
 from asft_jax.model import Llama
-from asft_jax.sharding import make_mesh, param_shardings
+from asft_jax.parallel.sharding import make_mesh, param_shardings
 
 
 def ours(model, params, pairs, batch: int, mesh) -> tuple[list[float], np.ndarray]:

@@ -14,7 +14,7 @@ warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, 
 the same count for every layout; ``step s`` is the median, tokens/s and MFU are totals over the
 timed steps. ``device MiB`` is the device's measured peak (``memory_stats``), ``compiled MiB`` XLA's
 prediction for the same program (``memory_analysis``, as ``asft compile`` reports it). MFU counts
-useful FLOPs (``asft_jax.aot.model_flops``) against the chip's dense bf16 peak, where known. One table is
+useful FLOPs (``asft_jax.aot.compiler.model_flops``) against the chip's dense bf16 peak, where known. One table is
 printed; ``--json`` receives every number.
 """
 
@@ -41,9 +41,9 @@ from common import (  # benchmarks/ is on sys.path
     synthetic_pairs,
 )
 
-from asft_jax.aot import model_flops
+from asft_jax.aot.compiler import model_flops
 from asft_jax.data.packing import LAYOUTS
-from asft_jax.memory import peak_bytes
+from asft_jax.parallel.memory import peak_bytes
 
 COLUMNS = [
     ("layout", "{:<21}"),
@@ -76,8 +76,8 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
-    from asft_jax.run_setup import setup
-    from asft_jax.sharding import activate, global_batch, make_mesh
+    from asft_jax.parallel.sharding import activate, global_batch, make_mesh
+    from asft_jax.train.setup import setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
     data = os.path.join(work, "pairs.jsonl")

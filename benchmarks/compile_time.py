@@ -19,7 +19,7 @@ from common import SHAPES, synthetic_pairs  # benchmarks/ is on sys.path
 
 from asft_jax.data.packing import layout_batch
 from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.train_step import TrainState, make_optimizer, make_train_step
+from asft_jax.objectives.train_step import TrainState, make_optimizer, make_train_step
 
 
 def measure(layers: int, length: int, pairs: int) -> dict[str, float]:

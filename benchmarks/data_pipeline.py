@@ -10,8 +10,8 @@ import argparse
 import os
 import time
 
-from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches
+from asft_jax.data.settings import DataConfig
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
 

@@ -35,7 +35,7 @@ import os
 import numpy as np
 from common import DATA_SETS  # benchmarks/ is on sys.path
 
-from asft_jax.aot import model_flops
+from asft_jax.aot.compiler import model_flops
 from asft_jax.config import load_config
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import PairBatches

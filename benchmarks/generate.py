@@ -16,11 +16,11 @@ import os
 import statistics
 import time
 
-from asft_jax.generate import Generator, SamplingConfig, stop_token_ids
+from asft_jax.inference.generate import Generator, SamplingConfig, stop_token_ids
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
 from asft_jax.model import Llama
-from asft_jax.sharding import make_mesh
+from asft_jax.parallel.sharding import make_mesh
 
 DATA = os.environ.get("ASFT_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from asft_jax import sharding
-from asft_jax.accelerators import topology
-from asft_jax.aot import attention_kernel
+from asft_jax.aot.accelerators import topology
+from asft_jax.aot.compiler import attention_kernel
 from asft_jax.model import attention
 from asft_jax.model.llama import attention_mask
+from asft_jax.parallel import sharding
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TOKENS_PER_GPU = 16384

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import jax
 
-from asft_jax.accelerators import GIB, topology
-from asft_jax.aot import _bytes_per_device
-from asft_jax.build import abstract_base, abstract_state, build_model
+from asft_jax.aot.accelerators import GIB, topology
+from asft_jax.aot.compiler import _bytes_per_device
 from asft_jax.config import load_config
 from asft_jax.model.presets import preset
-from asft_jax.sharding import make_mesh
+from asft_jax.parallel.sharding import make_mesh
+from asft_jax.train.build import abstract_base, abstract_state, build_model
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 

@@ -18,9 +18,9 @@ from common import real_pairs  # benchmarks/ is on sys.path
 from asft_jax.data.packing import LAYOUTS, layout_batch
 from asft_jax.io import resolve
 from asft_jax.io.demo import demo_gguf
-from asft_jax.logprobs import token_logps
 from asft_jax.model import Llama, lm_head_kernel
-from asft_jax.train_step import TrainState, make_optimizer, make_train_step
+from asft_jax.objectives.logprobs import token_logps
+from asft_jax.objectives.train_step import TrainState, make_optimizer, make_train_step
 
 
 def timed(fn, *args) -> float:

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from common import DATA_SETS, SHAPES  # benchmarks/ is on sys.path
 
-from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches
+from asft_jax.data.settings import DataConfig
 from asft_jax.io import resolve
 from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.train_step import TrainState, make_optimizer, make_train_step
+from asft_jax.objectives.train_step import TrainState, make_optimizer, make_train_step
 
 
 def shapes(path: str, tokenizer, fixed: bool, steps: int, batch: int, max_length: int) -> dict:

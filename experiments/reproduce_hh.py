@@ -43,7 +43,7 @@ def timed(log: str, cmd: list[str]) -> int:
 def read_metrics(path: str) -> dict[int, dict]:
     """{step: merged row} of a metrics.jsonl, as ``asft report`` reads it (a resumed run's repeated
     step: the later row wins)."""
-    from asft_jax.report import read_run
+    from asft_jax.inference.report import read_run
 
     return read_run(os.path.dirname(path) or ".")[2]
 
@@ -52,7 +52,7 @@ def check(config: str, committed: str, overrides: list[str]) -> int:
     """Retrains the first ``CHECK_STEPS`` steps (the schedule of the full run: the run is stopped by a
     SIGTERM after step 3, as a preempted job would be) and compares every step's loss."""
     from asft_jax.config import load_config
-    from asft_jax.train import train
+    from asft_jax.train.loop import train
 
     want = read_metrics(committed)
     with tempfile.TemporaryDirectory(prefix="asft_check_") as tmp:

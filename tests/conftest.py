@@ -136,7 +136,7 @@ def pairs(tmp_path_factory) -> str:
 def trained(pairs, tmp_path_factory):
     """Factory: ``trained(*overrides) -> run directory`` of ``helpers.config`` on ``pairs``; each
     distinct run is trained once per session and shared (read it, never write to it)."""
-    from asft_jax.train import train
+    from asft_jax.train.loop import train
 
     runs: dict[tuple[str, ...], str] = {}
 

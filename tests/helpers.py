@@ -19,8 +19,8 @@ import pytest
 from asft_jax.config import TrainConfig, load_config
 from asft_jax.data.packing import layout_batch
 from asft_jax.data.pairs import TokenizedPair
-from asft_jax.logprobs import pair_logps
-from asft_jax.train_step import pairs_loss
+from asft_jax.objectives.logprobs import pair_logps
+from asft_jax.objectives.train_step import pairs_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +161,7 @@ def torch_response_logps(model, prompt: list[int], response: list[int]) -> float
 
 def run_eval(capsys, *args) -> tuple[int, dict | None, str]:
     """``asft eval ARGS``: (exit code, the printed summary, stderr)."""
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     code = main(["eval", *args])
     captured = capsys.readouterr()
@@ -223,7 +223,7 @@ def overrides(out, pairs) -> list[str]:
         # every step holds its 8 pairs whatever the mesh, processes or micro-batches, so that their
         # curves can be compared; the tests of one shape per run set it back to true
         "data.fixed_shape=false",
-        "micro_batches=1",  # the memory search (asft_jax.memory) has tests of its own
+        "micro_batches=1",  # the memory search (asft_jax.parallel.memory) has tests of its own
         "model.remat_policy=none",
     ]
 

@@ -1,6 +1,6 @@
 """Float64 NumPy reference for the preference objectives, written from the papers' equations.
 
-Independent of ``asft_jax.losses``: each loss and its gradient w.r.t. the chosen and rejected
+Independent of ``asft_jax.objectives.losses``: each loss and its gradient w.r.t. the chosen and rejected
 log-prob sums is spelled out by hand. l = sum / count is the mean log-prob, r(l) = l - log(1 - e^l)
 its log-odds. The guard of the design notes is part of the definition: log(1 - e^l) is evaluated
 at min(l, -1e-6) and its derivative -1 / expm1(-l) at the same point. The DPO family works on summed

@@ -1,9 +1,10 @@
-"""The package's import graph: no cycles, and every import points down the documented layers.
+"""The package's import graph: no cycles, and every import points down the layers; each layer is a folder.
 
 Layers, bottom to top (a module may import its own layer and those below; docs/architecture.md's
-Layout section shows the same): errors <- model <- data <- objectives (losses, log-probs, train step,
-sharding) <- config <- io (checkpoints, model sources, export, metrics log) <- inference (scoring, decoding,
-prompts, metrics, reports) <- train (the loop, its setup, the memory search, the jitted steps, AOT compile) <- cli.
+Layout section shows the same): base (errors, quiet) <- model <- data <- objectives (losses, log-probs,
+train step) <- parallel (sharding, distributed, memory) <- config <- io (model sources, export,
+checkpoints, metrics log) <- inference (scoring, decoding, prompts, metrics, reports) <- train (setup,
+reference pass, memory search, loop) <- aot (compiling for a topology) <- cli.
 Imports inside functions count too: a lazy import is still a dependency.
 """
 
@@ -14,16 +15,18 @@ import os
 
 from helpers import REPO
 
-LAYERS = [
-    ("errors", ["errors", "quiet"]),
+LAYERS = [  # (layer, the top-level modules and folders of asft_jax/ in it)
+    ("base", ["errors", "quiet"]),
     ("model", ["model"]),
     ("data", ["data"]),
-    ("objectives", ["losses", "logprobs", "train_step", "sharding", "distributed", "memory"]),
+    ("objectives", ["objectives"]),
+    ("parallel", ["parallel"]),
     ("config", ["config"]),
-    ("io", ["checkpoint", "io", "metrics_log"]),
-    ("inference", ["evaluate", "generate", "reference", "prompts", "text_metrics", "report"]),
-    ("train", ["train", "run_setup", "memory_search", "build", "aot", "accelerators"]),
-    ("cli", ["cli", "__main__", "startup"]),
+    ("io", ["io"]),
+    ("inference", ["inference"]),
+    ("train", ["train"]),
+    ("aot", ["aot"]),
+    ("cli", ["cli", "__main__"]),
 ]
 
 
@@ -110,6 +113,15 @@ def test_imports_point_down_the_layers():
         if d and _layer(d) > _layer(m)
     ]
     assert not upward, "\n".join(upward)
+
+
+def test_the_folders_are_the_layers():
+    """Each layer above base and config is one folder of the same name, and nothing else sits in a folder."""
+    root = os.path.join(REPO, "asft_jax")
+    folders = sorted(e for e in os.listdir(root) if os.path.isfile(os.path.join(root, e, "__init__.py")))
+    assert folders == sorted(name for name, members in LAYERS if name in members and name != "config")
+    flat = sorted(e[:-3] for e in os.listdir(root) if e.endswith(".py") and e != "__init__.py")
+    assert flat == sorted(m for _, members in LAYERS for m in members if m not in folders)
 
 
 def test_test_modules_share_code_through_helpers_only():

@@ -106,7 +106,7 @@ def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt
 def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, prompt_batch, smollm2_gguf, tmp_path):
     """`asft export --model demo:smollm2 --output smol.gguf` (float32): transformers reads the same
     weights from it as from the original Q4_1 file, so the same logits."""
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
     from asft_jax.io.gguf_container import read_gguf
 
     out = str(tmp_path / "smol.gguf")
@@ -123,7 +123,7 @@ def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, 
 
 
 def test_eval_on_real_pairs_matches_transformers(smollm2_gguf, reference, shared_data, tmp_path, capsys):
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     pairs = str(tmp_path / "uf.jsonl")
     assert (
@@ -245,8 +245,8 @@ def test_asft_loss_and_metrics_match_transformers_log_probs(ours, reference, sha
     from asft_jax.data.formats import Pair
     from asft_jax.data.packing import layout_batch
     from asft_jax.data.tokenize import Encoder
-    from asft_jax.logprobs import pair_logps
-    from asft_jax.losses import SequenceLogps, preference_loss
+    from asft_jax.objectives.logprobs import pair_logps
+    from asft_jax.objectives.losses import SequenceLogps, preference_loss
 
     src, params = ours
     encoder = Encoder(src.tokenizer(), max_length=4096)
@@ -286,8 +286,8 @@ def test_greedy_decoding_matches_transformers_generate(ours, reference, shared_d
 
     On one device: decoding sharded over the 8-device mesh is test_generate's (tiny model); here it
     took 26 s instead of 5 (2 cores running 8 devices' programs)."""
-    from asft_jax.generate import Generator, SamplingConfig, stop_token_ids
-    from asft_jax.sharding import make_mesh
+    from asft_jax.inference.generate import Generator, SamplingConfig, stop_token_ids
+    from asft_jax.parallel.sharding import make_mesh
 
     src, params = ours
     tok = src.tokenizer()

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, normalize
 from asft_jax.data.pipeline import bad_record_error, detect_source_format, encode_record, encode_source, stops_strict
 from asft_jax.data.records import BadRecord, RecordSource
+from asft_jax.data.settings import DataConfig
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 

@@ -19,7 +19,7 @@ A batch ``[micro_batches, rows, length]`` (rows per micro-batch equal) holds ``t
 response tokens), ``pair_mask`` ``[micro_batches, pairs]`` (1: the slot holds a pair), ``branch_ids``
 for the shared-prefix layout and ``ref_logps`` ``[micro_batches, pairs, 2]`` when the pairs carry
 reference log-probs. ``layout_batch`` shapes a batch to its pairs; training steps have one shape per
-run (``asft_jax.data.budget``, which uses ``assemble`` here).
+run (``asft_jax.data.steps``, which uses ``assemble`` here).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def layout_batch(
     Row length: the smallest bucket (``bucket_lengths`` of the layout's longest possible unit) that
     holds the step's longest unit; rows per micro-batch: the most any micro-batch needs, rounded by
     ``round_rows`` to a multiple of ``row_multiple`` (the batch shards on this host); width by
-    ``round_width``. Training uses ``asft_jax.data.budget`` instead: one shape per run.
+    ``round_width``. Training uses ``asft_jax.data.steps`` instead: one shape per run.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"data.layout {layout!r}: expected one of {', '.join(LAYOUTS)}")

@@ -3,7 +3,7 @@
 ``indices -> shuffle(seed) -> repeat(epochs) -> this host's slice -> map(parse, normalise, tokenize)``
 as a ``grain.MapDataset``, read with worker threads, then batched here into ``batch_size //
 process_count`` pairs per host and laid out in rows by ``asft_jax.data.packing`` (``layout``), the
-pairs a step cannot hold carried into the next (``asft_jax.data.budget.carry_and_pack``).
+pairs a step cannot hold carried into the next (``asft_jax.data.steps.carry_and_pack``).
 Bad records are skipped and counted by reason (``strict`` stops at the first malformed one; pairs that
 only do not fit the length limits, ``DoesNotFit``, are counted in every mode). ``get_state``/``set_state`` capture
 the grain iterator and the counts, so a restored pipeline continues with exactly the next batch.
@@ -22,12 +22,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from asft_jax.data.budget import carry_and_pack, pack_pairs, pack_step, pair_tokens, plan_shape
-from asft_jax.data.config import DataConfig
 from asft_jax.data.formats import FORMATS, detect_format, normalize
 from asft_jax.data.packing import LAYOUTS, RowShape, layout_batch
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.records import BadRecord, DoesNotFit, RecordSource
+from asft_jax.data.settings import DataConfig
+from asft_jax.data.steps import carry_and_pack, pack_pairs, pack_step, pair_tokens, plan_shape
 from asft_jax.data.tokenize import Encoder
 from asft_jax.errors import AsftError
 
@@ -165,7 +165,7 @@ class PairBatches:
         """``cfg.path`` read as ``batch_size`` pairs per step over all hosts, shuffled with ``seed``,
         laid out in ``micro_batches`` with rows a multiple of ``row_multiple`` (the host's batch shards).
 
-        Every step has one shape (``shape``, see ``asft_jax.data.budget``), planned from the first
+        Every step has one shape (``shape``, see ``asft_jax.data.steps``), planned from the first
         ``sample_steps`` steps' worth of pairs of the whole stream (the same on every host and on
         resume) so that steps keep ``min_fill`` of their pairs on average; the rest are carried into
         the next step. ``sample_steps=0`` or ``cfg.fixed_shape`` false: each step has all its pairs

@@ -14,16 +14,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from asft_jax.checkpoint import read_config
 from asft_jax.config import from_dict, load_config
 from asft_jax.errors import AsftError
+from asft_jax.io.checkpoint import read_config
 from asft_jax.io.demo import DEMO, demo_gguf
 from asft_jax.io.gguf import GGUFFile
 from asft_jax.io.hf import HFFolder
 from asft_jax.io.run import RunSource, find_run
 from asft_jax.io.source import ModelSource
 from asft_jax.model import Llama, LlamaConfig
-from asft_jax.sharding import param_shardings
+from asft_jax.parallel.sharding import param_shardings
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from asft_jax.checkpoint import read_params
 from asft_jax.config import TrainConfig
 from asft_jax.errors import AsftError
+from asft_jax.io.checkpoint import read_params
 from asft_jax.io.source import ModelSource, token_ids
 from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
 from asft_jax.model.lora import merge

@@ -1,6 +1,6 @@
 """The Llama model and its configuration."""
 
-from asft_jax.model.config import LlamaConfig
+from asft_jax.model.architecture import LlamaConfig
 from asft_jax.model.llama import (
     KVCache,
     Llama,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asft_jax.model import attention
-from asft_jax.model.config import LlamaConfig
+from asft_jax.model.architecture import LlamaConfig
 from asft_jax.model.lora import LoraConfig
 
 Array = jax.Array

@@ -3,7 +3,7 @@ compile`` can size a run without downloading anything. Only the fields ``LlamaCo
 
 from __future__ import annotations
 
-from asft_jax.model.config import LlamaConfig
+from asft_jax.model.architecture import LlamaConfig
 
 _LLAMA3 = {
     "vocab_size": 128256,

@@ -311,7 +311,7 @@ def test_malformed_sharegpt_records_say_why(change, reason):
 
 
 def test_sharegpt_files_tokenize_as_conversational_and_stop_strict_mode_at_the_bad_line(smollm2_gguf, tmp_path, capsys):
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     records = [SHAREGPT, {**SHAREGPT, "chosen": turn("human", "x")}, {**SHAREGPT, "conversations": [turn("bot", "hi")]}]
     as_list, as_lines = tmp_path / "sharegpt.json", tmp_path / "sharegpt.jsonl"  # LLaMA-Factory's files: JSON lists

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from asft_jax.cli import main
+from asft_jax.cli.commands import main
 from asft_jax.data.formats import detect_format, normalize
 from asft_jax.data.records import BadRecord, RecordSource
 from asft_jax.data.tokenize import Encoder

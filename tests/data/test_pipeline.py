@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import write_jsonl
 
-from asft_jax.data.config import DataConfig
 from asft_jax.data.pipeline import PairBatches
+from asft_jax.data.settings import DataConfig
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
 
@@ -78,7 +78,7 @@ def test_real_pairs_take_one_step_shape_instead_of_many(tokenizer, shared_data, 
 RESUME = """
 import json, sys
 import numpy as np
-from asft_jax.data.config import DataConfig
+from asft_jax.data.settings import DataConfig
 from asft_jax.data.pipeline import PairBatches
 from asft_jax.io import resolve
 model, data, state_in, out = sys.argv[1:5]
@@ -200,7 +200,7 @@ def test_strict_stops_on_malformed_records_only(tokenizer, tmp_path, truncation,
 
 @pytest.mark.parametrize("strict", [[], ["--strict"]])
 def test_inspect_takes_strict(smollm2_gguf, tmp_path, capsys, strict):
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, {"prompt": "Why? " * 40, "chosen": "A", "rejected": "B"}])
@@ -219,7 +219,7 @@ def test_batch_must_split_over_hosts(tokenizer, uf_train):
 
 
 def test_inspect_shows_format_counts_and_a_marked_example(smollm2_gguf, shared_data, capsys):
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     path = os.path.join(shared_data, "hh-rlhf", "harmless-base", "test.jsonl.gz")
     assert main(["data", "inspect", path, "--model", smollm2_gguf, "--limit", "300", "--max-length", "256"]) == 0

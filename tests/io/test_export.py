@@ -17,15 +17,15 @@ import yaml
 from gguf_writer import write_gguf
 from helpers import TINY, TINY_INIT, read_json
 
-from asft_jax.checkpoint import Checkpointer
-from asft_jax.cli import main
+from asft_jax.cli.commands import main
 from asft_jax.config import load_config, to_dict
 from asft_jax.io import resolve
+from asft_jax.io.checkpoint import Checkpointer
 from asft_jax.io.export import export_model, peft_base
 from asft_jax.io.run import RunSource
 from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
 from asft_jax.model.lora import LoraConfig
-from asft_jax.train_step import TrainState, make_optimizer
+from asft_jax.objectives.train_step import TrainState, make_optimizer
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 LORA_OVERRIDE = "model.lora={rank: 4, alpha: 8.0}"

@@ -12,7 +12,7 @@ import torch
 from gguf_writer import llama_cpp_permute
 from helpers import transformers_from_gguf
 
-from asft_jax.cli import main
+from asft_jax.cli.commands import main
 from asft_jax.io import resolve
 from asft_jax.io.gguf import permute_qk, unpermute_qk
 from asft_jax.io.gguf_container import read_gguf

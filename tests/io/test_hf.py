@@ -237,7 +237,7 @@ def test_shape_mismatch_names_the_tensor(hf_llama):
 
 
 def test_cli_prints_one_line_and_fails(tmp_path, capsys):
-    from asft_jax.cli import main
+    from asft_jax.cli.commands import main
 
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()

@@ -52,7 +52,7 @@ def test_gguf_load_and_export_run_without_torch(smollm2_gguf, tmp_path):
     script = f"""
 import os, sys
 sys.modules["torch"] = None  # `import torch` fails and find_spec("torch") says absent
-from asft_jax.cli import main
+from asft_jax.cli.commands import main
 assert main(["export", "--model", {smollm2_gguf!r}, "--output", {str(tmp_path / "out")!r}]) == 0
 assert {{"model.safetensors", "tokenizer.json"}} <= set(os.listdir({str(tmp_path / "out")!r}))
 assert sys.modules["torch"] is None and not any(m.startswith("torch.") for m in sys.modules)

@@ -15,12 +15,12 @@ import pytest
 import yaml
 from helpers import REPO, TINY
 
-from asft_jax.checkpoint import Checkpointer
 from asft_jax.config import load_config, to_dict
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
+from asft_jax.io.checkpoint import Checkpointer
 from asft_jax.model import Llama, LlamaConfig, init_params
-from asft_jax.train_step import TrainState, make_optimizer
+from asft_jax.objectives.train_step import TrainState, make_optimizer
 
 
 def make_run(out: str, init: dict, steps=(1, 2)) -> dict[int, TrainState]:

@@ -90,14 +90,14 @@ def test_resolve_keeps_splash_for_every_mask_and_falls_back_off_block_lengths():
 def _tpu_topology():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed: no Mosaic lowering for TPU here")
-    from asft_jax.accelerators import topology
+    from asft_jax.aot.accelerators import topology
 
     return topology("v5p:2x2x1").devices  # as `asft compile` gets them (no machine-wide libtpu lock)
 
 
 @pytest.mark.parametrize("layout", ["packed", "packed_shared_prefix"])
 def test_splash_lowers_with_mosaic_for_tpu_under_a_mesh(layout):
-    from asft_jax import sharding
+    from asft_jax.parallel import sharding
 
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
@@ -160,7 +160,7 @@ def test_llama_with_fused_attention_matches_xla_on_the_shared_prefix_layout(impl
 
 def test_splash_lowers_for_tpu_when_tensor_does_not_divide_the_kv_heads():
     """3 kv heads on 2 tensor shards (as SmolLM2's): heads stay whole in the shard_map."""
-    from asft_jax import sharding
+    from asft_jax.parallel import sharding
 
     devices = _tpu_topology()
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=devices)
@@ -179,14 +179,14 @@ def test_splash_lowers_for_tpu_when_tensor_does_not_divide_the_kv_heads():
 def _h100_devices():
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
         pytest.skip('the CUDA plugin is not installed (pip install -e ".[gpu-aot]")')
-    from asft_jax.accelerators import topology
+    from asft_jax.aot.accelerators import topology
 
     return topology("h100:8").devices
 
 
 def test_auto_follows_the_platform_of_the_mesh_in_context():
     """``auto`` resolves by the devices of the mesh being traced for, not by ``jax.devices()`` (CPU here)."""
-    from asft_jax import sharding
+    from asft_jax.parallel import sharding
 
     assert attention.choose("auto", length=256) == "xla"
     with sharding.activate(sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=_h100_devices())):
@@ -202,7 +202,7 @@ def test_auto_follows_the_platform_of_the_mesh_in_context():
 def test_pallas_gpu_lowers_with_triton_for_h100_under_a_mesh(layout):
     """Forward and backward kernels compiled for an abstract 8 x H100 node (no GPU here), per shard;
     3 kv heads on 2 tensor shards stay whole, as SmolLM2's would."""
-    from asft_jax import sharding
+    from asft_jax.parallel import sharding
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=_h100_devices())
     batch = NamedSharding(mesh, PartitionSpec(sharding.BATCH))

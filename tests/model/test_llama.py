@@ -132,7 +132,7 @@ def test_compute_and_param_dtypes_are_separate():
 def test_every_parameter_and_adapter_has_logical_axes_the_rules_know(collection):
     from asft_jax.model import init_adapters
     from asft_jax.model.lora import LoraConfig
-    from asft_jax.sharding import LOGICAL_RULES
+    from asft_jax.parallel.sharding import LOGICAL_RULES
 
     config = LlamaConfig(**{**TINY, "attention_bias": True, "model_type": "qwen3"})  # q/k norms, all biases
     model = Llama(config, lora=LoraConfig(rank=2))

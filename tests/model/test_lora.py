@@ -9,10 +9,10 @@ import numpy as np
 from helpers import TINY, loss_sums_grads, micro, random_pairs
 
 from asft_jax.data.packing import layout_batch
-from asft_jax.logprobs import pair_logps
 from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
 from asft_jax.model.lora import LoraConfig, merge
-from asft_jax.train_step import micro_loss
+from asft_jax.objectives.logprobs import pair_logps
+from asft_jax.objectives.train_step import micro_loss
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 

@@ -1,0 +1,2 @@
+"""Ahead-of-time compiling for accelerators this host does not have: the chip and topology table
+(``accelerators``) and the compile report (``compiler``)."""

@@ -1,0 +1,1 @@
+"""The ``asft`` command: ``startup`` prepares JAX for the host, ``commands`` parses and runs."""
