@@ -1,5 +1,9 @@
 """Training configuration: typed dataclasses, loaded from YAML with ``key=value`` overrides.
 
+Each section's type sits beside the code that reads it (``DataConfig`` in ``data.settings``,
+``ObjectiveConfig`` in ``objectives.losses``, ``OptimizerConfig`` in ``objectives.train_step``,
+``MeshConfig`` in ``parallel.sharding``, ``DistributedConfig`` in ``parallel.distributed``, ``LoraConfig``
+in ``model.lora``); this module holds the run's own keys and the model section, and loads them all.
 Top-level keys follow TRL's names (``output_dir``, ``max_steps``, ``save_steps``, ``logging_steps``,
 ``eval_steps``, ``seed``, ``learning_rate``); sections group the rest. Overrides use dotted paths
 (``objective.lam=0.5``, ``mesh.fsdp=2``) and YAML values. Everything is validated before anything
@@ -22,6 +26,10 @@ import yaml
 from asft_jax.data.settings import DataConfig
 from asft_jax.errors import AsftError
 from asft_jax.model.lora import LoraConfig
+from asft_jax.objectives.losses import ObjectiveConfig
+from asft_jax.objectives.train_step import OptimizerConfig
+from asft_jax.parallel.distributed import DistributedConfig
+from asft_jax.parallel.sharding import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,52 +52,6 @@ class ModelConfig:
     remat_policy: str = "auto"  # none | dots_no_batch | full | dots, or auto: fastest that fits (parallel.memory)
     attention: str = "auto"  # auto | xla | dot_product | splash | pallas_gpu (asft_jax.model.attention)
     lora: LoraConfig | None = None  # train LoRA adapters only (asft_jax.model.lora); None: every weight
-
-
-@dataclasses.dataclass
-class ObjectiveConfig:
-    name: str = "asft"
-    lam: float | None = None  # each None: the objective's default
-    beta: float | None = None
-    gamma: float | None = None
-    normalize: str | None = None  # ipo only: sum (default) | mean (TRL's length-normalised log-ratios)
-
-    def hparams(self) -> dict[str, float | str]:
-        """The hyperparameters set, as keyword arguments of the objective's loss function."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "name" and getattr(self, f.name) is not None
-        }
-
-
-@dataclasses.dataclass
-class DistributedConfig:
-    """Multi-process runs (see ``asft_jax.parallel.distributed``); each None: from the environment."""
-
-    coordinator_address: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
-    initialization_timeout: int = 300  # seconds to wait for every process to join
-    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead
-
-
-@dataclasses.dataclass
-class OptimizerConfig:
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    schedule: str = "linear"  # or "cosine"
-    max_grad_norm: float = 2.0
-
-
-@dataclasses.dataclass
-class MeshConfig:
-    data: int = -1  # -1: the devices left over by the other axes
-    fsdp: int = 1
-    tensor: int = 1
 
 
 @dataclasses.dataclass

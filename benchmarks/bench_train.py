@@ -76,7 +76,7 @@ def _write_pairs(args, path: str) -> None:
 def run_one(args, layout: str, objective: str) -> dict:
     """One configuration, in this process: set up as ``asft train`` does, compile, time."""
     from asft_jax.config import load_config
-    from asft_jax.parallel.sharding import activate, global_batch, make_mesh
+    from asft_jax.parallel.sharding import activate, global_batch
     from asft_jax.train.setup import setup
 
     work = tempfile.mkdtemp(prefix="bench_train_")
@@ -102,7 +102,7 @@ def run_one(args, layout: str, objective: str) -> dict:
             f"micro_batches={args.micro_batches}",
         ],
     )
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = cfg.mesh.make()
     with activate(mesh):  # DPO-family objectives: the reference pass over the pairs happens here, off the clock
         run, _, batches = setup(cfg, mesh)
     host, tokens = [], []

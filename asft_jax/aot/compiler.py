@@ -29,7 +29,7 @@ import numpy as np
 
 from asft_jax.aot.accelerators import GIB, Topology, topology
 from asft_jax.errors import AsftError
-from asft_jax.parallel.memory import AUTO, candidates, choose, peak_bytes
+from asft_jax.parallel.memory import AUTO, candidates, peak_bytes
 from asft_jax.parallel.sharding import batch_shards
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ def _memory_settings(cfg, mesh, topo: Topology, budget_gib: float):
     """``auto`` micro-batches and remat policy decided for the slice (``asft_jax.parallel.memory.choose``), on
     the largest step the pipeline can produce."""
     from asft_jax.parallel.sharding import micro_batch_sharding
-    from asft_jax.train.memory_search import lower_train_step
+    from asft_jax.train.memory_search import lower_train_step, search, with_memory
 
     def peak_of(candidate) -> int:
         batch = {
@@ -417,11 +417,11 @@ def _memory_settings(cfg, mesh, topo: Topology, budget_gib: float):
 
     per_shard = cfg.batch_size // batch_shards(mesh)
     limit = (int(budget_gib * GIB), f"{topo.chip.kind} memory, {_rule(topo)}")
+    settings = candidates(cfg.micro_batches, cfg.model.remat_policy, per_shard, topo.platform)
     try:
-        return choose(cfg, per_shard, peak_of, limit, topo.platform)
+        return search(cfg, settings, peak_of, limit)
     except AsftError:  # nothing fits: the report of the fastest setting says by how much, and what to change
-        m, r = candidates(cfg, per_shard, topo.platform)[0]
-        return dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
+        return with_memory(cfg, *settings[0])
 
 
 def _rule(topo: Topology) -> str:

@@ -197,7 +197,8 @@ class PairBatches:
         encode = lambda i: encode_record(self.source, self.format, self.encoder, int(i))
         sample = self._sample(ds.map(encode), sample_steps) if sample_steps and cfg.fixed_shape else []
         self.has_refs = (bool(sample) and sample[0].ref_chosen is not None) if refs is None else refs
-        self.shape = self._plan(sample, min_fill) if sample else None  # no usable pair: the first step says so
+        self._sampled, self._min_fill, self._shapes = sample, min_fill, {}
+        self.shape = self.plan(micro_batches) if sample else None  # no usable pair: the first step says so
         self.carry: list[TokenizedPair] = []  # pairs that did not fit the last step, in order
         read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=4 * self.local_batch)
         self._items = iter(ds[process_index::process_count].map(encode).to_iter_dataset(read))
@@ -212,23 +213,27 @@ class PairBatches:
             end = min(end, len(self.source) * self.cfg.num_epochs)
         return first_pairs(records, want, end)
 
-    def _plan(self, sample: list[TokenizedPair], min_fill: float) -> RowShape:
-        shape = plan_shape(
-            sample,
-            self.cfg.layout,
-            self.cfg.max_length,
-            self.local_batch,
-            self.micro_batches,
-            self.row_multiple,
-            min_fill,
-        )
-        log.info(
-            "step shape, from %d sampled pairs: %d micro-batch(es) of %d rows x %d tokens, %d scored positions per row",
-            len(sample),
-            self.micro_batches,
-            *shape,
-        )
-        return shape
+    def plan(self, micro_batches: int) -> RowShape:
+        """The step shape for ``micro_batches``, planned from the sampled pairs (the memory search asks
+        for each micro-batch count it tries, without reading the data again)."""
+        if micro_batches not in self._shapes:
+            self._shapes[micro_batches] = shape = plan_shape(
+                self._sampled,
+                self.cfg.layout,
+                self.cfg.max_length,
+                self.local_batch,
+                micro_batches,
+                self.row_multiple,
+                self._min_fill,
+            )
+            log.info(
+                "step shape, from %d sampled pairs: %d micro-batch(es) of %d rows x %d tokens, "
+                "%d scored positions per row",
+                len(self._sampled),
+                micro_batches,
+                *shape,
+            )
+        return self._shapes[micro_batches]
 
     def _restart(self) -> None:
         """The fresh pairs and the steps, from the grain iterator's position and the carry."""
@@ -278,11 +283,12 @@ class PairBatches:
         self.last_pair_tokens = pair_tokens(pairs)
         return batch
 
-    def empty(self) -> dict[str, np.ndarray]:
-        """A step of this run's shape with no pairs (a host with none left while others still have some)."""
-        batch, _ = pack_step(
-            [], self.cfg.layout, self.shape, self.micro_batches, self.local_batch // self.micro_batches
-        )
+    def empty(self, micro_batches: int | None = None) -> dict[str, np.ndarray]:
+        """A step of this run's shape with no pairs (a host with none left while others still have some),
+        or of the shape ``plan(micro_batches)``."""
+        m = micro_batches or self.micro_batches
+        shape = self.shape if m == self.micro_batches else self.plan(m)
+        batch, _ = pack_step([], self.cfg.layout, shape, m, self.local_batch // m)
         if self.has_refs:
             batch["ref_logps"] = np.zeros(batch["counts"].shape, np.float32)
         return batch

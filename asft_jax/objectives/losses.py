@@ -10,6 +10,7 @@ objective's hyperparameter keywords, read from the signatures below.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -231,6 +232,25 @@ def preference_loss(
     else:
         loss, metrics = fn(chosen, rejected, **hparams)
     return loss, {"loss": loss.mean(), **metrics}
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """The ``objective`` section: which loss of ``LOSSES``, and the hyperparameters set for it."""
+
+    name: str = "asft"
+    lam: float | None = None  # each None: the objective's default
+    beta: float | None = None
+    gamma: float | None = None
+    normalize: str | None = None  # ipo only: sum (default) | mean (TRL's length-normalised log-ratios)
+
+    def hparams(self) -> dict[str, float | str]:
+        """The hyperparameters set, as keyword arguments of the objective's loss function."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
 
 
 def foreign_hparam(name: str, hparams: dict) -> str | None:

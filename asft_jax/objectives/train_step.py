@@ -12,6 +12,7 @@ optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,19 @@ from asft_jax.objectives.logprobs import pair_logps
 from asft_jax.objectives.losses import NEEDS_REFERENCE, SequenceLogps, preference_loss
 
 NEVER = 2**31 - 1  # int32 max: optax's skip counter saturates there
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The ``optimizer`` section: ``make_optimizer``'s settings besides the learning rate and step count."""
+
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"  # or "cosine"
+    max_grad_norm: float = 2.0
 
 
 class TrainState(NamedTuple):

@@ -13,6 +13,7 @@ seconds makes JAX terminate the others (a dead host never leaves the rest hangin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,18 @@ from asft_jax.errors import AsftError
 log = logging.getLogger(__name__)
 
 
-def coordinates(cfg: Any, env: dict[str, str] | None = None) -> dict[str, Any] | None:
+@dataclasses.dataclass
+class DistributedConfig:
+    """The ``distributed`` section: where this process finds the others; each None: from the environment."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead
+
+
+def coordinates(cfg: DistributedConfig, env: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Keyword arguments for ``jax.distributed.initialize``, or None for a single-process run."""
     env = os.environ if env is None else env
     explicit = {
@@ -68,7 +80,7 @@ def _int(env, key: str, default: int | None = None) -> int | None:
         raise AsftError(f"distributed: {key}={value!r} is not an integer") from None
 
 
-def initialize(cfg: Any) -> None:
+def initialize(cfg: DistributedConfig) -> None:
     """Joins the run's processes (no-op when single-process or already joined)."""
     kwargs = coordinates(cfg)
     if kwargs is None or jax.distributed.is_initialized():

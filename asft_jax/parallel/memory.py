@@ -10,7 +10,6 @@ shares it) or 90% of one accelerator's.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -33,10 +32,11 @@ REMAT_COST_CPU = {"dots_no_batch": 1.0, "none": 1.14, "full": 1.35}
 CHOICE_FILE = "memory_choice.json"  # what a run chose, so that a resumed run keeps it
 
 
-def budget(cfg) -> tuple[int, str]:
-    """(bytes, where the figure comes from) for the run's step: per device, or per host on CPU."""
-    if cfg.memory_budget_gib is not None:
-        return int(cfg.memory_budget_gib * 2**30), f"memory_budget_gib {cfg.memory_budget_gib}"
+def budget(gib: float | None) -> tuple[int, str]:
+    """(bytes, where the figure comes from) a run's step may use: ``gib`` (``memory_budget_gib``), or by
+    default a share of one device's memory, or of the host's on CPU."""
+    if gib is not None:
+        return int(gib * 2**30), f"memory_budget_gib {gib}"
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return int(0.85 * _available_bytes()), "85% of this host's available memory"
@@ -62,16 +62,17 @@ def peak_bytes(compiled) -> int:
     return max(total, getattr(m, "peak_memory_in_bytes", 0) or 0)
 
 
-def candidates(cfg, per_shard: int, platform: str) -> list[tuple[int, str]]:
-    """(micro_batches, remat_policy) settings to try, fastest first on ``platform`` (a JAX backend name);
-    ``per_shard``: pairs per batch shard."""
+def candidates(micro_batches: int | str, remat_policy: str, per_shard: int, platform: str) -> list[tuple[int, str]]:
+    """(micro_batches, remat_policy) settings to try, fastest first on ``platform`` (a JAX backend name):
+    every count that divides ``per_shard`` (pairs per batch shard) where ``micro_batches`` is ``auto``,
+    every policy of the cost table where ``remat_policy`` is."""
     micro = (
-        [cfg.micro_batches]
-        if cfg.micro_batches != AUTO
+        [micro_batches]
+        if micro_batches != AUTO
         else [2**i for i in range(int(math.log2(per_shard)) + 1) if per_shard % 2**i == 0]
     )
     costs = REMAT_COST_CPU if platform == "cpu" else REMAT_COST
-    remat = [cfg.model.remat_policy] if cfg.model.remat_policy != AUTO else list(costs)
+    remat = [remat_policy] if remat_policy != AUTO else list(costs)
     cost = {r: costs.get(r, 1.0) for r in remat}
     return sorted(
         ((m, r) for m in micro for r in remat),
@@ -79,17 +80,15 @@ def candidates(cfg, per_shard: int, platform: str) -> list[tuple[int, str]]:
     )
 
 
-def choose(cfg, per_shard: int, peak_of: Callable[[object], int], limit: tuple[int, str], platform: str):
-    """``cfg`` with ``micro_batches`` and ``model.remat_policy`` set: the first candidate whose
-    ``peak_of(cfg)`` (bytes) is within ``limit``. Raises ``AsftError`` naming the smallest peak when none is."""
-    settings = candidates(cfg, per_shard, platform)
-    if len(settings) == 1 and AUTO not in (cfg.micro_batches, cfg.model.remat_policy):
-        return cfg
+def choose(
+    settings: list[tuple[int, str]], peak_of: Callable[[int, str], float], limit: tuple[int, str]
+) -> tuple[int, str]:
+    """The first of ``settings`` (``candidates``) whose ``peak_of(micro_batches, remat_policy)`` (bytes;
+    inf where the compiler refused the program) is within ``limit`` (bytes, where the figure comes
+    from). Raises ``AsftError`` listing every peak when none is."""
     gib, tried = limit[0] / 2**30, []
     for m, r in settings:
-        candidate = dataclasses.replace(cfg, micro_batches=m, model=dataclasses.replace(cfg.model, remat_policy=r))
-        peak = peak_of(candidate)
-        # peak_of gives inf where the compiler itself refused the program for lack of memory (TPU)
+        peak = peak_of(m, r)
         size = "the compiler refused it: out of memory" if math.isinf(peak) else f"{peak / 2**30:.2f} GiB"
         tried.append(f"micro_batches={m}, remat_policy={r}: {size}")
         if peak <= limit[0]:
@@ -101,7 +100,7 @@ def choose(cfg, per_shard: int, peak_of: Callable[[object], int], limit: tuple[i
                 limit[1],
                 "; ".join(tried),
             )
-            return candidate
+            return m, r
     raise AsftError(
         f"config: no micro_batches / model.remat_policy fits {gib:.2f} GiB ({limit[1]}): {'; '.join(tried)}; "
         "lower batch_size or data.max_length, or add devices"

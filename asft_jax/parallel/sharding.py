@@ -9,6 +9,7 @@ state sharded), ``tensor`` (heads, MLP and vocabulary split across devices). Bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -37,6 +38,19 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("lora_rank", None),
 )
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """The ``mesh`` section: devices along each mesh axis."""
+
+    data: int = -1  # -1: the devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+    def make(self, devices: list | None = None) -> Mesh:
+        """The mesh over ``devices`` (default: every device of the run)."""
+        return make_mesh(self.data, self.fsdp, self.tensor, devices)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from asft_jax.io.metrics_log import (
 )
 from asft_jax.model.lora import merge
 from asft_jax.parallel.distributed import all_hosts, initialize
-from asft_jax.parallel.sharding import activate, global_batch, make_mesh, row_multiple
+from asft_jax.parallel.sharding import activate, global_batch, row_multiple
 from asft_jax.train.build import check_batch_split
 from asft_jax.train.setup import Run, check_data, model_spec, resolve_data_paths, setup
 
@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     SIGTERM saves the step and returns; a Ctrl-C (SIGINT) saves it and raises KeyboardInterrupt.
     """
     initialize(cfg.distributed)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = cfg.mesh.make()
     with activate(mesh):  # the model's sharding annotations bind while the steps are traced
         return _train(cfg, mesh, on_step)
 

@@ -24,7 +24,7 @@ from asft_jax.io.source import ModelSource
 from asft_jax.model import Llama, LlamaConfig, init_adapters, init_params
 from asft_jax.objectives.losses import NEEDS_REFERENCE
 from asft_jax.objectives.train_step import TrainState
-from asft_jax.parallel.sharding import make_mesh, param_shardings, replicated_dims, row_multiple
+from asft_jax.parallel.sharding import param_shardings, replicated_dims, row_multiple
 from asft_jax.train.build import (
     abstract_state,
     bind_base,
@@ -173,7 +173,7 @@ def setup(
 ) -> tuple[Run, Checkpointer, PairBatches]:
     """Model, state (restored or fresh), data pipeline and jitted steps of a run. Call it, and the
     steps, inside ``sharding.activate(mesh)``. ``spec``: ``model_spec(cfg)`` when the caller has it."""
-    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = mesh or cfg.mesh.make()
     check_batch_split(cfg, mesh)
     spec = spec or model_spec(cfg)
     cfg, searched_step = fit_memory(cfg, spec.config, mesh, spec.tokenizer)

@@ -295,15 +295,14 @@ def test_flops_per_step_count_layers_micro_batches_and_kernels(lora, monkeypatch
 def test_a_candidate_the_compiler_refused_is_said_in_words(caplog):
     """The TPU compiler refuses a program larger than HBM (``peak_of`` gives inf): the memory
     search says so rather than "inf GiB"."""
-    from asft_jax.parallel.memory import choose
+    from asft_jax.parallel.memory import candidates, choose
 
-    cfg = load_config(COMPILE_CONFIG, [*COMPILE_BASE, "micro_batches=auto"])
     peaks = iter([math.inf, 2**20])
     with caplog.at_level(logging.INFO, logger="asft_jax"):
-        chosen = choose(cfg, 2, lambda _: next(peaks), (2**30, "the test's budget"), "tpu")
-    assert chosen.micro_batches == 2
+        chosen = choose(candidates("auto", "none", 2, "tpu"), lambda m, r: next(peaks), (2**30, "the test's budget"))
+    assert chosen[0] == 2
     assert "micro_batches=1, remat_policy=none: the compiler refused it: out of memory" in caplog.text
     assert "inf" not in caplog.text
     with pytest.raises(AsftError, match="remat_policy=none: the compiler refused it: out of memory; ") as e:
-        choose(cfg, 1, lambda _: math.inf, (2**30, "the test's budget"), "tpu")
+        choose(candidates("auto", "none", 1, "tpu"), lambda m, r: math.inf, (2**30, "the test's budget"))
     assert "inf" not in str(e.value)

@@ -11,7 +11,6 @@ from helpers import config
 
 import asft_jax.parallel.memory as memory_module
 import asft_jax.train.memory_search as search_module
-from asft_jax.config import TrainConfig
 from asft_jax.errors import AsftError
 from asft_jax.io import resolve
 from asft_jax.io.checkpoint import read_config
@@ -22,15 +21,14 @@ AUTO = ("micro_batches=auto", "model.remat_policy=auto", "data.fixed_shape=true"
 
 
 def test_candidates_fastest_first_and_only_where_auto():
-    cfg = TrainConfig()
-    assert candidates(cfg, 8, "tpu")[:4] == [(1, "none"), (1, "dots_no_batch"), (2, "none"), (1, "full")]
+    cfg = ("auto", "auto")  # micro_batches, model.remat_policy
+    assert candidates(*cfg, 8, "tpu")[:4] == [(1, "none"), (1, "dots_no_batch"), (2, "none"), (1, "full")]
     every = sorted((m, r) for m in (1, 2, 4, 8) for r in ("none", "dots_no_batch", "full"))
-    assert sorted(candidates(cfg, 8, "gpu")) == sorted(candidates(cfg, 8, "cpu")) == every
+    assert sorted(candidates(*cfg, 8, "gpu")) == sorted(candidates(*cfg, 8, "cpu")) == every
     # on CPU, rematerialising the elementwise work measured faster than holding it (memory traffic)
-    assert candidates(cfg, 8, "cpu")[:3] == [(1, "dots_no_batch"), (1, "none"), (2, "dots_no_batch")]
-    assert {m for m, _ in candidates(cfg, 6, "tpu")} == {1, 2}  # micro-batches divide the shard's pairs
-    fixed = TrainConfig(micro_batches=4)
-    assert candidates(fixed, 8, "tpu") == [(4, "none"), (4, "dots_no_batch"), (4, "full")]
+    assert candidates(*cfg, 8, "cpu")[:3] == [(1, "dots_no_batch"), (1, "none"), (2, "dots_no_batch")]
+    assert {m for m, _ in candidates(*cfg, 6, "tpu")} == {1, 2}  # micro-batches divide the shard's pairs
+    assert candidates(4, "auto", 8, "tpu") == [(4, "none"), (4, "dots_no_batch"), (4, "full")]
 
 
 def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
@@ -39,17 +37,19 @@ def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
     peaks.update({(8, "none"): 2, (8, "dots_no_batch"): 1})
     seen = []
 
-    def peak_of(c):
-        seen.append((c.micro_batches, c.model.remat_policy))
+    def peak_of(m, r):
+        seen.append((m, r))
         return peaks[seen[-1]] * 2**30
 
+    every = candidates("auto", "auto", 8, "tpu")
+
     with caplog.at_level(logging.INFO, logger="asft_jax.parallel.memory"):
-        chosen = choose(TrainConfig(), 8, peak_of, (6 * 2**30, "a test"), "tpu")
-    assert (chosen.micro_batches, chosen.model.remat_policy) == (2, "none") == seen[-1]
+        chosen = choose(every, peak_of, (6 * 2**30, "a test"))
+    assert chosen == (2, "none") == seen[-1]
     assert seen == [(1, "none"), (1, "dots_no_batch"), (2, "none")]  # stops at the first that fits
     assert "micro_batches=2, remat_policy=none, the fastest that fits 6.00 GiB (a test)" in caplog.text
     with pytest.raises(AsftError, match=r"^config: no micro_batches / model.remat_policy fits 0.50 GiB \(a test\): "):
-        choose(TrainConfig(), 8, peak_of, (2**29, "a test"), "tpu")
+        choose(every, peak_of, (2**29, "a test"))
 
 
 @pytest.mark.training
