@@ -227,22 +227,32 @@ def from_dict(data: dict, where: str | Callable[[str], str]) -> TrainConfig:
     return cfg
 
 
+def _one_of(key: str, value: Any, accepted: typing.Iterable[str]) -> None:
+    if value not in accepted:
+        raise ConfigError(key, f"{key} {value!r} is not one of {', '.join(accepted)}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Problems that would otherwise surface deep inside a compile or a long run."""
-    from asft_jax.data.packing import LAYOUTS
-    from asft_jax.data.records import parse_selection
-    from asft_jax.data.tokenize import TRUNCATIONS
+    from asft_jax.objectives.losses import HPARAMS, LOSSES, foreign_hparam
+
+    name = cfg.objective.name
+    _one_of("objective.name", name, LOSSES)
+    _validate_model(cfg.model)
+    if foreign := foreign_hparam(name, cfg.objective.hparams()):
+        takes = ", ".join(HPARAMS[name]) or "none"
+        key = f"objective.{foreign}"
+        raise ConfigError(key, f"{key} does not apply to {name} (its hyperparameters: {takes})")
+    _validate_data(cfg.data)
+    _one_of("optimizer.schedule", cfg.optimizer.schedule, ("linear", "cosine"))
+    _validate_run(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     from asft_jax.model import LlamaConfig
     from asft_jax.model.attention import IMPLEMENTATIONS
     from asft_jax.model.llama import REMAT_POLICIES
-    from asft_jax.objectives.losses import HPARAMS, LOSSES, foreign_hparam
 
-    def one_of(key: str, value: Any, accepted: typing.Iterable[str]) -> None:
-        if value not in accepted:
-            raise ConfigError(key, f"{key} {value!r} is not one of {', '.join(accepted)}")
-
-    m, d = cfg.model, cfg.data
-    one_of("objective.name", cfg.objective.name, LOSSES)
     if (m.source is None) == (m.init is None):
         raise ConfigError(
             "model", "set exactly one of model.source (a pretrained model) and model.init (random init shapes)"
@@ -252,18 +262,19 @@ def validate(cfg: TrainConfig) -> None:
         unknown = sorted(set(m.init) - set(fields))
         if unknown:
             raise ConfigError("model.init", f"model.init: unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
-    name = cfg.objective.name
-    if foreign := foreign_hparam(name, cfg.objective.hparams()):
-        takes = ", ".join(HPARAMS[name]) or "none"
-        key = f"objective.{foreign}"
-        raise ConfigError(key, f"{key} does not apply to {name} (its hyperparameters: {takes})")
-    one_of("model.remat_policy", m.remat_policy, ["auto", *REMAT_POLICIES])
-    one_of("model.attention", m.attention, IMPLEMENTATIONS)
-    one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
-    one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
-    one_of("data.layout", d.layout, LAYOUTS)
-    one_of("data.truncation", d.truncation, TRUNCATIONS)
-    one_of("optimizer.schedule", cfg.optimizer.schedule, ("linear", "cosine"))
+    _one_of("model.remat_policy", m.remat_policy, ["auto", *REMAT_POLICIES])
+    _one_of("model.attention", m.attention, IMPLEMENTATIONS)
+    _one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
+
+
+def _validate_data(d: DataConfig) -> None:
+    from asft_jax.data.packing import LAYOUTS
+    from asft_jax.data.records import parse_selection
+    from asft_jax.data.tokenize import TRUNCATIONS
+
+    _one_of("data.layout", d.layout, LAYOUTS)
+    _one_of("data.truncation", d.truncation, TRUNCATIONS)
     if d.max_prompt_length is not None and not 0 < d.max_prompt_length < d.max_length:
         raise ConfigError(
             "data.max_prompt_length",
@@ -277,6 +288,10 @@ def validate(cfg: TrainConfig) -> None:
                 parse_selection(spec)  # a malformed `#part=...` selection fails here, before any loading
             except AsftError as e:
                 raise ConfigError(key, str(e)) from None
+
+
+def _validate_run(cfg: TrainConfig) -> None:
+    """The run's own keys: output directory, step counts, the batch split."""
     if "://" in cfg.output_dir:
         raise ConfigError(
             "output_dir",

@@ -14,7 +14,7 @@ from asft_jax.config import load_config, to_dict
 from asft_jax.data.records import RecordSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the published defaults the issue names (ASFT: arXiv 2409.10571; DPO: 2305.18290; ORPO: 2403.07691;
+# the published defaults of each objective's paper (ASFT: arXiv 2409.10571; DPO: 2305.18290; ORPO: 2403.07691;
 # SimPO: 2405.14734), written here independently of the YAML files
 PUBLISHED = {
     "sft": {},

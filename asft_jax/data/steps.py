@@ -1,4 +1,4 @@
-"""One step shape per run: pairs packed into a fixed token budget, the ones that do not fit carried over.
+"""One step shape per run: pairs packed into a fixed number of rows and tokens, the ones that do not fit carried over.
 
 A training step is ``micro_batches`` micro-batches of ``RowShape(rows, length, width)`` with
 ``pair_slots`` pairs each, the same for every step of a run, so the train step compiles once. Each step

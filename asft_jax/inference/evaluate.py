@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -81,11 +81,7 @@ def score_pairs(
     batch_size = -(-batch_size // split) * split
     max_length = max_length or model.config.max_position_embeddings
     sharding = micro_batch_sharding(mesh)
-    fn = jax.jit(
-        lambda p, b: pair_logps(model, p, jax.tree.map(lambda x: x[0], b)),
-        in_shardings=(param_shardings(model, mesh), sharding),
-        out_shardings=replicated(mesh),  # every process reads all results
-    )
+    fn = _scoring_step(model, mesh)
     pairs = list(pairs)
     if not pairs:
         return
@@ -112,19 +108,33 @@ def score_pairs(
                     f"pair {step.offered[0][1].index}: longer than max_length {max_length}; it cannot be scored"
                 )
             for j, (i, p) in enumerate(placed):  # slot j holds the j-th pair placed, in the order offered
-                scored[i] = {
-                    "index": p.index,
-                    "chosen_logps_sum": float(sums[j, 0]),
-                    "chosen_tokens": int(counts[j, 0]),
-                    "rejected_logps_sum": float(sums[j, 1]),
-                    "rejected_tokens": int(counts[j, 1]),
-                }
+                scored[i] = _result(p, sums[j], counts[j])
             seen_tokens += pair_tokens(p for _, p in placed)
             bar.update(len(placed))
             bar.set_postfix(tokens_per_s=f"{seen_tokens / (time.perf_counter() - start):.0f}")
             while emitted in scored:
                 yield scored.pop(emitted)
                 emitted += 1
+
+
+def _scoring_step(model: Llama, mesh: Mesh) -> Callable:
+    """``(params, rows) -> [slots, 2]`` response log-prob sums (chosen, rejected) of one pass, jitted."""
+    return jax.jit(
+        lambda p, b: pair_logps(model, p, jax.tree.map(lambda x: x[0], b)),
+        in_shardings=(param_shardings(model, mesh), micro_batch_sharding(mesh)),
+        out_shardings=replicated(mesh),  # every process reads all results
+    )
+
+
+def _result(pair: TokenizedPair, sums: np.ndarray, counts: np.ndarray) -> dict:
+    """One pair's scores from its slot: ``sums`` and ``counts`` of shape [2] (chosen, rejected)."""
+    return {
+        "index": pair.index,
+        "chosen_logps_sum": float(sums[0]),
+        "chosen_tokens": int(counts[0]),
+        "rejected_logps_sum": float(sums[1]),
+        "rejected_tokens": int(counts[1]),
+    }
 
 
 def summarize(results: list[dict], skipped: collections.Counter) -> dict:

@@ -2,7 +2,7 @@
 
 Candidates are tried fastest first, by a rough relative step time (``REMAT_COST``, ``REMAT_COST_CPU`` on
 CPU, times 20% more per doubling of micro-batches: smaller matmuls, the same work; on SmolLM2 at 8 pairs
-x 512 tokens on CPU, 4 micro-batches took 1.19x the step time of ``dots_no_batch``, issue 18). Each is
+x 512 tokens on CPU, 4 micro-batches took 1.19x the step time of ``dots_no_batch``; docs/benchmarks.md). Each is
 compiled (``peak_of``), and the first whose peak memory fits the budget is taken. The budget is
 ``memory_budget_gib`` or, by default, 85% of the host's available memory on CPU (where every device
 shares it) or 90% of one accelerator's.
@@ -26,7 +26,7 @@ AUTO = "auto"
 # attention's batched matmuls, full recomputes the whole forward (a third more FLOPs)
 REMAT_COST = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.35}
 # On CPU, memory traffic rather than FLOPs sets the pace: SmolLM2 ORPO, 8 UltraFeedback pairs x 512,
-# took 41.9 s a step with dots_no_batch (6.8 GiB) and 47.8 s with no remat (15.9 GiB), issue 18
+# took 41.9 s a step with dots_no_batch (6.8 GiB) and 47.8 s with no remat (15.9 GiB)
 # (`python benchmarks/bench_train.py --remat R --micro-batches 1 --one packed_shared_prefix orpo`)
 REMAT_COST_CPU = {"dots_no_batch": 1.0, "none": 1.14, "full": 1.35}
 CHOICE_FILE = "memory_choice.json"  # what a run chose, so that a resumed run keeps it

@@ -300,8 +300,8 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(pairs, tmp_path,
 
 @pytest.mark.parametrize("logging_steps", [1, 10])
 def test_consecutive_non_finite_steps_stop_the_run_naming_the_checkpoint(pairs, tmp_path, monkeypatch, logging_steps):
-    """At the step the limit is reached, whether or not it is a logging step (issue 29: with
-    ``logging_steps: 10`` the check used to run only on logging steps)."""
+    """At the step the limit is reached, whether or not it is a logging step (with
+    ``logging_steps: 10`` the check once ran only on logging steps)."""
     poison_steps(monkeypatch, set(range(3, 100)))
     with pytest.raises(
         AsftError,
