@@ -12,7 +12,7 @@ import shlex
 import pytest
 from helpers import REPO
 
-from asft_jax.cli.commands import build_parser
+from asft_jax.cli.parser import build_parser
 
 PAGES = glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True)
 DOCS = sorted(["README.md", *(os.path.relpath(p, REPO) for p in PAGES)])

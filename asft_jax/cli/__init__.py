@@ -1,1 +1,2 @@
-"""The ``asft`` command: ``startup`` prepares JAX for the host, ``commands`` parses and runs."""
+"""The ``asft`` command: ``startup`` prepares JAX for the host, ``parser`` reads the command line and
+``commands`` runs it."""

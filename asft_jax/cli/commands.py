@@ -1,5 +1,5 @@
-"""The ``asft`` command line: ``train | compile | export | eval | generate | report``,
-``data {tokenize,inspect,reference}`` and ``fetch-demo``."""
+"""The ``asft`` commands: ``train | compile | export | eval | generate | report``,
+``data {tokenize,inspect,reference}`` and ``fetch-demo``; ``main`` parses (``parser.build_parser``) and runs one."""
 
 from __future__ import annotations
 
@@ -230,222 +230,24 @@ def _fetch_demo(args: argparse.Namespace) -> None:
     print(demo_hf_folder() if args.hf else demo_gguf())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from asft_jax.data.formats import FORMATS
-    from asft_jax.data.packing import LAYOUTS
-    from asft_jax.data.settings import DataConfig
-    from asft_jax.data.tokenize import TRUNCATIONS
-    from asft_jax.objectives.losses import IPO_NORMALIZE, LOSSES
-
-    parser = argparse.ArgumentParser(
-        prog="asft", description="ASFT and preference-objective training for Llama models in JAX."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "HF model folder, Hub id, .gguf file, or demo:smollm2"
-
-    p = sub.add_parser("train", help="train with a YAML config; resumes from the run directory's latest checkpoint")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument(
-        "overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-6 objective.lam=0.5 mesh.fsdp=2"
-    )
-    p.set_defaults(run=_train)
-
-    p = sub.add_parser(
-        "compile",
-        help="compile a config's train step for a TPU slice or GPU nodes (none needed): memory per chip, FLOPs, "
-        "estimated step time",
-    )
-    p.add_argument(
-        "--topology",
-        help="Cloud TPU type (v5p-128, v4-32, v5litepod-256 / v5e-256, v6e-64), raw TPU topology (v5p:4x4x4, "
-        "v5e:2x2), or GPU nodes NAME:G / NAME:NxG (h100, h200, a100-80gb, b200; e.g. h100:8, h100:4x8); required",
-    )
-    p.add_argument(
-        "--gpu-target",
-        help="a GpuTargetConfigProto text file (XLA's GPU specs) for any other GPU; --topology then gives G or NxG",
-    )
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, as for train")
-    p.set_defaults(run=_compile)
-
-    p = sub.add_parser("export", help="write a transformers-loadable HF folder, or a llama.cpp GGUF file")
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--output", required=True, help="output folder, or FILE.gguf")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"],
-        help="dtype of the saved weights (default: one that holds them exactly: the source's, a run's training "
-        "dtype, float32 for a LoRA merge; float32 for GGUF; q8_0: GGUF only); a narrower one warns what it rounds away",
-    )
-    p.add_argument(
-        "--adapter",
-        action="store_true",
-        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the merged model); its base is the "
-        "Hub id or HF folder trained from, else exported to OUTPUT/base",
-    )
-    p.set_defaults(run=_export)
-
-    def pair_args(p: argparse.ArgumentParser, output_help: str, output_required: bool) -> None:
-        p.add_argument("--model", required=True, help=model_help)
-        p.add_argument(
-            "--data",
-            required=True,
-            help="preference pairs: a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]",
-        )
-        p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
-        p.add_argument("--output", required=output_required, help=output_help)
-        p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-        p.add_argument(
-            "--max-length", type=int, default=None, help="skip pairs longer than this (default: the model's context)"
-        )
-        strict_arg(p)
-        p.add_argument("--limit", type=int, default=None, help="read only the first N records")
-        p.add_argument(
-            "--dtype",
-            default="float32",
-            choices=["float32", "bfloat16"],
-            help="compute dtype (a DPO reference: the run's, for rewards that start at 0)",
-        )
-        p.add_argument(
-            "--layout",
-            default="packed_shared_prefix",
-            choices=LAYOUTS,
-            help="batch layout, as data.layout in training (default: packed_shared_prefix)",
-        )
-        mesh_args(p)
-
-    def strict_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--strict",
-            action="store_true",
-            help="stop at the first malformed record (file:line: reason); pairs that only do not fit the lengths are "
-            "still skipped and counted",
-        )
-
-    def mesh_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--fsdp", type=int, default=1, help="mesh: devices sharing each parameter (the rest split the batch)"
-        )
-        p.add_argument("--tensor", type=int, default=1, help="mesh: tensor-parallel devices")
-
-    def sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="stop after this many new tokens")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-        p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-        p.add_argument(
-            "--seed", type=int, default=0, help="sampling seed (same seed, prompts and batch size: same output)"
-        )
-
-    p = sub.add_parser(
-        "eval", help="score preference pairs: response log-prob sums per pair (and BLEU/ROUGE with --generate)"
-    )
-    pair_args(p, "per-pair results (.jsonl)", False)
-    p.add_argument("--objective", choices=LOSSES, help="also report this objective's loss and metrics")
-    p.add_argument("--beta", type=float, help="objective hyperparameter (default: the objective's)")
-    p.add_argument("--lam", type=float, help="objective hyperparameter (default: the objective's)")
-    p.add_argument("--gamma", type=float, help="objective hyperparameter (default: the objective's)")
-    p.add_argument(
-        "--normalize", choices=IPO_NORMALIZE, help="ipo: summed (default) or per-token mean log-ratios (TRL's)"
-    )
-    p.add_argument(
-        "--generate",
-        action="store_true",
-        help="also generate a response to each prompt; BLEU-4 and ROUGE-L against the chosen responses",
-    )
-    p.add_argument(
-        "--generate-pairs", type=int, default=None, help="with --generate: only the first N pairs (default: all)"
-    )
-    sampling_args(p, 256)
-    p.set_defaults(run=_eval)
-
-    p = sub.add_parser("generate", help="answer prompts (prompt / messages / MT-Bench turns) with KV-cache decoding")
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument(
-        "--prompts",
-        required=True,
-        help="a .jsonl (.json, .parquet) of records with `prompt`, `messages`, or MT-Bench `turns`",
-    )
-    p.add_argument(
-        "--output", required=True, help="answers (.jsonl); MT-Bench records in FastChat's model-answer format"
-    )
-    p.add_argument(
-        "--model-id", default=None, help="model_id in FastChat answers (default: the model's folder or file name)"
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument(
-        "--no-chat-template", action="store_true", help="feed string prompts verbatim and messages as an HH transcript"
-    )
-    p.add_argument("--chunk", type=int, default=256, help="records answered (all turns) and written at a time")
-    sampling_args(p, 512)
-    mesh_args(p)
-    p.set_defaults(run=_generate)
-
-    p = sub.add_parser(
-        "report", help="plots of training metrics over steps (runs overlaid) and a table of final eval metrics"
-    )
-    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
-    p.add_argument("--output", default="report", help="folder for the PNGs and report.md")
-    p.add_argument(
-        "--smooth", type=float, default=0.0, help="moving-average weight for train curves, in [0, 1) (0: raw values)"
-    )
-    p.set_defaults(run=_report)
-
-    def fit_args(p: argparse.ArgumentParser) -> None:  # defaults: a training run's (the config's data section)
-        p.add_argument("--max-length", type=int, default=DataConfig.max_length, help="prompt + response tokens at most")
-        p.add_argument(
-            "--max-prompt-length",
-            type=int,
-            default=None,
-            help="prompt tokens at most (default: half of --max-length); --truncation says which are kept",
-        )
-        p.add_argument(
-            "--truncation",
-            choices=TRUNCATIONS,
-            default=DataConfig.truncation,
-            help="a longer prompt drops whole early turns, keeping its system prompt, and cuts inside the last user "
-            "turn only when that alone is too long (head_and_tail, default), keeps only its last tokens (keep_end), "
-            "or the pair is skipped (drop); responses keep their start",
-        )
-
-    p = sub.add_parser("data", help="data tools")
-    data = p.add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("tokenize", help="preference records (any format) -> pre-tokenized pairs")
-    p.add_argument("--model", required=True, help=model_help + " (its tokenizer and chat template are used)")
-    p.add_argument(
-        "--data", required=True, help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]"
-    )
-    p.add_argument("--output", required=True, help="pre-tokenized .jsonl")
-    p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
-    fit_args(p)
-    p.add_argument("--limit", type=int, default=None, help="encode only the first N records")
-    strict_arg(p)
-    p.set_defaults(run=_data_tokenize)
-
-    p = data.add_parser("inspect", help="what the model will be trained on: format, counts, lengths, skips, an example")
-    p.add_argument("data", help="a .jsonl, .jsonl.gz, .json or .parquet file, or a Hub dataset id[:split]")
-    p.add_argument("--model", required=True, help=model_help + " (its tokenizer is used)")
-    p.add_argument("--format", choices=FORMATS, help="record format (default: detected)")
-    fit_args(p)
-    p.add_argument("--limit", type=int, default=None, help="look at the first N records only")
-    strict_arg(p)
-    p.set_defaults(run=_data_inspect)
-
-    p = data.add_parser(
-        "reference", help="attach the starting model's log-probs to pre-tokenized pairs (for DPO, IPO, hinge)"
-    )
-    pair_args(p, "pre-tokenized .jsonl with ref_chosen_logps / ref_rejected_logps", True)
-    p.set_defaults(run=_data_reference)
-
-    p = sub.add_parser("fetch-demo", help="download SmolLM2-135M-Instruct into the cache; print its path")
-    p.add_argument("--hf", action="store_true", help="also convert it to an HF folder and print that path")
-    p.set_defaults(run=_fetch_demo)
-    return parser
+COMMANDS = {  # args.handler (set by the parser) -> what runs the command
+    "train": _train,
+    "compile": _compile,
+    "export": _export,
+    "eval": _eval,
+    "generate": _generate,
+    "report": _report,
+    "data tokenize": _data_tokenize,
+    "data inspect": _data_inspect,
+    "data reference": _data_reference,
+    "fetch-demo": _fetch_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    start_jax()  # before anything imports JAX (the parser's choices do)
+    start_jax()  # before anything imports JAX: the parser's choices do, hence its import here
+    from asft_jax.cli.parser import build_parser
+
     args = build_parser().parse_args(argv)
     # transformers' "PyTorch was not found" advisory: asft never needs torch (only tokenizers)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -454,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)  # library warnings too go through logging, hence above the progress bars
     try:
         with logging_redirect_tqdm():
-            args.run(args)
+            COMMANDS[args.handler](args)
     except AsftError as e:
         print(f"asft: error: {e}", file=sys.stderr)
         return 1
