@@ -55,6 +55,12 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether ``step`` is where every process stops for a preemption notice (a SIGTERM to any of
+        them); always False in a single-process run. Call it at every step with the global step, the
+        counter Orbax's own ``save`` passes too."""
+        return self.manager.reached_preemption(step)
+
     def _restore(self, step: int, abstract: TrainState) -> tuple[int, TrainState, dict]:
         optimizer = {"step": abstract.step, "opt_state": abstract.opt_state}
         args = ocp.args.Composite(

@@ -67,17 +67,26 @@ def run_evaluation(run: Run) -> dict[str, float]:
 
 
 class _Stop:
-    """SIGTERM (a preemption) and SIGINT (Ctrl-C) as a flag the loop checks after each step, so that
-    the step is saved before the run ends; a second Ctrl-C interrupts at once."""
+    """Stop requests, so that the step is saved before the run ends; a second Ctrl-C interrupts at once.
 
-    def __init__(self):
+    One process: SIGTERM (a preemption) and SIGINT (Ctrl-C) set a flag the loop reads after each step.
+    Several: SIGTERM is left to JAX's preemption notifier, which ``jax.distributed.initialize`` installs
+    (a Python handler would replace it); the coordination service tells every process, and
+    ``Checkpointer.reached_preemption`` names the step they all stop after, with no per-step
+    collective. A Ctrl-C there is passed on as a SIGTERM to this process, to take the same path."""
+
+    def __init__(self, several_processes: bool):
         self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.several_processes = several_processes
+        handled = (signal.SIGINT,) if several_processes else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in handled}
 
     def _handle(self, signum, frame) -> None:
         if signum == self.signal == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        if self.several_processes:
+            signal.raise_signal(signal.SIGTERM)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -100,7 +109,10 @@ class _Loop:
         self.tokens, self.clock = 0.0, time.perf_counter()
         writer = jax.process_index() == 0
         self.metrics_log = MetricsLog(run.cfg, writer, self.start)
-        self.stop = _Stop()
+        self.stop = _Stop(jax.process_count() > 1)
+        # a notice names (the last step given to the preemption sync manager) + 1: given the restored step
+        # now, one arriving before the first step ends is not missed by a resumed run
+        checkpointer.reached_preemption(self.start)
         self.bar = tqdm(
             total=self.cfg.max_steps,
             initial=self.start,
@@ -161,6 +173,13 @@ class _Loop:
         self.window, self.tokens, self.clock = [], 0.0, time.perf_counter()
         return row
 
+    def stops_after(self, done: int) -> bool:
+        """Whether the run stops after step ``done``: at once for a signal to a single process; for
+        several, at the step the preemption sync manager names for all of them."""
+        if jax.process_count() > 1:
+            return self.checkpointer.reached_preemption(done)
+        return self.stop.signal is not None
+
     def save(self, done: int) -> None:
         data_state = {"process_count": jax.process_count(), "hosts": all_hosts(self.data.get_state())}
         self.checkpointer.save(done, self.run.state, data_state, to_dict(self.cfg))
@@ -189,7 +208,7 @@ class _Loop:
             self.bar.update(1)
             if on_step is not None:
                 on_step(done)
-            stop = any(all_hosts(self.stop.signal is not None))  # every host stops at the same step
+            stop = self.stops_after(done)
             if done % cfg.save_steps == 0 or done == cfg.max_steps or stop:
                 self.save(done)
             if stop:
