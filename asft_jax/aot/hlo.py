@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-NAME = r"%([\w.\-]+)"
+_NAME = r"%([\w.\-]+)"
 _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _INSTRUCTION = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = (.*)$", re.DOTALL)
@@ -41,7 +41,7 @@ def called(lines: list[str]) -> list[str]:
     for line in lines:
         out += _CALLED.findall(line)
         for branches in _BRANCHES.findall(line):
-            out += re.findall(NAME, branches)
+            out += re.findall(_NAME, branches)
     return out
 
 
@@ -69,8 +69,8 @@ def integer(defs: dict[str, str], name: str, outer=None) -> int | None:
         op, args = opcode(defs.get(name, ""))
         if op == "constant":
             return int(args) if re.fullmatch(r"-?\d+", args) else None
-        if op in ("copy", "bitcast", "convert", "copy-done") and re.findall(NAME, args):
-            name = re.findall(NAME, args)[0]
+        if op in ("copy", "bitcast", "convert", "copy-done") and re.findall(_NAME, args):
+            name = re.findall(_NAME, args)[0]
             continue
         index = re.search(r"\), index=(\d+)", defs.get(name, ""))
         return outer(int(index[1])) if op == "get-tuple-element" and index and outer else None
@@ -104,9 +104,9 @@ def _compared_bounds(
 ) -> tuple[str, int, int, int] | None:
     """The loop condition's root ``compare(a, b), direction=D`` with both sides constants, one of them
     the counter's start: (D, a, b, the counter's index in the loop state); None when it is not so."""
-    initial = re.findall(NAME, opcode(loop)[1])
+    initial = re.findall(_NAME, opcode(loop)[1])
     op, elements = opcode(defs.get(initial[0], "")) if initial else ("", "")
-    starts = re.findall(NAME, elements) if op == "tuple" else []
+    starts = re.findall(_NAME, elements) if op == "tuple" else []
     counters: list[int] = []  # the tuple index the condition reads the counter from
 
     def start(i: int) -> int | None:
@@ -117,7 +117,7 @@ def _compared_bounds(
     cond_defs, root = instructions(computations.get(condition[1], [])) if condition else ({}, "")
     op, args = opcode(cond_defs.get(root, ""))
     direction = re.search(r"direction=(\w+)", cond_defs.get(root, ""))
-    sides = [integer(cond_defs, name, start) for name in re.findall(NAME, args)]
+    sides = [integer(cond_defs, name, start) for name in re.findall(_NAME, args)]
     if op != "compare" or direction is None or len(sides) != 2 or None in sides or len(counters) != 1:
         return None
     return direction[1], sides[0], sides[1], counters[0]
@@ -128,13 +128,13 @@ def _counter_step(computations: dict[str, list[str]], body: str, index: int) -> 
     ``add(counter, constant)`` (or ``subtract``); None when it is anything else."""
     defs, root = instructions(computations.get(body, []))
     op, args = opcode(defs.get(root, ""))
-    elements = re.findall(NAME, args) if op == "tuple" else []
+    elements = re.findall(_NAME, args) if op == "tuple" else []
     if index >= len(elements):
         return None
     op, args = opcode(defs.get(elements[index], ""))
     if op not in ("add", "subtract"):
         return None
-    constants = [c for c in (integer(defs, name) for name in re.findall(NAME, args)) if c is not None]
+    constants = [c for c in (integer(defs, name) for name in re.findall(_NAME, args)) if c is not None]
     return (constants[0] if op == "add" else -constants[0]) if len(constants) == 1 and constants[0] else None
 
 
