@@ -14,7 +14,7 @@ warm-up. Tokens are real tokens of the pairs as two sequences (prompt + chosen, 
 the same count for every layout; ``step s`` is the median, tokens/s and MFU are totals over the
 timed steps. ``device MiB`` is the device's measured peak (``memory_stats``), ``compiled MiB`` XLA's
 prediction for the same program (``memory_analysis``, as ``asft compile`` reports it). MFU counts
-useful FLOPs (``asft_jax.aot.compiler.model_flops``) against the chip's dense bf16 peak, where known. One table is
+useful FLOPs (``asft_jax.aot.cost.model_flops``) against the chip's dense bf16 peak, where known. One table is
 printed; ``--json`` receives every number.
 """
 
@@ -41,7 +41,7 @@ from common import (  # benchmarks/ is on sys.path
     synthetic_pairs,
 )
 
-from asft_jax.aot.compiler import model_flops
+from asft_jax.aot.cost import model_flops
 from asft_jax.data.packing import LAYOUTS
 from asft_jax.parallel.memory import peak_bytes
 

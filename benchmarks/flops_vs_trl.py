@@ -5,12 +5,12 @@ Usage: python benchmarks/flops_vs_trl.py [--data ultrafeedback hh] [--pairs 256]
 FLOPs are what an accelerator executes for the matmuls and attention of one forward + backward with the
 Llama-3-8B-Instruct architecture (``presets.preset``), one formula for both sides:
 - matmuls: ``6 N`` per computed position of every row, padding included (dense matmuls run over it); ``N``
-  the matmul parameters as in ``aot.model_flops`` (q, k, v, o, gate, up, down per layer plus the LM head).
+  the matmul parameters as in ``aot.cost.model_flops`` (q, k, v, o, gate, up, down per layer plus the LM head).
 - attention: ``12 x layers x heads x head_dim`` per (query, key) pair a causal kernel computes, ``T (T + 1) / 2``
   for a row of length ``T`` whatever its segments or padding. Our ``packed_shared_prefix`` layout runs the
   GPU kernel twice per row (one causal pass per response branch, ``model.attention``): 2x the attention term.
-- useful: ``aot.model_flops`` on the real tokens only, so the share that padding and masking cost shows.
-Both are computed as ``aot.model_flops`` of a batch, for "executed" one whose every slot counts as real.
+- useful: ``aot.cost.model_flops`` on the real tokens only, so the share that padding and masking cost shows.
+Both are computed as ``aot.cost.model_flops`` of a batch, for "executed" one whose every slot counts as real.
 
 Ours: the real pipeline (``PairBatches``) with the data section of
 ``configs/llama3_8b_instruct_ultrafeedback_asft.yaml`` (max_length 1024, max_prompt_length 512, the
@@ -35,7 +35,7 @@ import os
 import numpy as np
 from common import DATA_SETS  # benchmarks/ is on sys.path
 
-from asft_jax.aot.compiler import model_flops
+from asft_jax.aot.cost import model_flops
 from asft_jax.config import load_config
 from asft_jax.data.pairs import TokenizedPair
 from asft_jax.data.pipeline import PairBatches

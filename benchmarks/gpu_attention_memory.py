@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from asft_jax.aot.accelerators import topology
-from asft_jax.aot.compiler import attention_kernel
+from asft_jax.aot.hlo import attention_kernel
 from asft_jax.model import attention
 from asft_jax.model.llama import attention_mask
 from asft_jax.parallel import sharding

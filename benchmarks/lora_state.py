@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 
 from asft_jax.aot.accelerators import GIB, topology
-from asft_jax.aot.compiler import _bytes_per_device
+from asft_jax.aot.step_inputs import bytes_per_device
 from asft_jax.config import load_config
 from asft_jax.model.presets import preset
 from asft_jax.parallel.sharding import make_mesh
@@ -35,7 +35,7 @@ def main() -> None:
             model = build_model(cfg, preset(MODEL), "tpu")
             state = abstract_state(cfg, model, mesh)[3]
             base = abstract_base(model, mesh)
-            per_chip = _bytes_per_device(state) + (_bytes_per_device(base) if base is not None else 0)
+            per_chip = bytes_per_device(state) + (bytes_per_device(base) if base is not None else 0)
             trainable = sum(x.size for x in jax.tree.leaves(state.params))
             print(
                 f"{param_dtype:8s} {'LoRA r16' if lora else 'full':8s} trainable {trainable / 1e6:8.1f} M  "

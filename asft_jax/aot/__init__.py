@@ -1,2 +1,4 @@
 """Ahead-of-time compiling for accelerators this host does not have: the chip and topology table
-(``accelerators``) and the compile report (``compiler``)."""
+(``accelerators``), the step's inputs as shapes (``step_inputs``), the compiled program's HLO text
+(``hlo``), its FLOPs and bytes (``cost``), the roofline estimate (``roofline``), the memory budget and
+advice (``fit``), and ``asft compile`` itself (``compiler``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import jax
 import pytest
@@ -50,6 +51,20 @@ def test_choose_takes_the_first_that_fits_or_names_every_peak(caplog):
     assert "micro_batches=2, remat_policy=none, the fastest that fits 6.00 GiB (a test)" in caplog.text
     with pytest.raises(AsftError, match=r"^config: no micro_batches / model.remat_policy fits 0.50 GiB \(a test\): "):
         choose(every, peak_of, (2**29, "a test"))
+
+
+def test_a_candidate_the_compiler_refused_is_said_in_words(caplog):
+    """The TPU compiler refuses a program larger than HBM (``peak_of`` gives inf): the memory
+    search says so rather than "inf GiB"."""
+    peaks = iter([math.inf, 2**20])
+    with caplog.at_level(logging.INFO, logger="asft_jax"):
+        chosen = choose(candidates("auto", "none", 2, "tpu"), lambda m, r: next(peaks), (2**30, "the test's budget"))
+    assert chosen[0] == 2
+    assert "micro_batches=1, remat_policy=none: the compiler refused it: out of memory" in caplog.text
+    assert "inf" not in caplog.text
+    with pytest.raises(AsftError, match="remat_policy=none: the compiler refused it: out of memory; ") as e:
+        choose(candidates("auto", "none", 1, "tpu"), lambda m, r: math.inf, (2**30, "the test's budget"))
+    assert "inf" not in str(e.value)
 
 
 @pytest.mark.training
