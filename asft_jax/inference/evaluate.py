@@ -80,8 +80,7 @@ def score_pairs(
     split = batch_shards(mesh)
     batch_size = -(-batch_size // split) * split
     max_length = max_length or model.config.max_position_embeddings
-    sharding = micro_batch_sharding(mesh)
-    fn = _scoring_step(model, mesh)
+    sharding, fn = micro_batch_sharding(mesh), _scoring_step(model, mesh)
     pairs = list(pairs)
     if not pairs:
         return
