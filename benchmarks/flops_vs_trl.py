@@ -53,21 +53,15 @@ def executed_flops(model, rows: int, length: int, passes: int = 1) -> float:
     return model_flops(model, dense) + (passes - 1) * attention * rows * length * (length + 1) / 2
 
 
-def ours(model, path: str, tokenizer, want: int) -> tuple[dict, list[TokenizedPair]]:
-    """Our pipeline's steps until ``want`` pairs are trained; the totals and the pairs trained, in read order."""
+def ours(model, path: str, tokenizer, want: int, row_multiple: int = GPUS) -> tuple[dict, list[TokenizedPair]]:
+    """Our pipeline's steps until ``want`` pairs are trained, rows a multiple of ``row_multiple`` (the devices
+    a batch splits over); the totals and the pairs trained, in read order."""
     cfg = load_config(CONFIG)
     data = dataclasses.replace(cfg.data, path=path, fallback=None, eval_path=None, num_threads=2)
-    node = {"micro_batches": cfg.micro_batches, "row_multiple": GPUS, "seed": 0, "process_index": 0, "process_count": 1}
+    node = {"micro_batches": cfg.micro_batches, "row_multiple": row_multiple, "seed": 0}
+    node |= {"process_index": 0, "process_count": 1}
     batches = PairBatches(data, tokenizer, cfg.batch_size, **node)
-    read: list[TokenizedPair] = []
-    next_pairs = batches.next_pairs
-
-    def catch(*args, **kwargs) -> list[TokenizedPair]:
-        out = next_pairs(*args, **kwargs)
-        read.extend(out)
-        return out
-
-    batches.next_pairs = catch
+    read, placed = _record_pairs(batches)
     passes = 2 if data.layout == "packed_shared_prefix" else 1
     totals = {"pairs": 0, "executed": 0.0, "useful": 0.0, "real": 0, "slots": 0}
     while totals["pairs"] < want:
@@ -78,10 +72,32 @@ def ours(model, path: str, tokenizer, want: int) -> tuple[dict, list[TokenizedPa
         totals["useful"] += model_flops(model, b)
         totals["real"] += int((b["segment_ids"] > 0).sum())
         totals["slots"] += b["tokens"].size
-    left = {id(p) for p in batches.carry}
-    trained = [p for p in read if id(p) not in left]
+    placed_ids = {id(p) for p in placed}
+    trained = [p for p in read if id(p) in placed_ids]
     assert len(trained) == totals["pairs"], (len(trained), totals["pairs"])
     return totals, trained
+
+
+def _record_pairs(batches: PairBatches) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """Lists that fill, as ``batches`` steps, with the pairs it reads (in read order) and the pairs its steps
+    place (carried pairs only once placed)."""
+    read: list[TokenizedPair] = []
+    placed: list[TokenizedPair] = []
+    items, steps = batches._items, batches._steps
+
+    def reading():
+        for item in items:
+            if isinstance(item, TokenizedPair):
+                read.append(item)
+            yield item
+
+    def placing():
+        for step in steps:
+            placed.extend(step.placed)
+            yield step
+
+    batches._items, batches._steps = reading(), placing()
+    return read, placed
 
 
 def trl(model, pairs: list[TokenizedPair]) -> dict:
