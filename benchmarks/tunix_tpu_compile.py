@@ -69,7 +69,8 @@ CONFIG = os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback_dpo.yam
 TOPOLOGY, CHIPS, HBM_GIB, FIT = "v5p:2x2x1", 4, 95.0, 0.9  # v5p-8; a step fits at <= 90% of HBM
 PROMPT, RESPONSE = 512, 512  # Tunix's max_prompt_length and max_response_length; our max_length is their sum
 GIB = 1024**3
-TUNIX_VENV = "/work/venv-tunix/bin/python"
+# google-tunix in its own interpreter, as for bench_vs_tunix.py (docs/benchmarks.md, "vs Tunix")
+TUNIX_PYTHON = os.environ.get("ASFT_TUNIX_PYTHON") or os.path.join(REPO, ".venv-peers", "bin", "python")
 
 
 # --- Tunix, in its own environment (--child) -------------------------------------------------------------
@@ -397,7 +398,7 @@ def _row_batch(tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tunix-python", default=os.environ.get("TUNIX_PYTHON", TUNIX_VENV))
+    parser.add_argument("--tunix-python", default=TUNIX_PYTHON, help="$ASFT_TUNIX_PYTHON or .venv-peers/bin/python")
     parser.add_argument("--pairs-per-chip", type=int, default=8, help="the batch both compile at, pairs per chip")
     parser.add_argument("--ours-search", type=int, nargs="*", default=[8, 16, 32, 64, 128], help="pairs per chip")
     parser.add_argument("--tunix-search", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="pairs per chip")

@@ -35,6 +35,9 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # and a whole tiny `train()` took 11 s of CPU instead of 19.5; the real-SmolLM2 tests run as fast.
 # Subprocesses inherit it. (XLA reads its flags once per process: this cannot vary per test.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+# torch (the transformers references) on one thread: with two workers on two cores its OpenMP threads
+# wait for each other at every op (greedy decoding against SmolLM2 took 130 s with two threads, 24 s with one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any JAX op: tests see an 8-device mesh

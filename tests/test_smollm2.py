@@ -58,6 +58,14 @@ def exported(smollm2_gguf, tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="module")
+def prompt_logits(ours, reference, prompt_batch) -> tuple[np.ndarray, np.ndarray]:
+    """``prompt_batch``'s logits [8, length, vocab], ours and transformers' (from the GGUF), computed
+    once for the tests that compare them (each forward of the real model costs seconds)."""
+    tokens, mask = prompt_batch
+    return our_logits(*ours, tokens, mask), torch_logits(reference, tokens, mask)
+
+
 def our_logits(src, params, tokens, mask) -> np.ndarray:
     forward = jax.jit(Llama(src.config).apply)
     return np.asarray(forward({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
@@ -77,16 +85,14 @@ def test_config_read_from_gguf(ours):
     assert c.tie_word_embeddings and c.rope_theta == 1e5 and c.rms_norm_eps == 1e-5
 
 
-def test_logits_match_transformers_gguf_loader(ours, reference, prompt_batch):
-    tokens, mask = prompt_batch
-    mine = our_logits(*ours, tokens, mask)
-    ref = torch_logits(reference, tokens, mask)
-    real = mask.astype(bool)
+def test_logits_match_transformers_gguf_loader(prompt_logits, prompt_batch):
+    mine, ref = prompt_logits
+    real = prompt_batch[1].astype(bool)
     assert np.abs(mine - ref)[real].max() <= 1e-3
     assert (mine.argmax(-1) == ref.argmax(-1))[real].all()
 
 
-def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt_batch, exported):
+def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt_batch, prompt_logits, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = exported
@@ -95,7 +101,7 @@ def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt
     for name, value in reference.state_dict().items():  # the same dequantised weights, bit for bit
         assert torch.equal(exported.state_dict()[name], value), name
     tokens, mask = prompt_batch
-    mine = our_logits(*ours, tokens, mask)
+    mine = prompt_logits[0]
     assert np.abs(mine - torch_logits(exported.eval(), tokens, mask))[mask.astype(bool)].max() <= 1e-3
     tok, original = AutoTokenizer.from_pretrained(out), ours[0].tokenizer()
     text = "Hello, world! 12345 <|im_start|>user"
@@ -103,7 +109,9 @@ def test_export_reloads_in_transformers_with_same_logits(ours, reference, prompt
     assert tok.chat_template == original.chat_template and tok.eos_token == "<|im_end|>"
 
 
-def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, prompt_batch, smollm2_gguf, tmp_path):
+def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(
+    reference, prompt_batch, prompt_logits, smollm2_gguf, tmp_path
+):
     """`asft export --model demo:smollm2 --output smol.gguf` (float32): transformers reads the same
     weights from it as from the original Q4_1 file, so the same logits."""
     from asft_jax.cli.commands import main
@@ -115,8 +123,8 @@ def test_gguf_export_of_the_demo_loads_in_transformers_as_the_source(reference, 
     for name, value in reference.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
     tokens, mask = prompt_batch
-    mine, theirs = (torch_logits(m, tokens, mask)[mask.astype(bool)] for m in (exported, reference))
-    np.testing.assert_array_equal(mine, theirs)
+    real = mask.astype(bool)
+    np.testing.assert_array_equal(torch_logits(exported, tokens, mask)[real], prompt_logits[1][real])
     fields = [read_gguf(p)[0] for p in (out, smollm2_gguf)]
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.block_count"):
         assert fields[0][key] == fields[1][key], key
