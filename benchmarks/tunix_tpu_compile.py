@@ -1,7 +1,8 @@
 """Tunix's DPO train step and ours, compiled for the same TPU slice (v5p-8) with abstract Llama-3-8B parameters.
 
 Usage: python benchmarks/tunix_tpu_compile.py [--tunix-python PATH] [--pairs-per-chip 8]
-           [--ours-search 8 16 32 64 128] [--tunix-search 4 8 16 32 64] [--flops-pairs 256] [--cache FILE] [--json]
+           [--ours-search 8 16 32 48 64 128] [--tunix-search 4 8 16 32 48 64] [--sides ...] [--flops-pairs 256]
+           [--cache FILE] [--json]
 
 Run with the main Python (ours: ``asft compile`` in a subprocess per compile); Tunix (``google-tunix``, its own
 virtual environment: it pins another ``transformers``) compiles in a subprocess of ``--tunix-python``, this
@@ -33,8 +34,10 @@ both); XLA's compiler refuses a program over HBM (RESOURCE_EXHAUSTED). The large
 one forward and backward (no accumulation: both reach any batch by accumulating, ours with
 ``micro_batches`` inside the step, Tunix with ``gradient_accumulation_steps``, an ``optax.MultiSteps``
 whose gradient buffer is one more bfloat16 copy of the parameters), searched by bisection over the
-given powers of two with each side's strongest rematerialisation (ours ``full``, Tunix
-``RematConfig.DECODER``: both keep only each layer's input).
+given sizes (powers of two, with 1.5x steps where the default grid needs them to tell the two apart) with each
+side's strongest rematerialisation (ours ``full``, Tunix ``RematConfig.DECODER``: both keep only each layer's
+input). ``ours-bf16`` is ours with Tunix's state dtypes (``model.param_dtype=bfloat16``: parameters and AdamW
+moments in bfloat16), compiled at the shared batch: the memory our float32 master state costs.
 
 FLOPs per trained pair (Llama-3-8B, ``N`` its matmul parameters as ``aot.model_flops`` counts them):
 a forward costs ``2 N`` per computed position plus ``4 x layers x heads x head_dim`` per (query, key)
@@ -69,6 +72,7 @@ CONFIG = os.path.join(REPO, "configs", "llama3_8b_instruct_ultrafeedback_dpo.yam
 TOPOLOGY, CHIPS, HBM_GIB, FIT = "v5p:2x2x1", 4, 95.0, 0.9  # v5p-8; a step fits at <= 90% of HBM
 PROMPT, RESPONSE = 512, 512  # Tunix's max_prompt_length and max_response_length; our max_length is their sum
 GIB = 1024**3
+SIDES = ("ours", "tunix", "ours-real", "ours-bf16")  # ours-bf16: ours with Tunix's bfloat16 state
 # google-tunix in its own interpreter, as for bench_vs_tunix.py (docs/benchmarks.md, "vs Tunix")
 TUNIX_PYTHON = os.environ.get("ASFT_TUNIX_PYTHON") or os.path.join(REPO, ".venv-peers", "bin", "python")
 
@@ -256,6 +260,7 @@ def ours_compile(pairs_per_chip: int, remat: str, extra: tuple[str, ...] = ()) -
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     report = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else None
     row = {"side": "ours", "pairs_per_chip": pairs_per_chip, "remat": remat, "command": " ".join(command[1:])}
+    state = "bfloat16" if "model.param_dtype=bfloat16" in extra else "float32"
     if report is None:
         need = re.search(r"needs about ([\d.]+) GiB", done.stderr)
         if need is None:
@@ -265,7 +270,7 @@ def ours_compile(pairs_per_chip: int, remat: str, extra: tuple[str, ...] = ()) -
     return {
         **row,
         "rows_x_length": f"{shape['micro_batches'] * shape['rows']} x {shape['length']}",
-        "dtypes": "float32 parameters and AdamW moments, bfloat16 compute (float32 log-softmax)",
+        "dtypes": f"{state} parameters and AdamW moments, bfloat16 compute (float32 log-softmax)",
         "params_and_optimizer_per_chip_gib": report["params_and_optimizer_per_chip_gib"],
         "peak_per_chip_gib": report["peak_per_chip_gib"],
         "refused": False,
@@ -305,6 +310,11 @@ def ours_real_compile(pairs_per_chip: int, remat: str) -> dict:
     return {**r, "side": "ours-real", "pairs_per_chip": pairs_per_chip, "rows_x_length": f"{rows} x {length}"}
 
 
+def ours_bf16_compile(pairs_per_chip: int, remat: str) -> dict:
+    """Ours with Tunix's state dtypes: parameters (so AdamW's moments) in bfloat16 (``model.param_dtype``)."""
+    return {**ours_compile(pairs_per_chip, remat, ("model.param_dtype=bfloat16",)), "side": "ours-bf16"}
+
+
 # --- the comparison ---------------------------------------------------------------------------------------
 
 
@@ -324,8 +334,8 @@ class Compiles:
         if key not in self.done:
             print(f"compiling {side}: {pairs_per_chip} pairs per chip, remat {remat} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            run = {"ours": ours_compile, "ours-real": ours_real_compile, "tunix": self._tunix}[side]
-            r = run(pairs_per_chip, remat)
+            ours = {"ours": ours_compile, "ours-real": ours_real_compile, "ours-bf16": ours_bf16_compile}
+            r = (ours.get(side) or self._tunix)(pairs_per_chip, remat)
             r["wall_s"] = round(time.perf_counter() - start)
             with self.lock:
                 self.done[key] = r
@@ -400,10 +410,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tunix-python", default=TUNIX_PYTHON, help="$ASFT_TUNIX_PYTHON or .venv-peers/bin/python")
     parser.add_argument("--pairs-per-chip", type=int, default=8, help="the batch both compile at, pairs per chip")
-    parser.add_argument("--ours-search", type=int, nargs="*", default=[8, 16, 32, 64, 128], help="pairs per chip")
-    parser.add_argument("--tunix-search", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="pairs per chip")
-    parser.add_argument("--ours-real-search", type=int, nargs="*", default=[16, 32, 64, 128, 256], help="pairs/chip")
-    parser.add_argument("--sides", nargs="+", default=["ours", "tunix", "ours-real"], help="compile only these")
+    parser.add_argument("--ours-search", type=int, nargs="*", default=[8, 16, 32, 48, 64, 128], help="pairs per chip")
+    parser.add_argument("--tunix-search", type=int, nargs="*", default=[4, 8, 16, 32, 48, 64], help="pairs per chip")
+    parser.add_argument("--ours-real-search", type=int, nargs="*", default=[16, 32, 64, 96, 128, 256], help="pairs")
+    parser.add_argument("--ours-bf16-search", type=int, nargs="*", default=[], help="pairs per chip")
+    parser.add_argument("--sides", nargs="+", default=[*SIDES], help="compile only these")
     parser.add_argument("--flops-pairs", type=int, default=256, help="real UltraFeedback pairs for the FLOPs")
     parser.add_argument("--cache", help="JSON-lines file of finished compiles, read and appended")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
@@ -418,6 +429,7 @@ def main() -> None:
         "ours": (["dots_no_batch", "full"], "full", args.ours_search),
         "ours-real": (["full"], "full", args.ours_real_search),
         "tunix": (["NONE", "DECODER"], "DECODER", args.tunix_search),
+        "ours-bf16": (["full"], "full", args.ours_bf16_search),
     }
 
     def side_run(side: str) -> tuple[list[dict], int | None]:
@@ -465,6 +477,8 @@ def report(same: list[dict], done: dict, best: dict, flops: dict) -> None:
     print("\nlargest batch per chip, one forward and backward (ours remat full, Tunix RematConfig.DECODER):")
     print(f"  every pair at the maximum length: ours {best['ours']} pairs, Tunix {best['tunix']}")
     print(f"  real UltraFeedback lengths: ours {best['ours-real']} pairs, Tunix {best['tunix']} (its padding is fixed)")
+    if best.get("ours-bf16"):
+        print(f"  every pair at the maximum, ours with bfloat16 state as Tunix: {best['ours-bf16']} pairs")
     worst, real = ((best[s] or 0) / best["tunix"] if best["tunix"] else math.inf for s in ("ours", "ours-real"))
     print(f"batch per chip ratio (asft/tunix): {real:.2f} on UltraFeedback, {worst:.2f} every pair at the maximum")
 
