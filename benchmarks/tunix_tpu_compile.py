@@ -302,12 +302,15 @@ def planned_shape(pairs_per_chip: int) -> tuple[int, int]:
 def ours_real_compile(pairs_per_chip: int, remat: str) -> dict:
     """Ours at the step shape the pipeline plans for ``pairs_per_chip`` real pairs per chip, compiled by
     ``asft compile`` as the worst-case step of the same arrays: ``rows`` pairs at ``max_length = length / 2``
-    (one pair a row of ``length``)."""
+    (one pair a row of ``length``). ``asft compile`` may round the rows up (a few more, never fewer): the
+    memory is then that of the larger step."""
     rows, length = planned_shape(pairs_per_chip)
     half = length // 2
     r = ours_compile(rows // CHIPS, remat, (f"data.max_length={half}", f"data.max_prompt_length={half // 2}"))
-    assert r.get("rows_x_length", f"{rows} x {length}") == f"{rows} x {length}", (r["rows_x_length"], rows, length)
-    return {**r, "side": "ours-real", "pairs_per_chip": pairs_per_chip, "rows_x_length": f"{rows} x {length}"}
+    compiled = r.get("rows_x_length", f"{rows} x {length}")
+    got_rows, got_length = map(int, compiled.split(" x "))
+    assert got_length == length and rows <= got_rows <= rows + 2 * CHIPS**2, (compiled, rows, length)
+    return {**r, "side": "ours-real", "pairs_per_chip": pairs_per_chip, "planned_rows_x_length": f"{rows} x {length}"}
 
 
 def ours_bf16_compile(pairs_per_chip: int, remat: str) -> dict:
